@@ -1,0 +1,98 @@
+"""Shared benchmark plumbing: device timing inside one jit, the HBM copy ceiling, JSON records.
+
+Every benchmark times device work the same way: `device_time` runs the function `n` times inside a
+single jitted `fori_loop`, for two values of `n`, and reports the difference divided by the extra
+iterations. Launch, dispatch and the host clock cancel out; what is left is the device time of one
+call. Each iteration writes one element of its first argument from the previous output, so XLA can
+neither hoist the call out of the loop nor drop an iteration (an in-place one-element update costs
+nothing measurable).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _looped(fn: Callable, n: int):
+    def run(args):
+        def body(_, carry):
+            args, acc = carry
+            out = fn(*args)
+            first_out = jax.tree.leaves(out)[0]
+            s = first_out.reshape(-1)[0].astype(jnp.float32)
+            a0 = args[0]
+            # Feed the output back into one element of the first input: a true loop dependency.
+            a0 = a0.at[(0,) * a0.ndim].add((s * 0).astype(a0.dtype))
+            return (a0,) + tuple(args[1:]), acc + s
+
+        return lax.fori_loop(0, n, body, (tuple(args), jnp.float32(0)))[1]
+
+    return jax.jit(run)
+
+
+def device_time(fn: Callable, *args, iters: int = 20, repeats: int = 5) -> float:
+    """Seconds of device time for one `fn(*args)`, from loops of 1+k and 1+2k calls in one jit.
+
+    The median over `repeats` of (t(1 + 2k) - t(1 + k)) / k.
+    """
+    short, long = _looped(fn, 1 + iters), _looped(fn, 1 + 2 * iters)
+    jax.block_until_ready(short(args))
+    jax.block_until_ready(long(args))
+    diffs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(short(args))
+        t1 = time.perf_counter()
+        jax.block_until_ready(long(args))
+        t2 = time.perf_counter()
+        diffs.append(((t2 - t1) - (t1 - t0)) / iters)
+    diffs.sort()
+    return max(diffs[len(diffs) // 2], 1e-9)
+
+
+def hbm_copy_bandwidth(gib: float = 4.0) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    n = int(gib * 2**30) // 2
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    t = device_time(lambda a: a + jnp.bfloat16(1), x, iters=5, repeats=3)
+    return 2 * n * 2 / t
+
+
+def environment() -> dict[str, Any]:
+    dev = jax.devices()[0]
+    return {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "platform": dev.platform,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def emit(record: dict[str, Any], stream=sys.stdout) -> dict[str, Any]:
+    """Print one JSON record on its own line and return it."""
+    print(json.dumps(record, sort_keys=True), file=stream, flush=True)
+    return record
+
+
+def table(records: list[dict[str, Any]], columns: list[str]) -> str:
+    """A fixed-width text table of the given columns."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    rows = [[fmt(r.get(c, "")) for c in columns] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
