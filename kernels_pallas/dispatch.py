@@ -1,0 +1,48 @@
+"""Pick a Pallas kernel or its pure-jnp reference.
+
+Kernels run compiled on a GPU; elsewhere the reference runs (fast on a CPU), unless interpret mode
+is asked for, which runs the Pallas kernel body through the interpreter so its logic is exercised
+without a GPU. The choice comes from `PALLAX_KERNELS` or `set_mode`:
+
+- ``auto`` (default): ``pallas`` on GPU, ``reference`` elsewhere;
+- ``pallas``: the compiled kernel;
+- ``interpret``: the kernel through the Pallas interpreter;
+- ``reference``: the pure-jnp reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+
+MODES = ("auto", "pallas", "interpret", "reference")
+_mode = os.environ.get("PALLAX_KERNELS", "auto")
+if _mode not in MODES:
+    raise ValueError(f"PALLAX_KERNELS={_mode!r} is not one of {MODES}")
+
+
+def set_mode(mode: str) -> None:
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r} is not one of {MODES}")
+    _mode = mode
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+    """Temporarily use another kernel mode (tests)."""
+    old = _mode
+    set_mode(mode)
+    try:
+        yield
+    finally:
+        set_mode(old)
+
+
+def resolve() -> str:
+    """The effective mode: ``pallas``, ``interpret`` or ``reference``."""
+    if _mode != "auto":
+        return _mode
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
