@@ -1,0 +1,50 @@
+"""`linear`: one matmul entry point that dispatches on the weight's format.
+
+A weight is either a plain array `[in, out]` (bf16 / f32: the dense format) or a small pytree
+whose type names its format (int8 per-channel, int4 grouped, fp8, NF4 ...). Every quantized
+format implements the `QuantizedWeight` protocol: `matmul(x)` (the Pallas kernel on GPU, the
+reference elsewhere) and `dequantize(dtype)`. Model code calls `linear` and never asks which.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@runtime_checkable
+class QuantizedWeight(Protocol):
+    format: str
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> [..., out] in x.dtype."""
+
+    def dequantize(self, dtype) -> jax.Array:
+        """The dense `[in, out]` weight."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(in, out) of the logical weight."""
+
+
+def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
+    """y = x @ w (+ bias); x [..., in], w [in, out] or a quantized weight -> [..., out]."""
+    if isinstance(w, (jax.Array, np.ndarray)):
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    elif isinstance(w, QuantizedWeight):
+        y = w.matmul(x)
+    else:
+        raise TypeError(f"linear: unsupported weight type {type(w).__name__}")
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+def weight_format(w) -> str:
+    """'bfloat16' / 'float32' for dense weights, else the quantized format's name."""
+    if isinstance(w, (jax.Array, np.ndarray)):
+        return str(w.dtype)
+    return w.format
