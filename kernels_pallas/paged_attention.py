@@ -1,0 +1,388 @@
+"""Ragged paged attention: decode, speculative verification and chunked prefill in one kernel.
+
+The query batch is a flat list of tokens grouped by sequence, `q[T, H, D]`; sequence `s` owns
+tokens `query_start[s]:query_start[s + 1]` and has `kv_lens[s]` keys and values (its new tokens
+included, already written to the cache). Its K/V live in a page pool `[P, page_size, KVH, D]`
+(the engine's layout, kept as is) and `page_table[s]` lists its pages in order. Query token `i`
+of a sequence with `q_len` new tokens sits at position `kv_lens[s] - q_len + i` and attends the
+kv positions `<=` it (causal within the sequence). Rows past `query_start[num_seqs]` are padding
+and come out as zeros.
+
+How the work is cut. One program handles a *work item* (a block of `block_q` consecutive query
+tokens of one sequence), one kv head, and one of `kv_splits` slices of the kv range:
+
+- grid `(work_items, KVH, kv_splits)`; the program finds its sequence itself: it loads
+  `query_start` as a vector, counts query blocks per sequence (`cumsum`) and picks the sequence
+  whose block range holds its work-item index, so the wrapper does no index preprocessing (a
+  decode step launches the attention kernel and nothing else when `kv_splits == 1`);
+- the `G = H // KVH` query heads of the kv head are processed together (GQA without repeating
+  K/V): the program's rows are `block_q * G` (token, head) pairs, padded to at least 16 rows for
+  the tensor cores; `block_q = 1` for pure decode batches (`T == S`), larger otherwise;
+- K/V are gathered *token by token*: for a block of `block_kv` kv positions the program looks up
+  each position's page in the page table and loads the rows `((page * page_size + slot) * KVH +
+  h)` of the pool seen as a 2-D `[P * page_size * KVH, D]` array. Each row is `D` contiguous
+  elements (256 bytes for bf16, D = 128), so loads stay wide and coalesced, and the page size is
+  free (8, 16, 32, or any other) and independent of `block_kv`. This is why the engine's
+  `[P, page_size, KVH, D]` layout needs no change: a `[KVH, P, page_size, D]` pool would make one
+  head's page contiguous (4 KiB instead of 16 x 256 B) for no gain in transaction width;
+- flash-decoding: the kv range of a work item (up to its last query token) is cut into
+  `kv_splits` equal runs of `block_kv` blocks, sized from the actual length at run time; each
+  program writes its normalized partial output and log-sum-exp, and a small jnp epilogue
+  combines them. With `kv_splits == 1` the kernel writes the final output directly.
+
+int8 / float8_e4m3fn K/V carry per-token-per-head f32 scales `[P, page_size, KVH]`; the value is
+`x.astype(f32) * scale`. Scores are scaled after the `q @ k` product and `p` before `p @ v`, so
+the dots run on the query dtype (int8 and e4m3 values are exact in bf16).
+
+Requirements of the compiled kernel: `D` a power of two >= 16, the pool smaller than 2**31 rows;
+pool contents finite (masked positions are multiplied by zero probabilities).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallax.kernels_pallas import dispatch
+
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows give no NaN
+_LOG2E = math.log2(math.e)
+_QUANT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and launch parameters.
+
+    block_q:   query tokens per program; None: 1 when every sequence may be a single decode token
+               (T == S), else max(1, 64 // G) (so a program holds about 64 (token, head) rows).
+    block_kv:  kv positions per inner step (power of two >= 16; need not be a multiple of the
+               page size).
+    kv_splits: slices of each sequence's kv range run by separate programs (flash-decoding);
+               None: enough programs to fill the GPU for the static batch shape.
+    num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_q: int | None = None
+    block_kv: int = 64
+    kv_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.block_q is not None and self.block_q < 1:
+            raise ValueError(f"{self.block_q=} must be >= 1")
+        if self.block_kv < 16 or self.block_kv & (self.block_kv - 1):
+            raise ValueError(f"{self.block_kv=} must be a power of two >= 16")
+        if self.kv_splits is not None and self.kv_splits < 1:
+            raise ValueError(f"{self.kv_splits=} must be >= 1")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"{self.num_warps=} must be a power of two")
+        if self.num_stages < 1:
+            raise ValueError(f"{self.num_stages=} must be >= 1")
+
+    def resolve(self, *, num_tokens: int, num_seqs: int, group: int, num_kv_heads: int,
+                max_kv: int) -> tuple[int, int]:
+        """(block_q, kv_splits) for a static batch shape."""
+        block_q = self.block_q
+        if block_q is None:
+            block_q = 1 if num_tokens <= num_seqs else max(1, 64 // group)
+        splits = self.kv_splits
+        if splits is None:
+            # About 4 programs per SM of an H100 (132 SMs) in the worst case of long sequences.
+            items = min(num_tokens, num_seqs) * num_kv_heads
+            splits = _pow2(max(1, -(-512 // items)))
+        splits = max(1, min(splits, -(-max_kv // self.block_kv)))
+        return block_q, splits
+
+
+def _kernel(
+    query_start_ref,  # [S + 1] int32
+    kv_lens_ref,      # [S] int32
+    num_seqs_ref,     # [1] int32
+    page_table_ref,   # [S * max_pages] int32 (flat)
+    q_ref,            # [T * H, D]
+    k_ref,            # [P * page_size * KVH, D]
+    v_ref,            # [P * page_size * KVH, D]
+    *rest,            # k_scales [P * page_size * KVH], v_scales (quantized only); outputs
+    num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int, num_pages: int,
+    page_size: int, max_pages: int, block_q: int, block_kv: int, rows: int, kv_splits: int,
+    scale: float, quantized: bool, compute_dtype,
+):
+    if quantized:
+        k_scales_ref, v_scales_ref, *outs = rest
+    else:
+        k_scales_ref = v_scales_ref = None
+        outs = rest
+    o_ref = outs[0]                               # [rows, D]
+    lse_ref = outs[1] if len(outs) > 1 else None  # [rows]
+    group = num_heads // num_kv_heads
+    w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+    # --- which sequence and query block this work item is (no host preprocessing) ---------
+    sp = _pow2(num_seqs)
+    i = jnp.arange(sp, dtype=jnp.int32)
+    lo = query_start_ref[jnp.minimum(i, num_seqs)]
+    hi = query_start_ref[jnp.minimum(i + 1, num_seqs)]
+    live_seq = i < jnp.minimum(num_seqs_ref[0], num_seqs)
+    q_lens = jnp.where(live_seq, hi - lo, 0)
+    n_blk = (q_lens + (block_q - 1)) // block_q
+    ends = jnp.cumsum(n_blk)                       # work items end (exclusive) per sequence
+    seq = jnp.sum((ends <= w).astype(jnp.int32))   # first sequence whose range holds w
+    this = i == seq
+    w_start = jnp.sum(jnp.where(this, ends - n_blk, 0))
+    q_begin = jnp.sum(jnp.where(this, lo, 0))
+    q_len = jnp.sum(jnp.where(this, q_lens, 0))
+    kv_len = kv_lens_ref[jnp.minimum(seq, num_seqs - 1)]
+    first = (w - w_start) * block_q                # first query token of the block, in-sequence
+    n_q = jnp.clip(q_len - first, 0, block_q)      # 0 for padding work items
+    pos0 = kv_len - q_len + first                  # position of the block's first token
+    kv_end = jnp.where(n_q > 0, pos0 + n_q, 0)
+
+    n_blocks = (kv_end + (block_kv - 1)) // block_kv
+    per_split = (n_blocks + (kv_splits - 1)) // kv_splits
+    blk_lo = split * per_split
+    blk_hi = jnp.minimum(blk_lo + per_split, n_blocks)
+
+    # --- query rows: (token, head) pairs of this kv head --------------------------------
+    r = jnp.arange(rows, dtype=jnp.int32)
+    tok = r // group
+    q_tok = jnp.clip(q_begin + first + tok, 0, num_tokens - 1)
+    q_rows = q_tok * num_heads + h * group + r % group
+    q = q_ref[q_rows, :].astype(compute_dtype)     # [rows, D]
+    q_pos = pos0 + tok                             # [rows]
+
+    def body(j, carry):
+        o, m, l = carry
+        kv_pos = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)          # [block_kv]
+        page_idx = jnp.minimum(kv_pos // page_size, max_pages - 1)
+        page = page_table_ref[seq * max_pages + page_idx]
+        page = jnp.clip(page, 0, num_pages - 1)
+        kv_rows = (page * page_size + kv_pos % page_size) * num_kv_heads + h
+        k = k_ref[kv_rows, :].astype(compute_dtype)                            # [block_kv, D]
+        v = v_ref[kv_rows, :]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * scale        # [rows, block_kv]
+        if quantized:
+            s = s * k_scales_ref[kv_rows][None, :]
+        s = jnp.where(kv_pos[None, :] <= q_pos[:, None], s, _MASK)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        if quantized:
+            p = p * v_scales_ref[kv_rows][None, :]
+        pv = lax.dot_general(p.astype(compute_dtype), v.astype(compute_dtype),
+                             (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return o * alpha[:, None] + pv, m_new, l
+
+    d = q_ref.shape[-1]
+    o = jnp.zeros((rows, d), jnp.float32)
+    m = jnp.full((rows,), _MASK, jnp.float32)
+    l = jnp.zeros((rows,), jnp.float32)
+    o, m, l = lax.fori_loop(blk_lo, blk_hi, body, (o, m, l))
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
+    if lse_ref is not None:
+        lse_ref[...] = m + jnp.log2(l_safe)        # base 2; _MASK where the slice was empty
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
+def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_lens, num_seqs,
+                            k_scales, v_scales, *, sm_scale, block_sizes, interpret):
+    t, num_heads, d = q.shape
+    num_pages, page_size, kvh, _ = k_pages.shape
+    s, max_pages = page_table.shape
+    group = num_heads // kvh
+    block_q, splits = block_sizes.resolve(num_tokens=t, num_seqs=s, group=group,
+                                          num_kv_heads=kvh, max_kv=max_pages * page_size)
+    rows = max(16, _pow2(block_q * group))
+    work = min(t, -(-t // block_q) + s) if block_q > 1 else t
+    quantized = k_scales is not None
+
+    n_rows = num_pages * page_size * kvh
+    inputs = [query_start.astype(jnp.int32), kv_lens.astype(jnp.int32),
+              num_seqs.reshape(1).astype(jnp.int32), page_table.reshape(-1).astype(jnp.int32),
+              q.reshape(t * num_heads, d), k_pages.reshape(n_rows, d), v_pages.reshape(n_rows, d)]
+    if quantized:
+        inputs += [k_scales.reshape(n_rows).astype(jnp.float32),
+                   v_scales.reshape(n_rows).astype(jnp.float32)]
+    in_specs = [pl.BlockSpec(x.shape, lambda w, h, k, n=x.ndim: (0,) * n) for x in inputs]
+
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((work, kvh, rows, d), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, rows, d), lambda w, h, k: (w, h, 0, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((splits, work, kvh, rows, d), jnp.float32),
+                     jax.ShapeDtypeStruct((splits, work, kvh, rows), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, rows, d), lambda w, h, k: (k, w, h, 0, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda w, h, k: (k, w, h, 0))]
+
+    kernel = functools.partial(
+        _kernel, num_tokens=t, num_seqs=s, num_heads=num_heads, num_kv_heads=kvh,
+        num_pages=num_pages, page_size=page_size, max_pages=max_pages, block_q=block_q,
+        block_kv=block_sizes.block_kv, rows=rows, kv_splits=splits,
+        scale=sm_scale * _LOG2E, quantized=quantized,
+        compute_dtype=q.dtype if jnp.issubdtype(q.dtype, jnp.floating) else jnp.float32)
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        compiler_params = plgpu.CompilerParams(num_warps=block_sizes.num_warps,
+                                               num_stages=block_sizes.num_stages)
+    outs = pl.pallas_call(
+        kernel, grid=(work, kvh, splits), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=interpret, compiler_params=compiler_params,
+        name=f"paged_attention_bq{block_q}_bkv{block_sizes.block_kv}_s{splits}",
+    )(*inputs)
+
+    if splits == 1:
+        out = outs[0].astype(jnp.float32)                      # [W, KVH, rows, D]
+    else:
+        o_part, lse = outs                                     # [K, W, KVH, rows, (D)]
+        lse_max = jnp.max(lse, axis=0)
+        wgt = jnp.exp2(lse - lse_max[None])
+        out = jnp.sum(wgt[..., None] * o_part, axis=0) / jnp.sum(wgt, axis=0)[..., None]
+
+    out = out[:, :, : block_q * group].reshape(work, kvh, block_q, group, d)
+    if block_q == 1:
+        # Work item w is token w; padding tokens were written as zeros by the kernel.
+        return out.reshape(t, num_heads, d).astype(q.dtype)
+    # Map each token to (work item, row) of its sequence's query block.
+    tok = jnp.arange(t, dtype=jnp.int32)
+    live = jnp.arange(s) < num_seqs
+    starts, ends = query_start[:-1], query_start[1:]
+    q_lens = jnp.where(live, ends - starts, 0)
+    n_blk = (q_lens + block_q - 1) // block_q
+    w_start = jnp.cumsum(n_blk) - n_blk
+    seq = jnp.sum((ends[None, :] <= tok[:, None]) & live[None, :], axis=1)
+    seq_c = jnp.minimum(seq, s - 1)
+    local = tok - starts[seq_c]
+    w_of_t = jnp.clip(w_start[seq_c] + local // block_q, 0, work - 1)
+    gathered = out[w_of_t, :, jnp.clip(local % block_q, 0, block_q - 1)]   # [T, KVH, G, D]
+    valid = (seq < num_seqs) & (tok < query_start[jnp.minimum(num_seqs, s)])
+    gathered = jnp.where(valid[:, None, None, None], gathered, 0)
+    return gathered.reshape(t, num_heads, d).astype(q.dtype)
+
+
+def _check(q, k_pages, v_pages, page_table, query_start, kv_lens, k_scales, v_scales):
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, H, D], got {q.shape=}")
+    if k_pages.ndim != 4:
+        raise ValueError(f"k_pages must be [P, page_size, KVH, D], got {k_pages.shape=}")
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"{v_pages.shape=} must equal {k_pages.shape=}")
+    t, h, d = q.shape
+    p, page_size, kvh, dk = k_pages.shape
+    if page_size < 1 or p < 1:
+        raise ValueError(f"page pool {k_pages.shape=} needs >= 1 page of page_size >= 1")
+    if dk != d:
+        raise ValueError(f"head_dim of q ({d}) != head_dim of k_pages ({dk})")
+    if h % kvh:
+        raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={kvh}")
+    if page_table.ndim != 2:
+        raise ValueError(f"page_table must be [S, max_pages], got {page_table.shape=}")
+    s = page_table.shape[0]
+    if query_start.shape != (s + 1,):
+        raise ValueError(f"{query_start.shape=} must be (S + 1,) = ({s + 1},)")
+    if kv_lens.shape != (s,):
+        raise ValueError(f"{kv_lens.shape=} must be (S,) = ({s},)")
+    for name, x in (("page_table", page_table), ("query_start", query_start),
+                    ("kv_lens", kv_lens)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integer, got {x.dtype}")
+    quantized = jnp.dtype(k_pages.dtype) in _QUANT_DTYPES
+    if quantized != (jnp.dtype(v_pages.dtype) in _QUANT_DTYPES):
+        raise ValueError(f"k_pages ({k_pages.dtype}) and v_pages ({v_pages.dtype}) must both be "
+                         "quantized or both not")
+    if quantized:
+        if k_scales is None or v_scales is None:
+            raise ValueError(f"{k_pages.dtype} K/V need k_scales and v_scales [P, page_size, KVH]")
+        for name, x in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if x.shape != (p, page_size, kvh):
+                raise ValueError(f"{name}.shape={x.shape} must be (P, page_size, KVH) = "
+                                 f"{(p, page_size, kvh)}")
+    elif k_scales is not None or v_scales is not None:
+        raise ValueError(f"scales given for unquantized {k_pages.dtype} K/V")
+
+
+def paged_attention(q, k_pages, v_pages, page_table, query_start, kv_lens, num_seqs=None, *,
+                    sm_scale=None, k_scales=None, v_scales=None, block_sizes=None,
+                    interpret=False):
+    """Causal attention of ragged query tokens over a paged KV cache.
+
+    q: [T, H, D]; k_pages, v_pages: [P, page_size, KVH, D] (bf16/f16/f32, or int8 /
+    float8_e4m3fn with k_scales, v_scales [P, page_size, KVH] f32); page_table: [S, max_pages]
+    int32; query_start: [S + 1] int32; kv_lens: [S] int32 (new tokens included); num_seqs: int32
+    scalar array or None (all S live). Returns [T, H, D] in q.dtype; padding rows are zeros.
+    Honours `dispatch.resolve()`; `interpret=True` forces the kernel through the interpreter.
+    """
+    _check(q, k_pages, v_pages, page_table, query_start, kv_lens, k_scales, v_scales)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    if num_seqs is None:
+        num_seqs = page_table.shape[0]
+    num_seqs = jnp.asarray(num_seqs, jnp.int32)
+    mode = "interpret" if interpret else dispatch.resolve()
+    if mode == "reference":
+        return paged_attention_reference(q, k_pages, v_pages, page_table, query_start, kv_lens,
+                                         num_seqs, sm_scale=sm_scale, k_scales=k_scales,
+                                         v_scales=v_scales)
+    block_sizes = block_sizes or BlockSizes()
+    d = q.shape[-1]
+    if mode == "pallas":
+        if d < 16 or d & (d - 1):
+            raise ValueError(f"head_dim={d} must be a power of two >= 16 for the GPU kernel")
+        p, page_size, kvh, _ = k_pages.shape
+        if p * page_size * kvh >= 2**31:
+            raise ValueError(f"page pool {k_pages.shape} has >= 2**31 (page, slot, head) rows")
+    return _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_lens,
+                                   num_seqs, k_scales, v_scales, sm_scale=float(sm_scale),
+                                   block_sizes=block_sizes, interpret=mode == "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def paged_attention_reference(q, k_pages, v_pages, page_table, query_start, kv_lens,
+                              num_seqs=None, *, sm_scale=None, k_scales=None, v_scales=None):
+    """Pure jnp: gather each token's sequence pages, dequantize, causal softmax in f32."""
+    t, num_heads, d = q.shape
+    _, page_size, kvh, _ = k_pages.shape
+    s, max_pages = page_table.shape
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(d)
+    if num_seqs is None:
+        num_seqs = s
+    k = k_pages.astype(jnp.float32)
+    v = v_pages.astype(jnp.float32)
+    if k_scales is not None:
+        k = k * k_scales[..., None]
+        v = v * v_scales[..., None]
+    kv_len_max = max_pages * page_size
+    k_seq = k[page_table].reshape(s, kv_len_max, kvh, d)       # [S, L, KVH, D]
+    v_seq = v[page_table].reshape(s, kv_len_max, kvh, d)
+
+    tok = jnp.arange(t)
+    live_seq = jnp.arange(s) < num_seqs
+    seq = jnp.sum((query_start[None, 1:] <= tok[:, None]) & live_seq[None, :], axis=1)  # [T]
+    live = seq < num_seqs
+    seq_c = jnp.minimum(seq, s - 1)
+    q_len = query_start[seq_c + 1] - query_start[seq_c]
+    pos = kv_lens[seq_c] - q_len + (tok - query_start[seq_c])   # [T]
+
+    qg = q.astype(jnp.float32).reshape(t, kvh, num_heads // kvh, d)
+    logits = jnp.einsum("tkgd,tlkd->tkgl", qg, k_seq[seq_c]) * sm_scale
+    mask = jnp.arange(kv_len_max)[None, :] <= pos[:, None]      # [T, L]
+    logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("tkgl,tlkd->tkgd", probs, v_seq[seq_c]).reshape(t, num_heads, d)
+    out = jnp.where(live[:, None, None], out, 0.0)
+    return out.astype(q.dtype)
