@@ -1,0 +1,247 @@
+"""The library API: `pallax.load` a model, then tokenize, score and generate.
+
+    import pallax
+    llm = pallax.load()                      # the embedded SmolLM2-135M-Instruct
+    llm.generate(["The capital of France is"], max_tokens=16)[0].text
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallax.decode.sampling import SamplingArrays
+from pallax.decode.simple import SimpleDecoder
+from pallax.model.config import ModelConfig
+from pallax.model.decoder import Params, forward
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "bf16": jnp.bfloat16}
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Completion:
+    """One finished generation. `token_ids` include the stop token when one ended it; `text` does
+    not show it."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS) | "length" (max_tokens or the context)
+    prompt_tokens: int = 0
+
+
+@dataclass
+class Delta:
+    """A streamed piece of one generation."""
+
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class LLM:
+    config: ModelConfig
+    params: Params
+    tokenizer: "object"
+    dtype: str
+    path: Path | None = None
+    _decoder: SimpleDecoder | None = field(default=None, repr=False)
+    _logits_fn: object = field(default=None, repr=False)
+
+    # -- scoring -------------------------------------------------------------------------------
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position: [len(ids), vocab] float32."""
+        ids = self._check_ids(ids, "ids")
+        n = len(ids)
+        T = max(16, 1 << (n - 1).bit_length())  # bucket the length: one compile per power of two
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :n] = ids
+        if self._logits_fn is None:
+            self._logits_fn = jax.jit(lambda p, t, pos: forward(p, t, pos, config=self.config)[0])
+        out = self._logits_fn(self.params, jnp.asarray(tokens), jnp.arange(T, dtype=jnp.int32)[None])
+        return np.asarray(out[0, :n], np.float32)
+
+    def perplexity(self, text: str) -> float:
+        """exp(mean negative log-likelihood) of the text's tokens after the first."""
+        ids = self.tokenizer.encode(text)
+        if len(ids) < 2:
+            raise ValueError("perplexity needs a text of at least two tokens")
+        lg = self.logits(ids)[:-1]
+        logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
+        nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+        return float(np.exp(nll.mean()))
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int = 0,
+    ) -> list[Completion]:
+        """Complete each prompt (text, or a list of token ids)."""
+        prompt_list = [prompts] if _is_single(prompts) else list(prompts)
+        if not prompt_list:
+            raise ValueError("generate: no prompts given")
+        ids = [self._prompt_ids(p) for p in prompt_list]
+        outs: list[list[int]] = [[] for _ in ids]
+        was_done = np.zeros(len(ids), bool)
+        for step in self._run(ids, max_tokens, temperature, top_p, top_k, min_p, seed):
+            for i in np.flatnonzero(~was_done):
+                outs[i].append(int(step.tokens[i]))
+            was_done = step.done
+        eos = self.tokenizer.eos_ids
+        return [
+            Completion(
+                token_ids=o,
+                text=self.tokenizer.decode(o[:-1] if o[-1] in eos else o),
+                finish_reason="stop" if o[-1] in eos else "length",
+                prompt_tokens=len(p),
+            )
+            for o, p in zip(outs, ids)
+        ]
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int = 0,
+    ) -> Iterator[Delta]:
+        """Yield each generated token with the text it completes (whole UTF-8 characters only)."""
+        ids = self._prompt_ids(prompt)
+        decoder = self.tokenizer.stream_decoder()
+        produced = 0
+        for step in self._run([ids], max_tokens, temperature, top_p, top_k, min_p, seed):
+            t = int(step.tokens[0])
+            produced += 1
+            is_eos = t in self.tokenizer.eos_ids
+            text = "" if is_eos else decoder.push(t)
+            reason = "stop" if is_eos else ("length" if step.done[0] else None)
+            if reason is not None:
+                text += decoder.finish()
+            yield Delta(token_id=t, text=text, finish_reason=reason)
+            if reason is not None:
+                return
+
+    # -- internals -----------------------------------------------------------------------------
+    def _run(self, ids, max_tokens, temperature, top_p, top_k, min_p, seed):
+        _check_sampling(max_tokens, temperature, top_p, top_k, min_p, seed)
+        limits = []
+        for p in ids:
+            room = self.config.max_seq_len - len(p)
+            limits.append(min(max_tokens, room))
+        if self._decoder is None:
+            self._decoder = SimpleDecoder(self.config, self.params, self.params["embed"].dtype)
+        sampling = SamplingArrays.create(len(ids), temperature, top_k, top_p, min_p)
+        return self._decoder.run(ids, limits, sampling, [seed] * len(ids), set(self.tokenizer.eos_ids))
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("empty prompt")
+            ids = list(self.tokenizer.encode(prompt))
+            if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
+                ids = [self.tokenizer.bos_id] + ids
+        else:
+            ids = list(prompt)
+        return self._check_ids(ids, "prompt")
+
+    def _check_ids(self, ids, what: str) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError(f"empty {what}")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) >= self.config.max_seq_len:
+            raise ValueError(f"{what} has {len(ids)} tokens; the model's context is {self.config.max_seq_len}")
+        return ids
+
+
+def _is_single(prompts) -> bool:
+    return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+
+
+def _check_sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> None:
+    if not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
+    if not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+
+
+def load(model: str | os.PathLike | None = None, dtype: str = "bfloat16", progress: bool = False) -> LLM:
+    """Load a model: a known name (default: the embedded SmolLM2-135M-Instruct), a .gguf file or a
+    Hugging Face directory (config.json + *.safetensors + tokenizer.json)."""
+    from pallax.model.registry import DEFAULT_MODEL, resolve_model
+    from pallax.model.tokenizer import Tokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(set(DTYPES))}, got {dtype!r}")
+    jdtype = DTYPES[dtype]
+    path = resolve_model(DEFAULT_MODEL if model is None else str(model))
+    bar = _progress_bar(f"loading {path.name}") if progress else None
+    tick = (lambda done, total: bar(done, total)) if bar else None
+    if path.is_dir():
+        from pallax.model.hf_loader import load_hf_dir
+
+        config, params = load_hf_dir(path, jdtype, progress=tick)
+        tokenizer = Tokenizer.from_hf_dir(path)
+    else:
+        from pallax.model.gguf_loader import load_gguf
+
+        config, params = load_gguf(path, jdtype, progress=tick)
+        tokenizer = Tokenizer.from_gguf(path)
+    return LLM(config=config, params=params, tokenizer=tokenizer, dtype=jnp.dtype(jdtype).name, path=path)
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="tensor", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+_default: LLM | None = None
+
+
+def generate(prompts, model: str | None = None, **kwargs) -> list[Completion]:
+    """`load(model).generate(prompts, **kwargs)`, keeping the default model loaded between calls."""
+    global _default
+    if model is not None:
+        return load(model).generate(prompts, **kwargs)
+    if _default is None:
+        _default = load()
+    return _default.generate(prompts, **kwargs)
