@@ -80,8 +80,15 @@ class BlockSizes:
     block_k_dkv: int = 64
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
+    # "triton": the Pallas Triton forward above. "mgpu": JAX's Hopper (wgmma/TMA, warp-specialized)
+    # Mosaic GPU forward from `jax.experimental.pallas.ops.gpu.attention_mgpu`, used where it applies
+    # (GPU, bf16/f16, D % 64 == 0, no segment ids, T == S if causal, aligned lengths), else triton.
+    # The backward is always the Triton kernels here (they read the same base-2 log-sum-exp).
+    fwd_impl: str = "triton"
 
     def __post_init__(self):
+        if self.fwd_impl not in ("triton", "mgpu"):
+            raise ValueError(f"fwd_impl={self.fwd_impl!r} must be 'triton' or 'mgpu'")
         for name in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):
             b = getattr(self, name)
             if not isinstance(b, int) or not _is_pow2(b) or b < 16:
@@ -377,9 +384,33 @@ def _params(warps: int, stages: int):
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
+_MGPU_BLOCK_Q, _MGPU_BLOCK_KV = 64, 128
+
+
+def _mgpu_applies(q, k, q_seg, st: _Static) -> bool:
+    T, S, D = q.shape[1], k.shape[1], q.shape[3]
+    return (st.blocks.fwd_impl == "mgpu" and not st.interpret and q_seg is None
+            and q.dtype in (jnp.bfloat16, jnp.float16) and D % 64 == 0
+            and (T == S or not st.causal) and T % (2 * _MGPU_BLOCK_Q) == 0
+            and S % _MGPU_BLOCK_KV == 0 and (T, S, D) == (st.t_pad, st.s_pad, st.d_pad))
+
+
+def _forward_mgpu(q, k, v, st: _Static):
+    from jax.experimental.pallas.ops.gpu import attention_mgpu  # Hopper only; imported lazily
+
+    config = attention_mgpu.TuningConfig(
+        block_q=_MGPU_BLOCK_Q, block_kv=_MGPU_BLOCK_KV, max_concurrent_steps=2, causal=st.causal)
+    # That kernel has no softmax scale: fold it into q (one rounding of q to its dtype).
+    q = (q.astype(jnp.float32) * st.sm_scale).astype(q.dtype)
+    out, (lse,) = attention_mgpu._attention_forward(q, k, v, config, save_residuals=True)
+    return out, lse  # lse: [B, H, T] base 2, as ours
+
+
 @functools.partial(jax.jit, static_argnames=("st",))
 def _forward(q, k, v, q_seg, kv_seg, st: _Static):
     """Padded out [B, Tp, H, Dp] and lse [B, H, Tp] (base 2)."""
+    if _mgpu_applies(q, k, q_seg, st):
+        return _forward_mgpu(q, k, v, st)
     B, T, H, D = q.shape
     KVH = k.shape[2]
     group = H // KVH

@@ -1,0 +1,254 @@
+"""Flash attention: the Pallas kernel (interpret mode) against the f32 reference, and the reference
+against jax.nn.dot_product_attention and a float64 numpy computation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas.flash_attention import (
+    BlockSizes, flash_attention, flash_attention_reference)
+
+SMALL = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16,
+                   block_q_dkv=16, block_k_dkv=16)
+_seed = iter(range(10_000))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _inputs(B, T, S, H, KVH, D, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(next(_seed)), 4)
+    q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, S, KVH, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, S, KVH, D), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (B, T, H, D), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+
+def _segments(B, L, n):
+    ids = jax.random.randint(jax.random.key(next(_seed)), (B, L), 0, n)
+    return jnp.sort(ids, axis=1).astype(jnp.int32)
+
+
+def _numpy_attention(q, k, v, causal, sm_scale, q_seg=None, kv_seg=None):
+    """float64 numpy: repeat K/V per head, mask, softmax; rows with no key give zeros."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, H, D = q.shape
+    S, KVH = k.shape[1], k.shape[2]
+    k = np.repeat(k, H // KVH, axis=2)
+    v = np.repeat(v, H // KVH, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, k) * sm_scale
+    mask = np.ones((B, 1, T, S), bool)
+    if causal:
+        mask &= (np.arange(T)[:, None] + S - T >= np.arange(S)[None, :])[None, None]
+    if q_seg is not None:
+        mask &= (np.asarray(q_seg)[:, :, None] == np.asarray(kv_seg)[:, None, :])[:, None]
+    s = np.where(mask, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(m), m, 0))
+    l = p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p / np.where(l == 0, 1, l), v)
+
+
+class TestReference:
+    """The reference itself, against independent formulations."""
+
+    @pytest.mark.parametrize("group", [1, 4])
+    @pytest.mark.parametrize("causal", [True, False])
+    def test_matches_jax_nn(self, group, causal):
+        q, k, v, _ = _inputs(2, 24, 24, 4 * group if group > 1 else 2, 4 if group > 1 else 2, 32)
+        ref = flash_attention_reference(q, k, v, causal=causal)
+        nn = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+        assert _rel(ref, nn) < 1e-5
+
+    def test_matches_float64_with_masks(self):
+        q, k, v, _ = _inputs(2, 19, 29, 8, 2, 16)
+        q_seg, kv_seg = _segments(2, 19, 3), _segments(2, 29, 3)
+        ref = flash_attention_reference(q, k, v, causal=True, sm_scale=0.3,
+                                        segment_ids=(q_seg, kv_seg))
+        want = _numpy_attention(q, k, v, True, 0.3, q_seg, kv_seg)
+        assert _rel(ref, want) < 1e-5
+        assert np.all(np.isfinite(np.asarray(ref)))
+
+    def test_causal_is_end_aligned(self):
+        # T < S: the T queries are the last T positions; the last query sees every key.
+        q, k, v, _ = _inputs(1, 4, 12, 2, 2, 16)
+        ref = flash_attention_reference(q, k, v, causal=True)
+        full = flash_attention_reference(q, k, v, causal=False)
+        np.testing.assert_allclose(ref[:, -1], full[:, -1], rtol=1e-5, atol=1e-6)
+        assert _rel(ref[:, 0], full[:, 0]) > 1e-3
+        # jax.nn with the same explicit mask agrees.
+        mask = (jnp.arange(4)[:, None] + 8 >= jnp.arange(12)[None, :])[None, None]
+        nn = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        assert _rel(ref, nn) < 1e-5
+
+
+class TestKernelForward:
+    @pytest.mark.parametrize(
+        "B,T,S,H,KVH,D,causal",
+        [
+            (2, 48, 48, 4, 4, 32, True),  # MHA, block multiples
+            (1, 37, 37, 8, 2, 64, True),  # GQA 4, T not a block multiple
+            (1, 40, 53, 8, 1, 32, True),  # GQA 8, T < S (end-aligned causal)
+            (2, 45, 29, 4, 1, 24, False),  # GQA 4, T > S, odd head dim, non-causal
+            (1, 50, 34, 2, 2, 16, True),  # T > S causal: the first queries see nothing
+        ],
+    )
+    def test_matches_reference_f32(self, B, T, S, H, KVH, D, causal):
+        q, k, v, _ = _inputs(B, T, S, H, KVH, D)
+        out = flash_attention(q, k, v, causal=causal, block_sizes=SMALL, interpret=True)
+        assert out.shape == q.shape and out.dtype == jnp.float32
+        ref = flash_attention_reference(q, k, v, causal=causal)
+        assert _rel(out, ref) < 1e-5
+        assert np.all(np.isfinite(np.asarray(out)))
+
+    def test_matches_jax_nn_gqa(self):
+        q, k, v, _ = _inputs(2, 32, 32, 8, 1, 32)
+        out = flash_attention(q, k, v, causal=True, block_sizes=SMALL, interpret=True)
+        nn = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+        assert _rel(out, nn) < 1e-5
+
+    def test_segment_ids_single_and_pair(self):
+        q, k, v, _ = _inputs(2, 40, 40, 4, 2, 32)
+        seg = _segments(2, 40, 3)
+        out = flash_attention(q, k, v, causal=True, segment_ids=seg, block_sizes=SMALL,
+                              interpret=True)
+        want = _numpy_attention(q, k, v, True, 1 / math.sqrt(32), seg, seg)
+        assert _rel(out, want) < 1e-5
+        # Pair form, T != S, non-causal; some query rows may see no key at all -> zeros.
+        q, k, v, _ = _inputs(1, 24, 40, 4, 2, 32)
+        q_seg = jnp.concatenate([_segments(1, 20, 2), jnp.full((1, 4), 7, jnp.int32)], axis=1)
+        kv_seg = _segments(1, 40, 2)
+        out = flash_attention(q, k, v, causal=False, segment_ids=(q_seg, kv_seg),
+                              block_sizes=SMALL, interpret=True)
+        want = _numpy_attention(q, k, v, False, 1 / math.sqrt(32), q_seg, kv_seg)
+        assert _rel(out, want) < 1e-5
+        np.testing.assert_array_equal(np.asarray(out[:, 20:]), 0.0)
+
+    def test_segments_isolate_packed_sequences(self):
+        # Changing keys of segment 1 must not change outputs of segment 0.
+        q, k, v, _ = _inputs(1, 32, 32, 2, 1, 16)
+        seg = jnp.asarray([[0] * 12 + [1] * 20], jnp.int32)
+        out = flash_attention(q, k, v, segment_ids=seg, block_sizes=SMALL, interpret=True)
+        v2 = v.at[:, 12:].add(5.0)
+        out2 = flash_attention(q, k, v2, segment_ids=seg, block_sizes=SMALL, interpret=True)
+        np.testing.assert_allclose(out[:, :12], out2[:, :12], rtol=1e-6, atol=1e-6)
+        assert _rel(out2[:, 12:], out[:, 12:]) > 1e-2
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    def test_half_precision(self, dtype):
+        q, k, v, _ = _inputs(1, 40, 40, 8, 2, 64, dtype)
+        out = flash_attention(q, k, v, causal=True, interpret=True)  # default blocks, clamped
+        assert out.dtype == dtype
+        ref = flash_attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                                        v.astype(jnp.float32), causal=True)
+        assert _rel(out, ref) < 1e-2
+
+    def test_sm_scale(self):
+        q, k, v, _ = _inputs(1, 16, 16, 2, 2, 16)
+        out = flash_attention(q, k, v, sm_scale=0.05, block_sizes=SMALL, interpret=True)
+        want = _numpy_attention(q, k, v, True, 0.05)
+        assert _rel(out, want) < 1e-5
+
+
+class TestKernelBackward:
+    @pytest.mark.parametrize(
+        "B,T,S,H,KVH,D,causal,seg",
+        [
+            (1, 40, 40, 4, 4, 32, True, None),  # MHA, T not a block multiple
+            (1, 33, 47, 8, 2, 32, True, None),  # GQA 4, T < S
+            (2, 35, 35, 8, 1, 16, False, "single"),  # GQA 8, segments, non-causal
+            (1, 30, 45, 4, 2, 24, True, "pair"),  # pair segments, odd head dim
+        ],
+    )
+    def test_grads_match_reference(self, B, T, S, H, KVH, D, causal, seg):
+        q, k, v, do = _inputs(B, T, S, H, KVH, D)
+        segs = None
+        if seg == "single":
+            segs = _segments(B, T, 3)
+        elif seg == "pair":
+            segs = (_segments(B, T, 2), _segments(B, S, 2))
+
+        def kern(q, k, v):
+            return flash_attention(q, k, v, causal=causal, segment_ids=segs, block_sizes=SMALL,
+                                   interpret=True)
+
+        def ref(q, k, v):
+            return flash_attention_reference(q, k, v, causal=causal, segment_ids=segs)
+
+        out, vjp = jax.vjp(kern, q, k, v)
+        ref_out, ref_vjp = jax.vjp(ref, q, k, v)
+        assert _rel(out, ref_out) < 1e-5
+        for name, g, rg in zip("qkv", vjp(do), ref_vjp(do)):
+            assert g.shape == rg.shape, name
+            assert np.all(np.isfinite(np.asarray(g))), name
+            assert _rel(g, rg) < 1e-4, f"d{name}: {_rel(g, rg)}"
+
+    def test_grad_bf16(self):
+        q, k, v, do = _inputs(1, 32, 32, 4, 1, 32, jnp.bfloat16)
+        loss = lambda f: lambda q, k, v: jnp.sum(  # noqa: E731
+            f(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+        g = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, interpret=True)),
+                     argnums=(0, 1, 2))(q, k, v)
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        rg = jax.grad(loss(lambda q, k, v: flash_attention_reference(f32(q), f32(k), f32(v))),
+                      argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(g, rg):
+            assert a.dtype == jnp.bfloat16
+            assert _rel(a, b) < 2e-2
+
+
+class TestValidation:
+    @pytest.mark.parametrize("kwargs,word", [
+        (dict(block_q=48), "block_q"),
+        (dict(block_k=8), "block_k"),
+        (dict(block_k_dkv=0), "block_k_dkv"),
+        (dict(num_warps=3), "num_warps"),
+        (dict(num_stages_bwd=0), "num_stages_bwd"),
+        (dict(fwd_impl="cuda"), "fwd_impl"),
+    ])
+    def test_block_sizes(self, kwargs, word):
+        with pytest.raises(ValueError, match=word):
+            BlockSizes(**kwargs)
+
+    def test_clamped(self):
+        b = BlockSizes().clamped(20, 100)
+        assert b.block_q == 32 and b.block_k == 64 and b.block_q_dkv == 32
+
+    def test_bad_shapes(self):
+        q = jnp.zeros((1, 8, 4, 16))
+        kv = jnp.zeros((1, 8, 2, 16))
+        with pytest.raises(ValueError, match="4-D"):
+            flash_attention(q[0], kv, kv)
+        with pytest.raises(ValueError, match="num_kv_heads"):
+            flash_attention(q, jnp.zeros((1, 8, 3, 16)), jnp.zeros((1, 8, 3, 16)))
+        with pytest.raises(ValueError, match="head_dim"):
+            flash_attention(q, jnp.zeros((1, 8, 2, 32)), jnp.zeros((1, 8, 2, 32)))
+        with pytest.raises(ValueError, match="k and v"):
+            flash_attention(q, kv, jnp.zeros((1, 9, 2, 16)))
+        with pytest.raises(ValueError, match="dtypes"):
+            flash_attention(q, kv.astype(jnp.bfloat16), kv)
+        with pytest.raises(ValueError, match="segment ids shape"):
+            flash_attention(q, kv, kv, segment_ids=jnp.zeros((1, 7), jnp.int32))
+        with pytest.raises(ValueError, match="T == S"):
+            flash_attention(q, jnp.zeros((1, 9, 2, 16)), jnp.zeros((1, 9, 2, 16)),
+                            segment_ids=jnp.zeros((1, 8), jnp.int32))
+
+
+class TestDispatch:
+    def test_reference_mode_and_interpret_mode_agree(self):
+        q, k, v, do = _inputs(1, 24, 24, 4, 2, 16)
+        with dispatch.kernel_mode("reference"):
+            ref = flash_attention(q, k, v)
+            g_ref = jax.grad(lambda q: jnp.sum(flash_attention(q, k, v) * do))(q)
+        with dispatch.kernel_mode("interpret"):
+            out = flash_attention(q, k, v, block_sizes=SMALL)
+            g = jax.grad(lambda q: jnp.sum(flash_attention(q, k, v, block_sizes=SMALL) * do))(q)
+        assert _rel(out, ref) < 1e-5
+        assert _rel(g, g_ref) < 1e-4
