@@ -143,7 +143,7 @@ class MockEngine:
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "deadline": 0, "error": 0}
-        self.tokens_in = self.tokens_out = 0
+        self.tokens_in = self.tokens_out = self.submitted = 0
 
     # -- Engine protocol -----------------------------------------------------------------------
     @property
@@ -185,6 +185,7 @@ class MockEngine:
                 raise QueueFull(len(self._waiting), self.retry_after_s)
             heapq.heappush(self._waiting, (-request.priority, next(self._order), seq))
             self._known[request.request_id] = seq
+            self.submitted += 1
 
     def cancel(self, request_id: str) -> bool:
         with self._lock:
@@ -205,6 +206,7 @@ class MockEngine:
                 "prefix_cache_hit_rate": 0.0,
                 "tokens_in": self.tokens_in,
                 "tokens_out": self.tokens_out,
+                "submitted": self.submitted,
                 **{f"finished_{k}": v for k, v in self.finished.items()},
             }
 
