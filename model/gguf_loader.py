@@ -133,10 +133,11 @@ def quantization_summary(reader) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in reader.tensors))
 
 
-def load_gguf(path: str | os.PathLike, dtype=jnp.bfloat16, progress=None) -> tuple[ModelConfig, Params]:
-    """Read config and parameters. `progress(done, total)` is called after each tensor."""
+def load_gguf(path: str | os.PathLike, dtype=jnp.bfloat16, progress=None, reader=None) -> tuple[ModelConfig, Params]:
+    """Read config and parameters. `progress(done, total)` is called after each tensor; `reader`
+    is an already opened `open_gguf(path)` (opening a GGUF costs seconds)."""
     path = Path(path)
-    reader = open_gguf(path)
+    reader = open_gguf(path) if reader is None else reader
     config = config_from_gguf(reader, path)
     np_dtype = ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype).name)
     c = config

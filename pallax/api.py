@@ -75,8 +75,7 @@ class LLM:
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
             raise ValueError("perplexity needs a text of at least two tokens")
-        lg = self.logits(ids)[:-1]
-        logp = lg - np.logaddexp.reduce(lg, axis=-1, keepdims=True)
+        logp = log_softmax(self.logits(ids)[:-1])
         nll = -logp[np.arange(len(ids) - 1), ids[1:]]
         return float(np.exp(nll.mean()))
 
@@ -174,6 +173,13 @@ class LLM:
         return ids
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax computed in float64."""
+    x = np.asarray(logits, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
 def _is_single(prompts) -> bool:
     return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
 
@@ -211,10 +217,11 @@ def load(model: str | os.PathLike | None = None, dtype: str = "bfloat16", progre
         config, params = load_hf_dir(path, jdtype, progress=tick)
         tokenizer = Tokenizer.from_hf_dir(path)
     else:
-        from pallax.model.gguf_loader import load_gguf
+        from pallax.model.gguf_loader import load_gguf, open_gguf
 
-        config, params = load_gguf(path, jdtype, progress=tick)
-        tokenizer = Tokenizer.from_gguf(path)
+        reader = open_gguf(path)
+        config, params = load_gguf(path, jdtype, progress=tick, reader=reader)
+        tokenizer = Tokenizer.from_gguf(reader)
     return LLM(config=config, params=params, tokenizer=tokenizer, dtype=jnp.dtype(jdtype).name, path=path)
 
 

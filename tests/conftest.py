@@ -1,0 +1,38 @@
+"""Shared fixtures: the embedded SmolLM2 model (loaded once per session) and its reference outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "smollm2_135m_instruct_q4_1.json"
+
+
+def _reference_path() -> Path:
+    env = os.environ.get("PALLAX_REFERENCE")
+    return Path(env) if env else REFERENCE
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    path = _reference_path()
+    if not path.exists():
+        pytest.fail(f"reference outputs not found at {path} (set PALLAX_REFERENCE)")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm_f32():
+    import pallax
+
+    return pallax.load("smollm2-135m-instruct", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm_bf16():
+    import pallax
+
+    return pallax.load("smollm2-135m-instruct", dtype="bfloat16")
