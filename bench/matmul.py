@@ -65,10 +65,13 @@ def int4_candidates(k, n, m):
     return [i4.BlockSizes(block_n=bn, splits=s) for bn, s in pairs]
 
 
-def int4_variations(best: i4.BlockSizes):
+def int4_variations(best: i4.BlockSizes, m: int):
     import dataclasses as dc
-    return [dc.replace(best, groups_per_step=2), dc.replace(best, num_warps=8),
-            dc.replace(best, num_stages=2), dc.replace(best, num_stages=6)]
+    if m == 1:
+        return [dc.replace(best, m1_dot=True), dc.replace(best, m1_dot=True, fold_zero=True),
+                dc.replace(best, num_warps=8), dc.replace(best, groups_per_step=2)]
+    return [dc.replace(best, fold_zero=True), dc.replace(best, num_warps=8),
+            dc.replace(best, groups_per_step=2), dc.replace(best, num_stages=3)]
 
 
 def check_correctness(records, smoke):
@@ -148,7 +151,7 @@ def bench_decode(records, copy_bw, smoke, deadline):
                 tried[bs] = t_int4(bs)
                 print(f"  int4 k={k} n={n} m={m} {bs}: {tried[bs] * 1e6:.2f} us", flush=True)
             best = min(tried, key=tried.get)
-            for bs in (int4_variations(best) if m in (1, 16) and not smoke else []):
+            for bs in (int4_variations(best, m) if m in (1, 16) and not smoke else []):
                 if time.time() > deadline:
                     break
                 tried[bs] = t_int4(bs)
@@ -157,7 +160,9 @@ def bench_decode(records, copy_bw, smoke, deadline):
             if m == 16:
                 ranked_dot = sorted(tried, key=tried.get)
             t = tried[best]
-            records.append(emit({**base, "kind": "int4-g128", "us": t * 1e6,
+            y = i4.int4_matmul(x, *ws_int4[:2], group_size=GROUP, block_sizes=best)
+            err = _rel(y, i4.int4_matmul_reference(x, *ws_int4[:2], group_size=GROUP))
+            records.append(emit({**base, "kind": "int4-g128", "us": t * 1e6, "rel_err": err,
                                  "speedup": t_bf16 / t, "weight_GBps": packed_bytes / t / 1e9,
                                  "frac_copy_bw": packed_bytes / t / copy_bw,
                                  "block_sizes": repr(best), "configs_tried": len(tried),
@@ -211,14 +216,15 @@ def bench_fp8(records, smoke, deadline):
     records.append(emit({**base, "kind": "fp8-bench fp8-xla", "us": t * 1e6,
                          "tflops": flops / t / 1e12, "speedup": t_bf16 / t}))
     cfgs = [("kn", f8.BlockSizes(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=2))] if smoke else [
-        ("nk", f8.BlockSizes()),
-        ("kn", f8.BlockSizes()),
-        ("nk", f8.BlockSizes(num_stages=3)),
         ("nk", f8.BlockSizes(block_m=128, block_n=128, block_k=128, num_warps=4)),
-        ("nk", f8.BlockSizes(block_m=128, block_n=128, block_k=128, num_warps=8)),
-        ("nk", f8.BlockSizes(block_m=256, block_n=128, block_k=128, num_stages=3)),
-        ("nk", f8.BlockSizes(block_m=128, block_n=256, block_k=64, num_stages=5)),
-        ("kn", f8.BlockSizes(num_stages=3)),
+        ("nk", f8.BlockSizes(block_m=128, block_n=128, block_k=128, num_warps=4, fast_accum=True)),
+        ("nk", f8.BlockSizes(num_stages=3, fast_accum=True)),
+        ("nk", f8.BlockSizes(fast_accum=True)),
+        ("nk", f8.BlockSizes(block_m=256, block_n=128, block_k=128, num_stages=3, fast_accum=True)),
+        ("kn", f8.BlockSizes(num_stages=3, fast_accum=True)),
+        ("nk", f8.BlockSizes(block_m=128, block_n=256, block_k=64, num_stages=5, fast_accum=True)),
+        ("nk", f8.BlockSizes(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=5,
+                             fast_accum=True)),
     ]
     tried = {}
     for layout, bs in cfgs:
@@ -233,7 +239,10 @@ def bench_fp8(records, smoke, deadline):
             print(f"fp8 {layout} {bs} failed: {type(e).__name__}: {str(e)[:300]}")
     best = min(tried, key=tried.get)
     t = tried[best]
-    records.append(emit({**base, "kind": "fp8-bench fp8-ours", "us": t * 1e6,
+    wl = wq if best[0] == "kn" else wq_nk
+    y = f8.fp8_matmul(xq[:1024], xs[:1024], wl, ws, w_layout=best[0], block_sizes=best[1])
+    err = _rel(y, f8.fp8_matmul_reference(xq[:1024], xs[:1024], wl, ws, w_layout=best[0]))
+    records.append(emit({**base, "kind": "fp8-bench fp8-ours", "us": t * 1e6, "rel_err": err,
                          "tflops": flops / t / 1e12, "speedup": t_bf16 / t,
                          "w_layout": best[0], "block_sizes": repr(best[1]),
                          "all_tflops": {f"{l} {b!r}": flops / v / 1e12 for (l, b), v in tried.items()}}))
@@ -267,7 +276,7 @@ def main():
     print(table([r for r in records if "check" in r], ["check", "sym", "m", "k", "n", "rel_err"]))
     print(table([r for r in records if "m" in r and "check" not in r],
                 ["kind", "m", "k", "n", "us", "speedup", "weight_GBps", "frac_copy_bw", "tflops",
-                 "block_sizes"]))
+                 "rel_err", "block_sizes"]))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,15 @@ running together share x and w tiles in L2; each program loops over K with Trito
 pipelining (``num_stages``). Shapes that are not multiples of the tiles are zero-padded (zeros
 add nothing to the dot). `fp8_linear` quantizes activations per token at run time and calls the
 kernel.
+
+Fast accumulation: the Pallas Triton lowering emits every dot with Triton's default
+``maxNumImpreciseAcc = 0``, which on Hopper makes Triton add each fp8 wgmma's result into a
+separate f32 accumulator (extra register traffic per 32-deep K chunk). With
+``BlockSizes(fast_accum=True)`` the kernel's dot asks for
+``lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM``; `_install_fast_accum_lowering` teaches
+the Triton lowering that preset (a wrapper over JAX's own rule that only touches dots carrying
+it) and sets ``maxNumImpreciseAcc`` to the tile depth, so wgmma accumulates a whole K tile in
+its own accumulator before the f32 add. Other dots are lowered exactly as before.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas.quant_formats import quantize_fp8
 
 FP8 = jnp.float8_e4m3fn
+_FAST = lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM
 LAYOUTS = ("kn", "nk")
 
 
@@ -49,6 +59,7 @@ class BlockSizes:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 4
+    fast_accum: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -62,7 +73,34 @@ class BlockSizes:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
-def _fp8_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, block_k, k_steps, w_nk):
+def _install_fast_accum_lowering() -> bool:
+    """Let the Pallas Triton lowering accept the fp8 FAST_ACCUM dot preset (see docstring)."""
+    try:
+        from jax._src.pallas.triton import lowering as tl
+        from jax._src.lib.mlir import ir
+    except ImportError:
+        return False
+    rule = tl.triton_lowering_rules.get(lax.dot_general_p)
+    if rule is None or getattr(rule, "_pallax_fast_accum", False):
+        return rule is not None
+
+    def dot_general(ctx, a, b, *, precision, **kw):
+        if precision != _FAST:
+            return rule(ctx, a, b, precision=precision, **kw)
+        out = rule(ctx, a, b, precision=None, **kw)
+        op = out.owner
+        if op.name == "tt.dot":  # f32 result: no cast after the dot
+            depth = ctx.avals_in[0].shape[1]
+            op.attributes["maxNumImpreciseAcc"] = ir.IntegerAttr.get(
+                ir.IntegerType.get_signless(32), depth)
+        return out
+
+    dot_general._pallax_fast_accum = True
+    tl.triton_lowering_rules[lax.dot_general_p] = dot_general
+    return True
+
+
+def _fp8_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, block_k, k_steps, w_nk, precision):
     # x_ref:  [block_m, K]                      e4m3 activations
     # w_ref:  [K, block_n] ("kn") or [block_n, K] ("nk")  e4m3 weights
     # xs_ref: [block_m, 1]                      f32 per-row scales
@@ -75,10 +113,12 @@ def _fp8_kernel(x_ref, w_ref, xs_ref, ws_ref, o_ref, *, block_k, k_steps, w_nk):
         a = x_ref[:, pl.ds(kk, block_k)]  # [block_m, block_k]
         if w_nk:
             b = w_ref[:, pl.ds(kk, block_k)]  # [block_n, block_k]
-            return acc + lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-        b = w_ref[pl.ds(kk, block_k), :]  # [block_k, block_n]
-        return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+            dims = (((1,), (1,)), ((), ()))
+        else:
+            b = w_ref[pl.ds(kk, block_k), :]  # [block_k, block_n]
+            dims = (((1,), (0,)), ((), ()))
+        return acc + lax.dot_general(a, b, dims, precision=precision,
+                                     preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, k_steps, step, jnp.zeros((block_m, block_n), jnp.float32))
     o_ref[...] = (acc * xs_ref[...] * ws_ref[...]).astype(o_ref.dtype)
@@ -125,9 +165,10 @@ def _fp8_matmul_kernel(x_q, x_scale, w_q, w_scale, *, out_dtype, w_layout, block
         return 0, tile(pid)[1]
 
     w_block = (kp, block_n) if w_layout == "kn" else (block_n, kp)
+    fast = bs.fast_accum and not interpret and _install_fast_accum_lowering()
     out = pl.pallas_call(
         functools.partial(_fp8_kernel, block_k=block_k, k_steps=kp // block_k,
-                          w_nk=w_layout == "nk"),
+                          w_nk=w_layout == "nk", precision=_FAST if fast else None),
         grid=(grid_m * grid_n,),
         in_specs=[
             pl.BlockSpec((block_m, kp), x_map),

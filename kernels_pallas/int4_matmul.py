@@ -55,6 +55,10 @@ class BlockSizes:
     splits: K is cut into up to this many runs of groups (the largest count <= splits
       dividing K // group_size), one program each; > 1 adds a small f32 reduction.
     groups_per_step: groups loaded per loop iteration (unrolled; shrunk to divide the run).
+    fold_zero: bf16/f16 dot path: dot with the biased codes and subtract rowsum(x) * offset
+      per group instead of subtracting the offset from every weight.
+    m1_dot: M == 1 also takes the tensor-core path (rows padded to 16) instead of the
+      CUDA-core multiply-add.
     num_warps, num_stages: Triton launch / software-pipelining parameters.
     """
 
@@ -64,6 +68,8 @@ class BlockSizes:
     groups_per_step: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    fold_zero: bool = False
+    m1_dot: bool = False
 
     def __post_init__(self):
         if not _pow2(self.block_n) or self.block_n < 16:
@@ -98,8 +104,27 @@ def _fit_block_n(n: int, block_n: int) -> int | None:
     return None
 
 
+# Codes -> floats without integer-to-float conversions (I2F runs at 1/8 of the FMA rate and
+# bounded the first version at ~1.1 TB/s): OR a nibble into the mantissa of a power of two
+# whose unit in the last place is 1, giving exactly MAGIC + q; subtract MAGIC + z after.
+_MAGIC = {  # dtype: (bits dtype, exponent bits, MAGIC)
+    jnp.dtype(jnp.bfloat16): (jnp.uint16, 0x4300, 128.0),
+    jnp.dtype(jnp.float16): (jnp.uint16, 0x6400, 1024.0),
+    jnp.dtype(jnp.float32): (jnp.uint32, 0x4B000000, 8388608.0),
+}
+
+
+def _unpack(b, dtype):
+    """uint8 bytes [rows, n] -> (low, high) nibbles as ``dtype`` values MAGIC + q, and MAGIC."""
+    bits, exponent, magic = _MAGIC[jnp.dtype(dtype)]
+    w = b.astype(bits)
+    lo = lax.bitcast_convert_type((w & 0xF) | exponent, dtype)
+    hi = lax.bitcast_convert_type((w >> 4) | exponent, dtype)
+    return lo, hi, magic
+
+
 def _int4_kernel(x_ref, w_ref, s_ref, *rest, group_size, groups_per_split, groups_per_step,
-                 has_zeros, row_dot):
+                 has_zeros, row_dot, fold_zero):
     # x_ref: [2, block_m, K // 2]   even (0) / odd (1) columns of x
     # w_ref: [K // 2, block_n]      uint8, two rows of K per byte
     # s_ref: [G, block_n]           group scales
@@ -112,25 +137,33 @@ def _int4_kernel(x_ref, w_ref, s_ref, *rest, group_size, groups_per_split, group
     half = group_size // 2
     block_m, block_n = o_ref.shape
     split = pl.program_id(1)
+    # Dot path: weights in x's dtype (q - z is a small integer, exact there); else f32.
+    wdtype = x_ref.dtype if row_dot else jnp.float32
 
     def group(gi, acc):
         r = pl.multiple_of(gi * half, half)
-        b = w_ref[pl.ds(r, half), :]  # [half, block_n] uint8
-        lo = (b & 0xF).astype(jnp.float32)
-        hi = (b >> 4).astype(jnp.float32)
+        lo, hi, magic = _unpack(w_ref[pl.ds(r, half), :], wdtype)  # [half, block_n] each
         z = z_ref[pl.ds(gi, 1), :].astype(jnp.float32) if has_zeros else 8.0  # [1, block_n]
         s = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)  # [1, block_n]
+        offset = magic + z
         if row_dot:
             xe = x_ref[0, :, pl.ds(r, half)]  # [block_m, half]
             xo = x_ref[1, :, pl.ds(r, half)]
-            # q - z is a small integer: exact in bf16, so the dot sees the exact codes.
-            part = jnp.dot(xe, (lo - z).astype(xe.dtype), preferred_element_type=jnp.float32)
-            part += jnp.dot(xo, (hi - z).astype(xo.dtype), preferred_element_type=jnp.float32)
-        else:  # block_m == 1: multiply-reduce, no tensor-core padding
-            xe = x_ref[0, 0, pl.ds(r, half)].astype(jnp.float32)  # [half]
-            xo = x_ref[1, 0, pl.ds(r, half)].astype(jnp.float32)
-            part = jnp.sum((lo - z) * xe[:, None] + (hi - z) * xo[:, None], axis=0)[None, :]
-        return acc + part * s
+            if fold_zero:  # x @ (MAGIC + q) - rowsum(x) * (MAGIC + z): no per-weight subtract
+                part = jnp.dot(xe, lo, preferred_element_type=jnp.float32)
+                part += jnp.dot(xo, hi, preferred_element_type=jnp.float32)
+                xsum = jnp.sum(xe.astype(jnp.float32) + xo.astype(jnp.float32), axis=1)
+                part -= xsum[:, None] * offset
+            else:
+                off = jnp.broadcast_to(offset, (1, block_n)).astype(wdtype)
+                part = jnp.dot(xe, lo - off, preferred_element_type=jnp.float32)
+                part += jnp.dot(xo, hi - off, preferred_element_type=jnp.float32)
+            return acc + part * s
+        # block_m == 1: multiply-add on CUDA cores into a [half, block_n] accumulator (one
+        # cross-row reduction at the end, none per group).
+        xe = x_ref[0, 0, pl.ds(r, half)].astype(jnp.float32)  # [half]
+        xo = x_ref[1, 0, pl.ds(r, half)].astype(jnp.float32)
+        return acc + ((lo - offset) * xe[:, None] + (hi - offset) * xo[:, None]) * s
 
     def step(t, acc):
         g0 = split * groups_per_split + t * groups_per_step
@@ -138,8 +171,11 @@ def _int4_kernel(x_ref, w_ref, s_ref, *rest, group_size, groups_per_split, group
             acc = group(g0 + j, acc)
         return acc
 
+    acc_shape = (block_m, block_n) if row_dot else (half, block_n)
     acc = lax.fori_loop(0, groups_per_split // groups_per_step, step,
-                        jnp.zeros((block_m, block_n), jnp.float32))
+                        jnp.zeros(acc_shape, jnp.float32))
+    if not row_dot:
+        acc = jnp.sum(acc, axis=0)[None, :]
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -150,7 +186,7 @@ def _int4_matmul_kernel(x, packed, scales, zeros, *, group_size, block_sizes, in
     groups = k // group_size
     bs = block_sizes
     block_n = _fit_block_n(n, bs.block_n)
-    block_m = 1 if m == 1 else min(bs.block_m, max(16, pl.next_power_of_2(m)))
+    block_m = 1 if m == 1 and not bs.m1_dot else min(bs.block_m, max(16, pl.next_power_of_2(m)))
     m_pad = pl.cdiv(m, block_m) * block_m
     splits = _largest_divisor_le(groups, bs.splits)
     per_split = groups // splits
@@ -180,7 +216,8 @@ def _int4_matmul_kernel(x, packed, scales, zeros, *, group_size, block_sizes, in
 
     kernel = functools.partial(
         _int4_kernel, group_size=group_size, groups_per_split=per_split,
-        groups_per_step=per_step, has_zeros=zeros is not None, row_dot=block_m > 1)
+        groups_per_step=per_step, has_zeros=zeros is not None, row_dot=block_m > 1,
+        fold_zero=bs.fold_zero and x.dtype != jnp.float32)
     out = pl.pallas_call(
         kernel,
         grid=grid,
