@@ -1,0 +1,228 @@
+"""Quantized matmuls: formats round-trip, kernels (interpret mode) vs references, references vs
+float64 numpy on the dequantized weights, and input validation."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas import fp8_matmul as f8
+from pallax.kernels_pallas import int4_matmul as i4
+from pallax.kernels_pallas import int8_matmul as i8
+from pallax.kernels_pallas import quant_formats as qf
+
+_seed = iter(range(10_000))
+
+
+def _key():
+    return jax.random.key(next(_seed) + 1000 * np.random.randint(1 << 20))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _f64(a):
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+# ------------------------------------------------------------------------------------ formats
+
+
+def test_pack_unpack_int4_round_trip():
+    q = jax.random.randint(_key(), (64, 24), 0, 16).astype(jnp.uint8)
+    packed = qf.pack_int4(q)
+    assert packed.shape == (32, 24) and packed.dtype == jnp.uint8
+    np.testing.assert_array_equal(qf.unpack_int4(packed), q)
+    # documented byte layout: low nibble = even row
+    np.testing.assert_array_equal(packed[3] & 0xF, q[6])
+    np.testing.assert_array_equal(packed[3] >> 4, q[7])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", qf.GROUP_SIZES)
+def test_int4_quantize_round_trip(symmetric, group_size):
+    w = jax.random.normal(_key(), (256, 48), jnp.float32) + (0.0 if symmetric else 0.7)
+    packed, s, z = qf.quantize_int4(w, group_size, symmetric=symmetric, scale_dtype=jnp.float32)
+    assert (z is None) == symmetric
+    wd = qf.dequantize_int4(packed, s, z, group_size=group_size)
+    # round to nearest: every weight within half a step of its group
+    step = np.repeat(np.asarray(s), group_size, axis=0)
+    assert np.all(np.abs(np.asarray(wd) - np.asarray(w)) <= 0.5 * step + 1e-6)
+    # re-quantizing the dequantized weights gives the same codes
+    np.testing.assert_array_equal(
+        qf.quantize_int4(wd, group_size, symmetric=symmetric, scale_dtype=jnp.float32)[0], packed)
+
+
+def test_int8_and_fp8_round_trip():
+    w = jax.random.normal(_key(), (128, 40), jnp.float32)
+    w_q, scale = qf.quantize_int8(w)
+    assert w_q.dtype == jnp.int8 and scale.shape == (40,)
+    err = np.abs(np.asarray(qf.dequantize_int8(w_q, scale)) - np.asarray(w))
+    assert np.all(err <= 0.5 * np.asarray(scale)[None, :] + 1e-7)
+    for axis, shape in ((-1, (128, 1)), (0, (1, 40)), (None, (1, 1))):
+        q, s = qf.quantize_fp8(w, axis=axis)
+        assert q.dtype == jnp.float8_e4m3fn and s.shape == shape
+        assert float(jnp.max(jnp.abs(q.astype(jnp.float32)))) == pytest.approx(448.0)
+        assert _rel(qf.dequantize_fp8(q, s), w) < 0.04  # e4m3: 3 mantissa bits
+
+
+# --------------------------------------------------------------------------------------- int4
+
+
+@pytest.mark.parametrize(
+    "m,k,n,group_size,symmetric,block_sizes",
+    [
+        (1, 256, 128, 32, True, i4.BlockSizes(block_n=64, splits=2)),
+        (1, 384, 96, 128, False, i4.BlockSizes(block_n=32, splits=3, groups_per_step=2)),
+        (1, 256, 64, 64, True, i4.BlockSizes(block_n=64, m1_dot=True, fold_zero=True)),
+        (5, 384, 96, 64, False, i4.BlockSizes(block_n=32, splits=2, groups_per_step=2)),
+        (16, 256, 64, 32, False, i4.BlockSizes(block_n=32, splits=1, fold_zero=True)),
+        (37, 640, 48, 128, True, i4.BlockSizes(block_n=16, block_m=16, splits=4)),
+    ],
+)
+def test_int4_kernel_matches_reference(m, k, n, group_size, symmetric, block_sizes):
+    w = jax.random.normal(_key(), (k, n), jnp.float32)
+    x = jax.random.normal(_key(), (m, k), jnp.float32).astype(jnp.bfloat16)
+    packed, s, z = qf.quantize_int4(w, group_size, symmetric=symmetric)
+    y = i4.int4_matmul(x, packed, s, z, group_size=group_size, block_sizes=block_sizes,
+                       interpret=True)
+    r = i4.int4_matmul_reference(x, packed, s, z, group_size=group_size)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(y, np.float32)))
+    assert _rel(y, r) < 1e-2
+    # the reference against float64 numpy on the dequantized weights
+    wd = _f64(qf.dequantize_int4(packed, s, z, group_size=group_size))
+    assert _rel(r, _f64(x) @ wd) < 5e-3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_int4_kernel_other_activation_dtypes(dtype):
+    k, n, g = 256, 64, 64
+    w = jax.random.normal(_key(), (k, n), jnp.float32)
+    packed, s, z = qf.quantize_int4(w, g, symmetric=False)
+    wd = _f64(qf.dequantize_int4(packed, s, z, group_size=g))
+    for m in (1, 3):
+        x = jax.random.normal(_key(), (m, k), jnp.float32).astype(dtype)
+        y = i4.int4_matmul(x, packed, s, z, group_size=g, interpret=True,
+                           block_sizes=i4.BlockSizes(block_n=32, splits=2))
+        assert y.dtype == dtype
+        assert _rel(y, _f64(x) @ wd) < (1e-6 if dtype == jnp.float32 else 2e-3)
+
+
+def test_int4_dispatch_modes():
+    k, n, g = 128, 32, 32
+    packed, s, _ = qf.quantize_int4(jax.random.normal(_key(), (k, n)), g)
+    x = jax.random.normal(_key(), (2, k)).astype(jnp.bfloat16)
+    r = i4.int4_matmul_reference(x, packed, s, group_size=g)
+    with dispatch.kernel_mode("interpret"):
+        y_interp = i4.int4_matmul(x, packed, s, group_size=g)
+    with dispatch.kernel_mode("reference"):
+        y_ref = i4.int4_matmul(x, packed, s, group_size=g)
+    np.testing.assert_array_equal(np.asarray(y_ref, np.float32), np.asarray(r, np.float32))
+    assert _rel(y_interp, r) < 1e-2
+
+
+def test_int4_errors():
+    packed, s, z = qf.quantize_int4(jax.random.normal(_key(), (256, 32)), 64, symmetric=False)
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="group_size=96 must divide K=256"):
+        i4.int4_matmul(x, packed, s, group_size=96)
+    with pytest.raises(ValueError, match="group_size=96 must divide K=160"):
+        qf.quantize_int4(jnp.ones((160, 8)), 96)
+    with pytest.raises(ValueError, match="scales shape"):
+        i4.int4_matmul(x, packed, s, group_size=32)
+    with pytest.raises(ValueError, match="zeros shape"):
+        i4.int4_matmul(x, packed, s, z[:2], group_size=64)
+    with pytest.raises(ValueError, match="packed rows"):
+        i4.int4_matmul(jnp.ones((2, 128), jnp.bfloat16), packed, s, group_size=64)
+    with pytest.raises(ValueError, match="must be uint8"):
+        i4.int4_matmul(x, packed.astype(jnp.int8), s, group_size=64)
+    with pytest.raises(ValueError, match="x dtype"):
+        i4.int4_matmul(x.astype(jnp.int32), packed, s, group_size=64)
+    with pytest.raises(ValueError, match="block_n=48"):
+        i4.BlockSizes(block_n=48)
+
+
+# --------------------------------------------------------------------------------------- int8
+
+
+@pytest.mark.parametrize(
+    "m,k,n,block_sizes",
+    [
+        (1, 256, 128, i8.BlockSizes(block_n=64, block_k=64, splits=2)),
+        (7, 384, 96, i8.BlockSizes(block_n=32, block_k=128, splits=3)),
+        (20, 96, 48, i8.BlockSizes(block_n=16, block_k=32, block_m=16, splits=1)),
+    ],
+)
+def test_int8_kernel_matches_reference(m, k, n, block_sizes):
+    w = jax.random.normal(_key(), (k, n), jnp.float32)
+    x = jax.random.normal(_key(), (m, k), jnp.float32).astype(jnp.bfloat16)
+    w_q, scale = qf.quantize_int8(w)
+    y = i8.int8_matmul(x, w_q, scale, block_sizes=block_sizes, interpret=True)
+    r = i8.int8_matmul_reference(x, w_q, scale)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert _rel(y, r) < 1e-2
+    assert _rel(r, _f64(x) @ _f64(qf.dequantize_int8(w_q, scale))) < 5e-3
+    # the XLA path (what `impl="xla"` runs on a GPU) computes the same function
+    assert _rel(i8._int8_matmul_xla(x, w_q, scale), r) < 1e-2
+
+
+def test_int8_errors():
+    w_q, scale = qf.quantize_int8(jnp.ones((64, 32)))
+    x = jnp.ones((2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="must be int8"):
+        i8.int8_matmul(x, w_q.astype(jnp.uint8), scale)
+    with pytest.raises(ValueError, match="w_scale shape"):
+        i8.int8_matmul(x, w_q, scale[:16])
+    with pytest.raises(ValueError, match="x must be"):
+        i8.int8_matmul(jnp.ones((2, 48), jnp.bfloat16), w_q, scale)
+    with pytest.raises(ValueError, match="impl="):
+        i8.int8_matmul(x, w_q, scale, impl="cuda")
+
+
+# ---------------------------------------------------------------------------------------- fp8
+
+
+@pytest.mark.parametrize(
+    "m,k,n,layout,per_tensor",
+    [(1, 64, 48, "kn", False), (33, 96, 80, "nk", False), (16, 256, 64, "kn", True),
+     (5, 128, 32, "nk", True)],
+)
+def test_fp8_kernel_matches_reference(m, k, n, layout, per_tensor):
+    x = jax.random.normal(_key(), (m, k), jnp.float32)
+    w = jax.random.normal(_key(), (k, n), jnp.float32)
+    x_q, x_s = qf.quantize_fp8(x, axis=None if per_tensor else -1)
+    w_q, w_s = qf.quantize_fp8(w, axis=None if per_tensor else 0)
+    w_l = w_q if layout == "kn" else w_q.T
+    bs = f8.BlockSizes(block_m=16, block_n=32, block_k=32, group_m=2)
+    y = f8.fp8_matmul(x_q, x_s, w_l, w_s, w_layout=layout, block_sizes=bs, interpret=True)
+    r = f8.fp8_matmul_reference(x_q, x_s, w_l, w_s, w_layout=layout)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert _rel(y, r) < 1e-2
+    r64 = (_f64(x_q) * _f64(x_s)) @ (_f64(w_q) * _f64(w_s))
+    assert _rel(r, r64) < 5e-3
+    # W8A8 end to end: close to the unquantized product (e4m3 has 3 mantissa bits)
+    y_lin = f8.fp8_linear(x.astype(jnp.bfloat16), w_l, w_s, w_layout=layout, block_sizes=bs,
+                          interpret=True)
+    assert y_lin.dtype == jnp.bfloat16
+    assert _rel(y_lin, _f64(x) @ _f64(w)) < 0.08
+
+
+def test_fp8_errors():
+    q = jnp.ones((16, 32), jnp.float8_e4m3fn)
+    s = jnp.ones((16, 1))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        f8.fp8_matmul(q.astype(jnp.bfloat16), s, q.T, jnp.ones((1, 16)))
+    with pytest.raises(ValueError, match="disagree on K"):
+        f8.fp8_matmul(q, s, q, jnp.ones((1, 32)))
+    with pytest.raises(ValueError, match="x_scale shape"):
+        f8.fp8_matmul(q, jnp.ones((3, 1)), q.T, jnp.ones((1, 16)))
+    with pytest.raises(ValueError, match="w_scale shape"):
+        f8.fp8_matmul(q, s, q.T, jnp.ones((1, 7)))
+    with pytest.raises(ValueError, match="w_layout"):
+        f8.fp8_matmul(q, s, q.T, jnp.ones((1, 16)), w_layout="t")
+    with pytest.raises(ValueError, match="block_k=16"):
+        f8.BlockSizes(block_k=16)
