@@ -159,29 +159,29 @@ def cases(block_sizes: BlockSizes | None = None, copy_bw: float | None = None) -
 
 
 def sweep(copy_bw: float) -> list[dict]:
-    """Time a grid of block sizes per case (bf16); returns all records, best first per case."""
+    """Time a grid of block sizes (B=1 bf16 over kv splits; int8 at every batch)."""
     env = environment()
-    grid = {1: (16, 32, 64, 128), 16: (2, 4, 8), 64: (1, 2)}
-    out = []
-    for batch, ctx in SHAPES:
-        args, scales = decode_inputs(batch, ctx)
-        recs = []
-        for splits in grid[batch]:
-            for block_kv, warps, stages in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (32, 4, 2),
-                                            (128, 4, 2)):
-                bs = BlockSizes(block_kv=block_kv, kv_splits=splits, num_warps=warps,
-                                num_stages=stages)
-                try:
-                    t = _time_kernel(args, scales, bs)
-                except Exception as e:  # a config Triton cannot compile: note and go on
-                    print(f"# {bs}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-                    continue
-                recs.append(_record("sweep", batch, ctx, jnp.bfloat16, str(bs),
-                                    kv_bytes(batch, ctx, jnp.bfloat16), t, copy_bw, env))
-        recs.sort(key=lambda r: r["time_us"])
-        out += recs
-        print(table(recs[:5], COLUMNS), flush=True)
-        del args, scales
+    grid = [(1, 32768, jnp.bfloat16, splits, bkv, warps, stages)
+            for splits in (32, 48, 64)
+            for bkv, warps, stages in ((64, 4, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3))]
+    grid += [(b, c, jnp.int8, None, bkv, 4, stages) for b, c in SHAPES
+             for bkv, stages in ((64, 2), (128, 2), (128, 3))]
+    out, inputs = [], {}
+    for batch, ctx, kv_dtype, splits, block_kv, warps, stages in grid:
+        if (batch, kv_dtype) not in inputs:
+            inputs.clear()
+            inputs[batch, kv_dtype] = decode_inputs(batch, ctx, kv_dtype)
+        args, scales = inputs[batch, kv_dtype]
+        bs = BlockSizes(block_kv=block_kv, kv_splits=splits, num_warps=warps, num_stages=stages)
+        try:
+            t = _time_kernel(args, scales, bs)
+        except Exception as e:  # a config Triton cannot compile: note and go on
+            print(f"# {bs}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            continue
+        out.append(_record("sweep", batch, ctx, kv_dtype, str(bs),
+                           kv_bytes(batch, ctx, kv_dtype), t, copy_bw, env))
+    inputs.clear()
+    print(table(out, COLUMNS), flush=True)
     return out
 
 

@@ -67,14 +67,14 @@ class BlockSizes:
     block_q:   query tokens per program; None: 1 when every sequence may be a single decode token
                (T == S), else max(1, 64 // G) (so a program holds about 64 (token, head) rows).
     block_kv:  kv positions per inner step (power of two >= 16; need not be a multiple of the
-               page size).
+               page size); None: 128 for 1-byte (int8 / fp8) K/V, 64 otherwise (tuned on H100).
     kv_splits: slices of each sequence's kv range run by separate programs (flash-decoding);
                None: enough programs to fill the GPU for the static batch shape.
     num_warps, num_stages: Triton launch parameters.
     """
 
     block_q: int | None = None
-    block_kv: int = 64
+    block_kv: int | None = None
     kv_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 2
@@ -82,7 +82,8 @@ class BlockSizes:
     def __post_init__(self):
         if self.block_q is not None and self.block_q < 1:
             raise ValueError(f"{self.block_q=} must be >= 1")
-        if self.block_kv < 16 or self.block_kv & (self.block_kv - 1):
+        if self.block_kv is not None and (self.block_kv < 16 or
+                                          self.block_kv & (self.block_kv - 1)):
             raise ValueError(f"{self.block_kv=} must be a power of two >= 16")
         if self.kv_splits is not None and self.kv_splits < 1:
             raise ValueError(f"{self.kv_splits=} must be >= 1")
@@ -92,18 +93,21 @@ class BlockSizes:
             raise ValueError(f"{self.num_stages=} must be >= 1")
 
     def resolve(self, *, num_tokens: int, num_seqs: int, group: int, num_kv_heads: int,
-                max_kv: int) -> tuple[int, int]:
-        """(block_q, kv_splits) for a static batch shape."""
+                max_kv: int, kv_itemsize: int) -> tuple[int, int, int]:
+        """(block_q, block_kv, kv_splits) for a static batch shape."""
+        block_kv = self.block_kv or (128 if kv_itemsize == 1 else 64)
         block_q = self.block_q
         if block_q is None:
             block_q = 1 if num_tokens <= num_seqs else max(1, 64 // group)
         splits = self.kv_splits
         if splits is None:
-            # About 4 programs per SM of an H100 (132 SMs) in the worst case of long sequences.
+            # About 2 programs per SM of an H100 (132 SMs) for long sequences; tuned on the
+            # decode benchmark (bench/attention_decode.py): B=1 best at 32 splits, B=16 at 2,
+            # B=64 at 1 (H=32, KVH=8).
             items = min(num_tokens, num_seqs) * num_kv_heads
-            splits = _pow2(max(1, -(-512 // items)))
-        splits = max(1, min(splits, -(-max_kv // self.block_kv)))
-        return block_q, splits
+            splits = _pow2(max(1, -(-256 // items)))
+        splits = max(1, min(splits, -(-max_kv // block_kv)))
+        return block_q, block_kv, splits
 
 
 def _kernel(
@@ -204,8 +208,9 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
     num_pages, page_size, kvh, _ = k_pages.shape
     s, max_pages = page_table.shape
     group = num_heads // kvh
-    block_q, splits = block_sizes.resolve(num_tokens=t, num_seqs=s, group=group,
-                                          num_kv_heads=kvh, max_kv=max_pages * page_size)
+    block_q, block_kv, splits = block_sizes.resolve(
+        num_tokens=t, num_seqs=s, group=group, num_kv_heads=kvh, max_kv=max_pages * page_size,
+        kv_itemsize=jnp.dtype(k_pages.dtype).itemsize)
     rows = max(16, _pow2(block_q * group))
     work = min(t, -(-t // block_q) + s) if block_q > 1 else t
     quantized = k_scales is not None
@@ -231,7 +236,7 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
     kernel = functools.partial(
         _kernel, num_tokens=t, num_seqs=s, num_heads=num_heads, num_kv_heads=kvh,
         num_pages=num_pages, page_size=page_size, max_pages=max_pages, block_q=block_q,
-        block_kv=block_sizes.block_kv, rows=rows, kv_splits=splits,
+        block_kv=block_kv, rows=rows, kv_splits=splits,
         scale=sm_scale * _LOG2E, quantized=quantized,
         compute_dtype=q.dtype if jnp.issubdtype(q.dtype, jnp.floating) else jnp.float32)
     compiler_params = None
@@ -242,13 +247,15 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
     outs = pl.pallas_call(
         kernel, grid=(work, kvh, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=interpret, compiler_params=compiler_params,
-        name=f"paged_attention_bq{block_q}_bkv{block_sizes.block_kv}_s{splits}",
+        name=f"paged_attention_bq{block_q}_bkv{block_kv}_s{splits}",
     )(*inputs)
 
     if splits == 1:
         out = outs[0].astype(jnp.float32)                      # [W, KVH, rows, D]
     else:
-        o_part, lse = outs                                     # [K, W, KVH, rows, (D)]
+        # Only the first block_q * G rows are (token, head) pairs: combine just those.
+        o_part = outs[0][:, :, :, : block_q * group]           # [K, W, KVH, bq * G, D]
+        lse = outs[1][:, :, :, : block_q * group]              # [K, W, KVH, bq * G]
         lse_max = jnp.max(lse, axis=0)
         wgt = jnp.exp2(lse - lse_max[None])
         out = jnp.sum(wgt[..., None] * o_part, axis=0) / jnp.sum(wgt, axis=0)[..., None]
