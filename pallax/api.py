@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallax.decode.sampling import SamplingArrays
-from pallax.decode.simple import SimpleDecoder
+from pallax.decode.requests import Request, SamplingParams
 from pallax.model.config import ModelConfig
 from pallax.model.decoder import Params, forward
 
@@ -34,8 +33,10 @@ class Completion:
 
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS) | "length" (max_tokens or the context)
+    finish_reason: str  # "stop" (EOS, a stop token or string) | "length" (max_tokens or the context)
     prompt_tokens: int = 0
+    logprobs: list = field(default_factory=list)  # TokenLogprob per token when asked for
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -54,7 +55,7 @@ class LLM:
     tokenizer: "object"
     dtype: str
     path: Path | None = None
-    _decoder: SimpleDecoder | None = field(default=None, repr=False)
+    _engine: object = field(default=None, repr=False)
     _logits_fn: object = field(default=None, repr=False)
 
     # -- scoring -------------------------------------------------------------------------------
@@ -80,6 +81,17 @@ class LLM:
         return float(np.exp(nll.mean()))
 
     # -- generation ----------------------------------------------------------------------------
+    def engine(self, config=None):
+        """A paged serving loop over this model (`pallax.decode.scheduler.Scheduler`). Without a
+        config: the library's own one, used by `generate` and `stream`, created on first use."""
+        from pallax.decode.scheduler import Scheduler
+
+        if config is not None:
+            return Scheduler(self, config)
+        if self._engine is None:
+            self._engine = Scheduler(self, _default_engine_config())
+        return self._engine
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -89,28 +101,24 @@ class LLM:
         top_k: int = 0,
         min_p: float = 0.0,
         seed: int = 0,
+        **sampling,
     ) -> list[Completion]:
-        """Complete each prompt (text, or a list of token ids)."""
+        """Complete each prompt (text, or a list of token ids) on the paged engine, all at once
+        (continuous batching). Extra keywords are `SamplingParams` fields (stop, stop_token_ids,
+        repetition_penalty, ignore_eos, logprobs)."""
         prompt_list = [prompts] if _is_single(prompts) else list(prompts)
         if not prompt_list:
             raise ValueError("generate: no prompts given")
+        params = _sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, sampling)
         ids = [self._prompt_ids(p) for p in prompt_list]
-        outs: list[list[int]] = [[] for _ in ids]
-        was_done = np.zeros(len(ids), bool)
-        for step in self._run(ids, max_tokens, temperature, top_p, top_k, min_p, seed):
-            for i in np.flatnonzero(~was_done):
-                outs[i].append(int(step.tokens[i]))
-            was_done = step.done
-        eos = self.tokenizer.eos_ids
-        return [
-            Completion(
-                token_ids=o,
-                text=self.tokenizer.decode(o[:-1] if o[-1] in eos else o),
-                finish_reason="stop" if o[-1] in eos else "length",
-                prompt_tokens=len(p),
-            )
-            for o, p in zip(outs, ids)
-        ]
+        engine = self.engine()
+        for p in ids:  # validate everything before submitting anything
+            engine.validate(_request("check", p, params))
+        results: list[list] = [[] for _ in ids]
+        for i, p in enumerate(ids):
+            engine.submit(_request(f"generate-{id(results)}-{i}", p, params), results[i].append)
+        engine.run_until_idle()
+        return [_completion(outs, len(p)) for outs, p in zip(results, ids)]
 
     def stream(
         self,
@@ -121,35 +129,33 @@ class LLM:
         top_k: int = 0,
         min_p: float = 0.0,
         seed: int = 0,
+        **sampling,
     ) -> Iterator[Delta]:
         """Yield each generated token with the text it completes (whole UTF-8 characters only)."""
-        ids = self._prompt_ids(prompt)
-        decoder = self.tokenizer.stream_decoder()
-        produced = 0
-        for step in self._run([ids], max_tokens, temperature, top_p, top_k, min_p, seed):
-            t = int(step.tokens[0])
-            produced += 1
-            is_eos = t in self.tokenizer.eos_ids
-            text = "" if is_eos else decoder.push(t)
-            reason = "stop" if is_eos else ("length" if step.done[0] else None)
-            if reason is not None:
-                text += decoder.finish()
-            yield Delta(token_id=t, text=text, finish_reason=reason)
-            if reason is not None:
-                return
+        params = _sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, sampling)
+        engine = self.engine()
+        outs: list = []
+        rid = f"stream-{id(outs)}"
+        engine.submit(_request(rid, self._prompt_ids(prompt), params), outs.append)
+        try:
+            while True:
+                if not outs:
+                    if not engine.has_work():
+                        return
+                    engine.iterate()
+                    continue
+                out = outs.pop(0)
+                for j, t in enumerate(out.token_ids):
+                    last = j == len(out.token_ids) - 1
+                    yield Delta(token_id=t, text=out.text if last else "",
+                                finish_reason=out.finish_reason if last else None)
+                if out.finished:
+                    return
+        finally:
+            if engine.cancel(rid):  # the caller stopped early: free the request's pages
+                engine.run_until_idle()
 
     # -- internals -----------------------------------------------------------------------------
-    def _run(self, ids, max_tokens, temperature, top_p, top_k, min_p, seed):
-        _check_sampling(max_tokens, temperature, top_p, top_k, min_p, seed)
-        limits = []
-        for p in ids:
-            room = self.config.max_seq_len - len(p)
-            limits.append(min(max_tokens, room))
-        if self._decoder is None:
-            self._decoder = SimpleDecoder(self.config, self.params, self.params["embed"].dtype)
-        sampling = SamplingArrays.create(len(ids), temperature, top_k, top_p, min_p)
-        return self._decoder.run(ids, limits, sampling, [seed] * len(ids), set(self.tokenizer.eos_ids))
-
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
@@ -182,6 +188,41 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def _is_single(prompts) -> bool:
     return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+
+
+def _default_engine_config():
+    """Engine settings for library use; on a CPU a pool of a few full contexts."""
+    from pallax.decode.scheduler import EngineConfig
+
+    if jax.default_backend() == "cpu":
+        return EngineConfig(max_seqs=8, token_budget=256, num_pages=512, decode_steps=4)
+    return EngineConfig()
+
+
+def _sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, extra) -> SamplingParams:
+    _check_sampling(max_tokens, temperature, top_p, top_k, min_p, seed)
+    for key in ("stop", "stop_token_ids"):
+        if key in extra:
+            extra[key] = tuple([extra[key]] if isinstance(extra[key], (str, int)) else extra[key])
+    try:
+        return SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature), top_k=int(top_k),
+                              top_p=float(top_p), min_p=float(min_p), seed=int(seed), **extra)
+    except TypeError as e:
+        raise ValueError(f"unknown sampling option: {e}") from None
+
+
+def _request(rid: str, ids: list[int], params: SamplingParams) -> Request:
+    return Request(request_id=rid, prompt_ids=ids, sampling=params)
+
+
+def _completion(outs: list, prompt_tokens: int) -> Completion:
+    final = outs[-1]
+    if final.finish_reason == "error":
+        raise RuntimeError(f"generation failed: {final.error}")
+    return Completion(token_ids=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
+                      finish_reason=final.finish_reason, prompt_tokens=prompt_tokens,
+                      logprobs=[lp for o in outs for lp in o.logprobs],
+                      cached_tokens=final.usage.cached_prompt_tokens)
 
 
 def _check_sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> None:

@@ -1,0 +1,205 @@
+"""The jitted engine step over a ragged token batch and the paged KV pool.
+
+One step runs the model on a flat batch of `T` tokens from up to `S` sequences (decode tokens of
+running sequences, prefill chunks of new ones, later draft tokens to verify), writes their K/V
+into the page pool (donated, so updated in place), and samples one token per sequence from the
+logits at its last token. Shapes are static: `T` is one of a few token-budget buckets and `S` is
+fixed, so every program is compiled at warm-up and never again; lengths and page tables are
+arrays.
+
+A pure-decode batch (one token per sequence) may run `n_steps` model steps in one call: each
+step feeds the tokens the previous one sampled, on device, without a host round trip.
+
+A decode token's input may be the token the *previous* call sampled, still on device: the host
+builds step i+1 while step i runs and reads step i's tokens afterwards (`from_prev`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas.paged_attention import paged_attention
+from pallax.model.config import ModelConfig
+from pallax.model.decoder import forward
+
+from .cpu_attention import paged_attention_blocked
+from .kv_cache import PagePool
+from .sampling import SamplingArrays, row_keys, sample
+
+TOP_LOGPROBS = 20  # alternatives computed per sampled token (requests take up to this many)
+PENALTY_WINDOW = 256  # repetition penalty looks at this many most recent tokens
+
+
+@struct.dataclass
+class StepBatch:
+    """One step's inputs; built on the host as numpy, [T] per token and [S] per sequence."""
+
+    tokens: jax.Array  # [T] int32 (host-known input tokens)
+    from_prev: jax.Array  # [T] int32: row of the previous call's sampled tokens to feed, or -1
+    positions: jax.Array  # [T] int32
+    slots: jax.Array  # [T] int32: page * page_size + offset where the token's K/V go; -1 padding
+    page_table: jax.Array  # [S, max_pages] int32
+    query_start: jax.Array  # [S + 1] int32
+    kv_lens: jax.Array  # [S] int32, this step's tokens included
+    num_seqs: jax.Array  # [] int32: live rows of the S
+    sample_steps: jax.Array  # [S] int32: index of the token being sampled (for the row's key)
+    seeds: jax.Array  # [S] uint32
+    penalty: jax.Array  # [S] f32 repetition penalty (1: none)
+    recent: jax.Array  # [S, PENALTY_WINDOW] int32 recent tokens for the penalty, -1 padded
+    sampling: SamplingArrays  # [S] each
+
+
+@struct.dataclass
+class StepOutput:
+    tokens: jax.Array  # [n_steps, S] int32
+    logprob: jax.Array  # [n_steps, S] f32: log-probability of the sampled token
+    top_ids: jax.Array  # [n_steps, S, TOP_LOGPROBS] int32
+    top_logprobs: jax.Array  # [n_steps, S, TOP_LOGPROBS] f32
+
+
+@struct.dataclass
+class PagedCache:
+    """The decoder's attention interface over the page pool (see `pallax.model.attention`)."""
+
+    pool: PagePool
+    slots: jax.Array
+    page_table: jax.Array
+    query_start: jax.Array
+    kv_lens: jax.Array
+    num_seqs: jax.Array
+
+    def layers(self):
+        return (self.pool.k, self.pool.v, self.pool.k_scale, self.pool.v_scale)
+
+    def with_layers(self, layers):
+        return self.replace(pool=PagePool(*layers))
+
+    def attend(self, layer, q, k, v, positions, segment_ids=None):
+        k_pages, v_pages, k_scale, v_scale = layer  # [P, page_size, KVH, D] (+ [P, page_size, KVH])
+        P, ps, KVH, D = k_pages.shape
+        slots = jnp.where(self.slots < 0, P * ps, self.slots)  # padding writes are dropped
+        quantized = k_scale is not None
+
+        def write(pages, scales, x):  # x [T, KVH, D]
+            flat = pages.reshape(P * ps, KVH, D)
+            if quantized:
+                x, s = quantize_kv(x, pages.dtype)
+                scales = scales.reshape(P * ps, KVH).at[slots].set(s, mode="drop").reshape(P, ps, KVH)
+            flat = flat.at[slots].set(x.astype(pages.dtype), mode="drop")
+            return flat.reshape(P, ps, KVH, D), scales
+
+        k_pages, k_scale = write(k_pages, k_scale, k[0])
+        v_pages, v_scale = write(v_pages, v_scale, v[0])
+        attend = paged_attention_blocked if dispatch.resolve() == "reference" else paged_attention
+        out = attend(q[0], k_pages, v_pages, self.page_table, self.query_start, self.kv_lens,
+                     self.num_seqs, k_scales=k_scale, v_scales=v_scale)
+        return out[None], (k_pages, v_pages, k_scale, v_scale)
+
+
+def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Per token, per head symmetric quantization: x [T, KVH, D] -> values, scales [T, KVH]."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1)
+    qmax = 127.0 if jnp.dtype(dtype) == jnp.int8 else 448.0
+    scale = jnp.maximum(amax, 1e-8) / qmax
+    q = x32 / scale[..., None]
+    if jnp.dtype(dtype) == jnp.int8:
+        q = jnp.clip(jnp.round(q), -127, 127)
+    return q.astype(dtype), scale
+
+
+def apply_repetition_penalty(logits: jax.Array, recent: jax.Array, penalty: jax.Array) -> jax.Array:
+    """The CTRL rule (Keskar et al. 2019, as in HF `RepetitionPenaltyLogitsProcessor`): logits of
+    tokens seen recently are divided by the penalty if positive, multiplied if negative."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    ids = jnp.where(recent < 0, logits.shape[1], recent)
+    seen = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
+    p = penalty[:, None]
+    penalized = jnp.where(logits > 0, logits / p, logits * p)
+    return jnp.where(seen & (p != 1.0), penalized, logits)
+
+
+def _sample_rows(logits, batch: StepBatch, sample_steps):
+    logits = apply_repetition_penalty(logits, batch.recent, batch.penalty)
+    tokens = sample(logits, batch.sampling, row_keys(batch.seeds, sample_steps))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def engine_step(params, pool: PagePool, batch: StepBatch, prev_tokens, *, config: ModelConfig, n_steps: int):
+    """Run the batch (and, for pure decode, n_steps - 1 further steps); returns the pool and
+    StepOutput. `prev_tokens` [S] are the previous call's last sampled tokens."""
+    tokens = jnp.where(batch.from_prev >= 0, prev_tokens[jnp.maximum(batch.from_prev, 0)], batch.tokens)
+    S = batch.kv_lens.shape[0]
+    last = jnp.maximum(batch.query_start[1:] - 1, 0)  # [S] index of each sequence's last token
+
+    def one(pool, tokens, positions, slots, kv_lens, recent, sample_steps):
+        cache = PagedCache(pool, slots, batch.page_table, batch.query_start, kv_lens, batch.num_seqs)
+        logits, cache = forward(params, tokens[None], positions[None], cache, config=config,
+                                logit_indices=last[None])
+        b = batch.replace(recent=recent)
+        return cache.pool, _sample_rows(logits[0], b, sample_steps)
+
+    pool, first = one(pool, tokens, batch.positions, batch.slots, batch.kv_lens, batch.recent, batch.sample_steps)
+    if n_steps == 1:
+        return pool, StepOutput(*(x[None] for x in first))
+
+    # Pure decode: T == S, token s belongs to sequence s. Keep going on device.
+    ps = pool.page_size
+    live = jnp.arange(S) < batch.num_seqs
+
+    def body(carry, _):
+        pool, tok, pos, kv_lens, recent, steps = carry
+        pos, kv_lens, steps = pos + 1, kv_lens + 1, steps + 1
+        page = jnp.take_along_axis(batch.page_table, (pos // ps)[:, None], axis=1)[:, 0]
+        slots = jnp.where(live, page * ps + pos % ps, -1)
+        recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+        pool, out = one(pool, tok, pos, slots, kv_lens, recent, steps)
+        return (pool, out[0], pos, kv_lens, recent, steps), out
+
+    recent = jnp.concatenate([batch.recent[:, 1:], tokens[:, None]], axis=1)
+    carry = (pool, first[0], batch.positions, batch.kv_lens, recent, batch.sample_steps)
+    (pool, *_), rest = jax.lax.scan(body, carry, None, length=n_steps - 1)
+    outs = [jnp.concatenate([f[None], r], axis=0) for f, r in zip(first, rest)]
+    return pool, StepOutput(*outs)
+
+
+def compile_step(config: ModelConfig, n_steps: int):
+    """The jitted step for a given number of on-device decode steps; the pool is donated."""
+    return jax.jit(functools.partial(engine_step, config=config, n_steps=n_steps), donate_argnums=(1,))
+
+
+def empty_batch(T: int, S: int, max_pages: int) -> dict[str, np.ndarray]:
+    """Host buffers for a step, padding everywhere."""
+    return {
+        "tokens": np.zeros(T, np.int32),
+        "from_prev": np.full(T, -1, np.int32),
+        "positions": np.zeros(T, np.int32),
+        "slots": np.full(T, -1, np.int32),
+        "page_table": np.zeros((S, max_pages), np.int32),
+        "query_start": np.zeros(S + 1, np.int32),
+        "kv_lens": np.zeros(S, np.int32),
+        "sample_steps": np.zeros(S, np.int32),
+        "seeds": np.zeros(S, np.uint32),
+        "penalty": np.ones(S, np.float32),
+        "recent": np.full((S, PENALTY_WINDOW), -1, np.int32),
+        "temperature": np.zeros(S, np.float32),
+        "top_k": np.zeros(S, np.int32),
+        "top_p": np.ones(S, np.float32),
+        "min_p": np.zeros(S, np.float32),
+    }
+
+
+def to_device(host: dict[str, np.ndarray], num_seqs: int) -> StepBatch:
+    sampling = SamplingArrays(jnp.asarray(host["temperature"]), jnp.asarray(host["top_k"]),
+                              jnp.asarray(host["top_p"]), jnp.asarray(host["min_p"]))
+    fields = {k: jnp.asarray(v) for k, v in host.items() if k not in ("temperature", "top_k", "top_p", "min_p")}
+    return StepBatch(num_seqs=jnp.int32(num_seqs), sampling=sampling, **fields)

@@ -1,0 +1,521 @@
+"""Continuous batching on the host: admission, chunked prefill, preemption, finishing.
+
+Each iteration builds one ragged step (decode tokens of running sequences first, then prefill
+chunks under the token budget), dispatches it, and only then reads back the previous step's
+sampled tokens (their copy to the host was started when that step was dispatched). So the host
+prepares step i+1 while the device runs step i; a decode token of step i+1 is fed from step i's
+output on device (`from_prev`). A sequence that finishes at step i has computed one extra token
+in step i+1; it is dropped. When nothing waits and nothing is being prefilled, one call runs
+`decode_steps` decode steps on device.
+
+Pages: a sequence holds pages for every position it has computed. When a step's pages cannot be
+found, the most recently admitted sequence is preempted (its pages released, its known tokens kept
+to recompute later; pages that were full stay in the prefix cache, so recompute is mostly cache
+hits). Finished, cancelled and expired requests release their pages at once.
+
+Used two ways: `start()` runs the loop on its own thread (the gRPC server); `run_until_idle()`
+drives it from the caller's thread (the library's `generate`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from .engine import TOP_LOGPROBS, PENALTY_WINDOW, compile_step, empty_batch, to_device
+from .kv_cache import KV_DTYPES, OutOfPages, PageAllocator, create_pool, pages_for_budget
+from .prefix_cache import PrefixCache
+from .requests import (Callback, QueueFull, Request, RequestError, RequestOutput, SamplingParams,
+                       Timings, TokenLogprob, Usage)
+
+log = logging.getLogger("pallax.scheduler")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_seqs: int = 16  # sequences per step (S)
+    token_budget: int = 512  # tokens per step, largest bucket (T)
+    page_size: int = 16
+    num_pages: int | None = None  # None: memory_fraction of free device memory
+    memory_fraction: float = 0.85
+    kv_dtype: str | None = None  # None: the parameters' dtype; or "int8", "fp8", "bfloat16", "float32"
+    max_queue: int = 1024
+    decode_steps: int = 4  # on-device decode steps per call when nothing else waits
+    prefix_caching: bool = True
+    max_context: int | None = None  # None: the model's context length
+
+    def token_buckets(self) -> list[int]:
+        b = [self.max_seqs] + [t for t in (64, 128, 256, 1024, 4096) if self.max_seqs < t < self.token_budget]
+        return sorted(set(b + [max(self.token_budget, self.max_seqs)]))
+
+
+class Seq:
+    """One request's state on the host."""
+
+    def __init__(self, req: Request, callback: Callback, tokenizer, admitted_order: int):
+        self.req = req
+        self.callback = callback
+        self.prompt_len = len(req.prompt_ids)
+        self.tokens = list(req.prompt_ids)  # prompt + generated tokens known on the host
+        self.n_sampled = 0  # generated tokens dispatched (known or still in flight)
+        self.num_computed = 0  # positions whose K/V are written (by dispatched steps)
+        self.pages: list[int] = []
+        self.registered = 0  # leading pages named in the prefix cache
+        self.cached_tokens = 0
+        self.gen = 0  # bumped by preemption: older in-flight results are dropped
+        self.order = admitted_order
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+        self.finished = False
+        self.decoder = tokenizer.stream_decoder()
+        self.text = ""  # generated text so far (stop strings cut it)
+        self.emitted = 0  # characters of `text` already sent
+        self.hold = max((len(s) for s in req.sampling.stop), default=1) - 1
+
+    @property
+    def total(self) -> int:
+        """Length including tokens still in flight."""
+        return max(len(self.tokens), self.prompt_len + self.n_sampled)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclass
+class _Row:
+    seq: Seq
+    row: int
+    samples: int  # sampled tokens this call yields for the sequence (0: mid-prefill chunk)
+    gen: int
+
+
+@dataclass
+class _InFlight:
+    rows: list[_Row]
+    out: object  # StepOutput on device
+    n_steps: int
+
+
+@dataclass
+class _Counters:
+    steps: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    preemptions: int = 0
+    finished: dict = field(default_factory=dict)
+
+
+class Scheduler:
+    """The serving loop over one model. Implements `pallax.decode.requests.Engine`."""
+
+    def __init__(self, llm, config: EngineConfig | None = None):
+        self.llm = llm
+        self.cfg = cfg = config or EngineConfig()
+        mc = llm.config
+        self.model_name = mc.name
+        self.vocab_size = mc.vocab_size
+        self.eos_ids = frozenset(llm.tokenizer.eos_ids)
+        kv_dtype = cfg.kv_dtype or str(llm.params["embed"].dtype)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
+        self.kv_dtype = kv_dtype
+        num_pages = cfg.num_pages or pages_for_budget(mc, cfg.page_size, kv_dtype, cfg.memory_fraction)
+        self.max_context = min(cfg.max_context or mc.max_seq_len, mc.max_seq_len)
+        self.max_pages = -(-self.max_context // cfg.page_size)
+        self.pool = create_pool(mc, num_pages, cfg.page_size, kv_dtype)
+        self.allocator = PageAllocator(num_pages)
+        self.prefix = PrefixCache(self.allocator, cfg.page_size, cfg.prefix_caching)
+        self.buckets = cfg.token_buckets()
+        self._steps = {n: compile_step(mc, n) for n in sorted({1, max(1, cfg.decode_steps)})}
+        self._prev_tokens = jax.numpy.zeros(cfg.max_seqs, jax.numpy.int32)
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self._by_id: dict[str, Seq] = {}
+        self._inflight: _InFlight | None = None
+        self._order = itertools.count()
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._cancel: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+        self._ready = False
+        self.counters = _Counters()
+
+    # -- Engine protocol -------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def submit(self, request: Request, callback: Callback) -> None:
+        self.validate(request)
+        with self._lock:
+            if not self._accepting:
+                raise RuntimeError("the engine is shutting down")
+            if request.request_id in self._by_id:
+                raise RequestError("request_id", f"{request.request_id!r} is already in flight")
+            if len(self.waiting) >= self.cfg.max_queue:
+                raise QueueFull(len(self.waiting), retry_after_s=0.5 + 0.01 * len(self.waiting))
+            seq = Seq(request, callback, self.llm.tokenizer, next(self._order))
+            self._by_id[request.request_id] = seq
+            self.waiting.append(seq)
+            self._wake.notify()
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            if request_id not in self._by_id:
+                return False
+            self._cancel.add(request_id)
+            self._wake.notify()
+            return True
+
+    def validate(self, request: Request) -> None:
+        """Reject a request that cannot be served, before anything is allocated."""
+        ids = request.prompt_ids
+        if not ids:
+            raise RequestError("prompt", "empty prompt")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError("prompt", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_context:
+            raise RequestError("prompt", f"prompt has {len(ids)} tokens; the context is {self.max_context}")
+        need = len(ids) // self.cfg.page_size + 1
+        if need > self.allocator.num_pages:
+            raise RequestError("prompt", f"prompt needs {need} KV pages; the pool has {self.allocator.num_pages}")
+        if request.adapter:
+            raise RequestError("adapter", f"unknown adapter {request.adapter!r} (none loaded)")
+        request.sampling.validate(self.vocab_size)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "waiting": len(self.waiting),
+                "running": len(self.running),
+                "pages_total": self.allocator.num_pages,
+                "pages_free": self.allocator.num_free,
+                "pages_in_use": self.allocator.num_in_use,
+                "kv_utilization": self.allocator.num_in_use / self.allocator.num_pages,
+                "prefix_cached_pages": self.prefix.num_cached,
+                "prefix_hit_rate": self.prefix.hit_rate,
+                "steps": self.counters.steps,
+                "tokens_in": self.counters.tokens_in,
+                "tokens_out": self.counters.tokens_out,
+                "preemptions": self.counters.preemptions,
+                "finished": dict(self.counters.finished),
+            }
+
+    def start(self) -> None:
+        """Compile every step shape, then run the loop on a daemon thread."""
+        self.warmup()
+        self._thread = threading.Thread(target=self._loop, name="pallax-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        with self._lock:
+            self._accepting = False
+            if not drain:
+                self._cancel.update(self._by_id)
+            self._wake.notify()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread is not None and self.has_work():
+            if deadline is not None and time.monotonic() > deadline:
+                with self._lock:
+                    self._cancel.update(self._by_id)
+                break
+            time.sleep(0.01)
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- driving -------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Run every (token bucket, steps) program once on an empty batch: no compile later."""
+        S = self.cfg.max_seqs
+        shapes = [(T, 1) for T in self.buckets] + [(S, n) for n in self._steps if n > 1]
+        for T, n in shapes:
+            host = empty_batch(T, S, self.max_pages)
+            self.pool, out = self._steps[n](self.llm.params, self.pool, to_device(host, 0), self._prev_tokens)
+            jax.block_until_ready(out.tokens)
+        self._ready = True
+
+    def compiled_programs(self) -> int:
+        return sum(f._cache_size() for f in self._steps.values())
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._inflight or self._cancel)
+
+    def run_until_idle(self) -> None:
+        while self.has_work():
+            self.iterate()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.has_work():
+                    self._wake.wait(timeout=0.1)
+                if self._stopping:
+                    return
+            try:
+                self.iterate()
+            except Exception as e:  # never leave requests hanging: fail them and go on
+                log.exception("scheduler step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def iterate(self) -> None:
+        """One scheduling round: end cancelled/expired, admit, dispatch a step, read the last."""
+        self._end_cancelled_and_expired()
+        with self._lock:
+            self._admit()
+        launched = self._launch()
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            self._process(previous)
+        elif launched is None:
+            return
+        if launched is not None and not self.running and not self.waiting:
+            # Everything finished while this step was in flight: read it now.
+            self._inflight = None
+            self._process(launched)
+
+    # -- admission and batching ------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.cfg.max_seqs:
+            seq = self.waiting[0]
+            if seq.req.request_id in self._cancel:
+                break
+            if not seq.pages:
+                hit = self.prefix.match(seq.tokens)
+                seq.pages = hit
+                seq.num_computed = len(hit) * self.cfg.page_size
+                seq.registered = len(hit)
+                if seq.first_scheduled is None:
+                    seq.cached_tokens = seq.num_computed
+            need = -(-(seq.num_computed + 1) // self.cfg.page_size) - len(seq.pages)
+            if need > self.allocator.num_free:
+                # Not even its first chunk fits now; keep the prefix pages and wait for pages.
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.first_scheduled = seq.first_scheduled or time.monotonic()
+
+    def _ensure_pages(self, seq: Seq, upto: int) -> bool:
+        """Pages for positions < upto; preempts later-admitted sequences when short."""
+        need = -(-upto // self.cfg.page_size) - len(seq.pages)
+        while need > self.allocator.num_free:
+            victims = [s for s in self.running if s is not seq and s.order > seq.order]
+            if not victims:
+                return False
+            self._preempt(max(victims, key=lambda s: s.order))
+        if need > 0:
+            seq.pages += self.allocator.allocate(need)
+        return True
+
+    def _preempt(self, seq: Seq) -> None:
+        self.counters.preemptions += 1
+        self.running.remove(seq)
+        self.allocator.release(seq.pages, cached=self.prefix.__contains__)
+        seq.pages, seq.num_computed, seq.registered = [], 0, 0
+        seq.n_sampled = seq.generated  # tokens still in flight will be sampled again, identically
+        seq.gen += 1
+        self.waiting.appendleft(seq)
+
+    def _launch(self) -> _InFlight | None:
+        with self._lock:
+            return self._launch_locked()
+
+    def _launch_locked(self) -> _InFlight | None:
+        if not self.running:
+            return None
+        cfg, S = self.cfg, self.cfg.max_seqs
+        prev_rows = {id(r.seq): r.row for r in self._inflight.rows} if self._inflight else {}
+        decode_only = not self.waiting and all(s.total - s.num_computed == 1 for s in self.running)
+        n_steps = cfg.decode_steps if decode_only and cfg.decode_steps > 1 else 1
+        if n_steps > 1 and any(s.total + n_steps > self.max_context for s in self.running):
+            n_steps = 1
+        budget = self.buckets[-1]
+        plan: list[tuple[Seq, int]] = []  # (seq, tokens to compute)
+        # Decode rows first (one token each), oldest first; then prefill chunks.
+        for seq in sorted(self.running, key=lambda s: (s.total - s.num_computed > 1, s.order)):
+            if seq not in self.running or budget <= 0:
+                continue
+            todo = min(seq.total - seq.num_computed, budget)
+            if not self._ensure_pages(seq, seq.num_computed + todo + n_steps - 1):
+                if len(self.running) == 1:
+                    # Alone and still out of pages: the pool cannot hold this sequence any longer.
+                    self._finish(seq, "length")
+                elif seq in self.running:
+                    self._preempt(seq)
+                continue
+            plan.append((seq, todo))
+            budget -= todo
+        plan = [(s, n) for s, n in plan if s in self.running]  # drop sequences preempted meanwhile
+        if not plan:
+            return None
+        T = sum(n for _, n in plan)
+        T_bucket = S if n_steps > 1 else next(b for b in self.buckets if b >= T)
+        host = empty_batch(T_bucket, S, self.max_pages)
+        rows: list[_Row] = []
+        t = 0
+        for r, (seq, n) in enumerate(plan):
+            start = seq.num_computed
+            for i in range(n):
+                pos = start + i
+                if pos < len(seq.tokens):
+                    host["tokens"][t + i] = seq.tokens[pos]
+                else:  # the token the previous step sampled, still on device
+                    host["from_prev"][t + i] = prev_rows[id(seq)]
+                host["positions"][t + i] = pos
+                host["slots"][t + i] = seq.pages[pos // cfg.page_size] * cfg.page_size + pos % cfg.page_size
+            host["query_start"][r + 1] = t + n
+            host["kv_lens"][r] = start + n
+            host["page_table"][r, : len(seq.pages)] = seq.pages
+            sp = seq.req.sampling
+            host["sample_steps"][r] = seq.n_sampled
+            host["seeds"][r] = sp.seed
+            host["temperature"][r], host["top_k"][r] = sp.temperature, sp.top_k
+            host["top_p"][r], host["min_p"][r] = sp.top_p, sp.min_p
+            if sp.repetition_penalty != 1.0:
+                host["penalty"][r] = sp.repetition_penalty
+                recent = seq.tokens[:start + n][-PENALTY_WINDOW:]
+                host["recent"][r, PENALTY_WINDOW - len(recent):] = recent
+            samples = n_steps if start + n == seq.total else 0
+            rows.append(_Row(seq, r, samples, seq.gen))
+            seq.num_computed = start + n + (n_steps - 1)
+            seq.n_sampled += samples
+            t += n
+        host["query_start"][len(plan) + 1:] = t
+        batch = to_device(host, len(plan))
+        self.pool, out = self._steps[n_steps](self.llm.params, self.pool, batch, self._prev_tokens)
+        self._prev_tokens = out.tokens[-1]
+        for x in (out.tokens, out.logprob, out.top_ids, out.top_logprobs):
+            x.copy_to_host_async()
+        self.counters.steps += 1
+        self.counters.tokens_in += T
+        return _InFlight(rows, out, n_steps)
+
+    # -- results -------------------------------------------------------------------------------
+    def _process(self, step: _InFlight) -> None:
+        tokens = np.asarray(step.out.tokens)
+        want_lp = any(r.seq.req.sampling.logprobs for r in step.rows)
+        if want_lp:
+            lp, top_ids, top_lp = (np.asarray(x) for x in (step.out.logprob, step.out.top_ids, step.out.top_logprobs))
+        for r in step.rows:
+            seq = r.seq
+            if seq.finished or seq.gen != r.gen or r.samples == 0:
+                continue
+            new, lps = [], []
+            for j in range(r.samples):
+                tok = int(tokens[j, r.row])
+                seq.tokens.append(tok)
+                new.append(tok)
+                if seq.req.sampling.logprobs:
+                    n = seq.req.sampling.logprobs
+                    lps.append(TokenLogprob(tok, float(lp[j, r.row]),
+                                            [(int(i), float(v)) for i, v in zip(top_ids[j, r.row, :n], top_lp[j, r.row, :n])]))
+                reason = self._finish_reason(seq, tok)
+                if reason is not None:
+                    break
+            self.counters.tokens_out += len(new)
+            if seq.first_token is None:
+                seq.first_token = time.monotonic()
+            self._register_full_pages(seq)
+            self._emit(seq, new, lps, reason)
+
+    def _finish_reason(self, seq: Seq, tok: int) -> str | None:
+        sp = seq.req.sampling
+        if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in self.eos_ids):
+            seq.text += seq.decoder.finish()
+            return "stop"
+        seq.text += seq.decoder.push(tok)
+        for s in sp.stop:
+            i = seq.text.find(s, max(0, seq.emitted - len(s)))
+            if i >= 0:
+                seq.text = seq.text[:i]  # the stop string and what follows it are not returned
+                return "stop"
+        if seq.generated >= sp.max_tokens or len(seq.tokens) >= self.max_context:
+            seq.text += seq.decoder.finish()
+            return "length"
+        return None
+
+    def _register_full_pages(self, seq: Seq) -> None:
+        full = min(len(seq.tokens), seq.num_computed) // self.cfg.page_size
+        if full > seq.registered:
+            self.prefix.register(seq.tokens, seq.pages, seq.registered, min(full, len(seq.pages)))
+            seq.registered = full
+
+    def _emit(self, seq: Seq, new: list[int], lps: list[TokenLogprob], reason: str | None) -> None:
+        # Text that may still turn out to start a stop string is held back until it cannot.
+        upto = len(seq.text) if reason is not None else max(seq.emitted, len(seq.text) - seq.hold)
+        out = RequestOutput(seq.req.request_id, new, seq.text[seq.emitted:upto], lps)
+        seq.emitted = upto
+        if reason is not None:
+            self._finish(seq, reason, out)
+        else:
+            self._deliver(seq, out)
+
+    def _finish(self, seq: Seq, reason: str, out: RequestOutput | None = None, error: str | None = None) -> None:
+        seq.finished = True
+        with self._lock:
+            self._by_id.pop(seq.req.request_id, None)
+            self._cancel.discard(seq.req.request_id)
+            if seq in self.running:
+                self.running.remove(seq)
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self.allocator.release(seq.pages, cached=self.prefix.__contains__)
+            seq.pages = []
+            self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+        now = time.monotonic()
+        arrival = seq.req.arrival
+        out = out or RequestOutput(seq.req.request_id, [], "")
+        if reason in ("cancelled", "deadline", "error") and seq.emitted < len(seq.text):
+            out.text, seq.emitted = out.text + seq.text[seq.emitted:], len(seq.text)
+        out.finished, out.finish_reason, out.error = True, reason, error
+        out.usage = Usage(seq.prompt_len, seq.generated, seq.cached_tokens)
+        out.timings = Timings(
+            queue_s=(seq.first_scheduled or now) - arrival,
+            ttft_s=(seq.first_token - arrival) if seq.first_token else 0.0,
+            total_s=now - arrival,
+        )
+        self._deliver(seq, out)
+
+    def _deliver(self, seq: Seq, out: RequestOutput) -> None:
+        try:
+            seq.callback(out)
+        except Exception:  # a front end's bug must not stop the loop
+            log.exception("callback for %s failed", seq.req.request_id)
+
+    def _end_cancelled_and_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            live = list(self._by_id.values())
+            cancel = set(self._cancel)
+        for seq in live:
+            if seq.finished:
+                continue
+            if seq.req.request_id in cancel:
+                self._finish(seq, "cancelled")
+            elif seq.req.deadline is not None and now >= seq.req.deadline:
+                self._finish(seq, "deadline")
+
+    def _fail_all(self, message: str) -> None:
+        self._inflight = None
+        with self._lock:
+            live = list(self._by_id.values())
+        for seq in live:
+            if not seq.finished:
+                self._finish(seq, "error", error=message)
+
+
+def request_from_params(request_id: str, prompt_ids: list[int], sampling: SamplingParams, **kw) -> Request:
+    return Request(request_id=request_id, prompt_ids=list(prompt_ids), sampling=sampling, **kw)
