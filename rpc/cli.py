@@ -22,6 +22,19 @@ def _token(args) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def _engine_config(args):
+    """The library's engine settings (CPU-sized on a CPU), with any flags given on top."""
+    import dataclasses
+
+    from pallax import api
+    from pallax.decode.scheduler import EngineConfig
+
+    base = api._default_engine_config() if hasattr(api, "_default_engine_config") else EngineConfig()
+    given = {k: v for k, v in (("max_seqs", args.max_seqs), ("num_pages", args.num_pages),
+                               ("page_size", args.page_size), ("max_queue", args.max_queue)) if v is not None}
+    return dataclasses.replace(base, **given)
+
+
 # -- serve ----------------------------------------------------------------------------------------
 def _cmd_serve(args) -> int:
     import logging
@@ -37,10 +50,9 @@ def _cmd_serve(args) -> int:
                             max_waiting=args.max_waiting)
     else:
         import pallax
-        from pallax.decode.scheduler import Scheduler
 
         llm = pallax.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
-        engine = Scheduler(llm)
+        engine = llm.engine(_engine_config(args))  # a Scheduler of its own, started by the server
         kwargs["tokenizer"] = llm.tokenizer
     run(engine, args.host, args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
@@ -58,6 +70,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port; -1: none")
     s.add_argument("--metrics-host", default=None, help="address of the metrics server (default: --host)")
+    s.add_argument("--max-seqs", type=int, default=None, help="sequences decoded per step")
+    s.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: from free memory)")
+    s.add_argument("--page-size", type=int, default=None, help="tokens per KV page")
+    s.add_argument("--max-queue", type=int, default=None, help="waiting requests before RESOURCE_EXHAUSTED")
     s.add_argument("--mock", action="store_true", help="serve the echo mock engine instead of a model (no JAX)")
     s.add_argument("--mock-tick-ms", type=float, default=2.0, help="mock engine: milliseconds per decode step")
     s.add_argument("--max-running", type=int, default=32, help="mock engine: sequences decoded at once")

@@ -2,7 +2,7 @@
 
 Counters and histograms are updated by the servicer as requests run; gauges are read from
 `engine.stats()` at scrape time. The keys read from `stats()` (all optional, missing ones are
-not exported): `waiting`, `running`, `pages_total`, `pages_free`, `prefix_cache_hit_rate`.
+not exported): `waiting`, `running`, `pages_total`, `pages_free`, `prefix_hit_rate` (or `prefix_cache_hit_rate`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ class _EngineGauges:
             "pages_free": ("pallax_kv_pages_free", "KV cache pages not held by any sequence."),
             "prefix_cache_hit_rate": ("pallax_prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache."),
         }
+        if "prefix_cache_hit_rate" not in s and "prefix_hit_rate" in s:
+            s = {**s, "prefix_cache_hit_rate": s["prefix_hit_rate"]}
         for key, (name, doc) in simple.items():
-            if key in s:
+            if isinstance(s.get(key), (int, float)):
                 yield GaugeMetricFamily(name, doc, value=float(s[key]))
         if s.get("pages_total"):
             used = 1.0 - float(s.get("pages_free", 0)) / float(s["pages_total"])

@@ -203,7 +203,7 @@ class MockEngine:
                 "pages_total": self.pages_total,
                 "pages_free": len(self._free_pages),
                 "page_size": self.page_size,
-                "prefix_cache_hit_rate": 0.0,
+                "prefix_hit_rate": 0.0,
                 "tokens_in": self.tokens_in,
                 "tokens_out": self.tokens_out,
                 "submitted": self.submitted,
