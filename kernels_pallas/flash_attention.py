@@ -48,7 +48,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallax.kernels_pallas import dispatch
 
 LOG2E = math.log2(math.e)
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: exp2(MASK - m) is 0, never NaN
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite start of the running max
 _WARPS = (1, 2, 4, 8, 16)
 
 
@@ -82,7 +82,7 @@ class BlockSizes:
     num_stages_bwd: int = 2
     # "triton": the Pallas Triton forward above. "mgpu": JAX's Hopper (wgmma/TMA, warp-specialized)
     # Mosaic GPU forward from `jax.experimental.pallas.ops.gpu.attention_mgpu`, used where it applies
-    # (GPU, bf16/f16, D % 64 == 0, no segment ids, T == S if causal, aligned lengths), else triton.
+    # (GPU, float16 only: that kernel stages tiles in f16; D % 64 == 0, no segment ids, T == S if causal, aligned lengths), else triton.
     # The backward is always the Triton kernels here (they read the same base-2 log-sum-exp).
     fwd_impl: str = "triton"
 
@@ -211,20 +211,19 @@ def _fwd_kernel(
         acc, m, l = carry
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=allow_tf32) * scale2  # [bq, bk]
+        qk = plgpu.dot(q, k, trans_b=True, allow_tf32=allow_tf32)  # [bq, bk], unscaled
         if masked:
             kv_seg = kv_seg_ref[pl.ds(start, block_k)] if has_seg else None
             mask = _mask(q_pos, start + jnp.arange(block_k), q_seg, kv_seg, causal=st.causal,
                          offset=st.offset, kv_len=st.s, check_kv=check_kv)
             if mask is not None:
-                s = jnp.where(mask, s, MASK_VALUE)
-        else:
-            mask = None
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+                # -inf, not a finite mask value: with m starting finite, exp2 gives exactly 0,
+                # so a fully masked block adds nothing without a second select on p.
+                qk = jnp.where(mask, qk, -jnp.inf)
+        # m is kept in the scaled (base-2) domain so p is one FMA and one exp2 per score.
+        m_new = jnp.maximum(m, jnp.max(qk, axis=1) * scale2)
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)  # a fully masked block must add nothing
+        p = jnp.exp2(qk * scale2 - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         v = v_ref[pl.ds(start, block_k), :]
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=allow_tf32)
@@ -273,14 +272,14 @@ def _dq_kernel(
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=allow_tf32) * scale2
+        qk = plgpu.dot(q, k, trans_b=True, allow_tf32=allow_tf32)
         if masked:
             kv_seg = kv_seg_ref[pl.ds(start, block_k)] if has_seg else None
             mask = _mask(q_pos, start + jnp.arange(block_k), q_seg, kv_seg, causal=st.causal,
                          offset=st.offset, kv_len=st.s, check_kv=check_kv)
             if mask is not None:
-                s = jnp.where(mask, s, MASK_VALUE)
-        p = jnp.exp2(s - lse[:, None])
+                qk = jnp.where(mask, qk, -jnp.inf)
+        p = jnp.exp2(qk * scale2 - lse[:, None])  # rows that saw no key have lse = +inf: p = 0
         dp = plgpu.dot(do, v, trans_b=True, allow_tf32=allow_tf32)
         ds = p * (dp - delta[:, None])
         return dq + plgpu.dot(ds.astype(k.dtype), k, allow_tf32=allow_tf32)
@@ -326,14 +325,14 @@ def _dkv_kernel(
         do = do_ref[pl.ds(r, block_q), g, :]
         lse = lse_ref[g, pl.ds(r, block_q)]
         delta = delta_ref[g, pl.ds(r, block_q)]
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=allow_tf32) * scale2  # [bq, bk]
+        qk = plgpu.dot(q, k, trans_b=True, allow_tf32=allow_tf32)  # [bq, bk]
         if masked:
             q_seg = q_seg_ref[pl.ds(r, block_q)] if has_seg else None
             mask = _mask(r + jnp.arange(block_q), k_pos, q_seg, kv_seg, causal=st.causal,
                          offset=st.offset, kv_len=st.s, check_kv=False)
             if mask is not None:
-                s = jnp.where(mask, s, MASK_VALUE)
-        p = jnp.exp2(s - lse[:, None])
+                qk = jnp.where(mask, qk, -jnp.inf)
+        p = jnp.exp2(qk * scale2 - lse[:, None])
         dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, allow_tf32=allow_tf32)
         dp = plgpu.dot(do, v, trans_b=True, allow_tf32=allow_tf32)
         ds = p * (dp - delta[:, None])
@@ -390,7 +389,7 @@ _MGPU_BLOCK_Q, _MGPU_BLOCK_KV = 64, 128
 def _mgpu_applies(q, k, q_seg, st: _Static) -> bool:
     T, S, D = q.shape[1], k.shape[1], q.shape[3]
     return (st.blocks.fwd_impl == "mgpu" and not st.interpret and q_seg is None
-            and q.dtype in (jnp.bfloat16, jnp.float16) and D % 64 == 0
+            and q.dtype == jnp.float16 and D % 64 == 0
             and (T == S or not st.causal) and T % (2 * _MGPU_BLOCK_Q) == 0
             and S % _MGPU_BLOCK_KV == 0 and (T, S, D) == (st.t_pad, st.s_pad, st.d_pad))
 
@@ -582,6 +581,8 @@ def flash_attention(q, k, v, *, causal: bool = True, sm_scale: float | None = No
     """
     B, T, H, D, S, KVH, q_seg, kv_seg = _check(q, k, v, segment_ids)
     sm_scale = float(1.0 / math.sqrt(D) if sm_scale is None else sm_scale)
+    if not sm_scale > 0:
+        raise ValueError(f"{sm_scale=} must be > 0")
     mode = "interpret" if interpret else dispatch.resolve()
     if mode == "reference":
         return flash_attention_reference(
