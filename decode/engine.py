@@ -75,31 +75,42 @@ class PagedCache:
     num_seqs: jax.Array
 
     def layers(self):
-        return (self.pool.k, self.pool.v, self.pool.k_scale, self.pool.v_scale)
+        return None
 
     def with_layers(self, layers):
-        return self.replace(pool=PagePool(*layers))
+        return self
 
-    def attend(self, layer, q, k, v, positions, segment_ids=None):
-        k_pages, v_pages, k_scale, v_scale = layer  # [P, page_size, KVH, D] (+ [P, page_size, KVH])
-        P, ps, KVH, D = k_pages.shape
-        slots = jnp.where(self.slots < 0, P * ps, self.slots)  # padding writes are dropped
-        quantized = k_scale is not None
+    def state(self):
+        return self.pool
+
+    def with_state(self, pool):
+        return self.replace(pool=pool)
+
+    def attend(self, layer, q, k, v, positions, segment_ids=None, *, state=None, index=None):
+        # The whole pool [L, P, page_size, KVH, D] is carried; layer `index` owns pages
+        # index * P .. index * P + P - 1 of the flattened [L * P, page_size, KVH, D] view, so the
+        # kernel reads it where it lies (reshapes of the carried buffer are free).
+        pool: PagePool = state
+        L, P, ps, KVH, D = pool.k.shape
+        base = index * P
+        slots = jnp.where(self.slots < 0, L * P * ps, base * ps + self.slots)  # padding is dropped
+        quantized = pool.k_scale is not None
 
         def write(pages, scales, x):  # x [T, KVH, D]
-            flat = pages.reshape(P * ps, KVH, D)
+            flat = pages.reshape(L * P * ps, KVH, D)
             if quantized:
                 x, s = quantize_kv(x, pages.dtype)
-                scales = scales.reshape(P * ps, KVH).at[slots].set(s, mode="drop").reshape(P, ps, KVH)
+                scales = scales.reshape(L * P * ps, KVH).at[slots].set(s, mode="drop").reshape(scales.shape)
             flat = flat.at[slots].set(x.astype(pages.dtype), mode="drop")
-            return flat.reshape(P, ps, KVH, D), scales
+            return flat.reshape(pages.shape), scales
 
-        k_pages, k_scale = write(k_pages, k_scale, k[0])
-        v_pages, v_scale = write(v_pages, v_scale, v[0])
+        k_all, k_scale = write(pool.k, pool.k_scale, k[0])
+        v_all, v_scale = write(pool.v, pool.v_scale, v[0])
+        view = lambda a: None if a is None else a.reshape(L * P, *a.shape[2:])  # noqa: E731
         attend = paged_attention_blocked if dispatch.resolve() == "reference" else paged_attention
-        out = attend(q[0], k_pages, v_pages, self.page_table, self.query_start, self.kv_lens,
-                     self.num_seqs, k_scales=k_scale, v_scales=v_scale)
-        return out[None], (k_pages, v_pages, k_scale, v_scale)
+        out = attend(q[0], view(k_all), view(v_all), self.page_table + base, self.query_start, self.kv_lens,
+                     self.num_seqs, k_scales=view(k_scale), v_scales=view(v_scale))
+        return out[None], None, PagePool(k_all, v_all, k_scale, v_scale)
 
 
 def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -135,8 +146,9 @@ def _sample_rows(logits, batch: StepBatch, sample_steps):
 
 
 def engine_step(params, pool: PagePool, batch: StepBatch, prev_tokens, *, config: ModelConfig, n_steps: int):
-    """Run the batch (and, for pure decode, n_steps - 1 further steps); returns the pool and
-    StepOutput. `prev_tokens` [S] are the previous call's last sampled tokens."""
+    """Run the batch (and, for pure decode, n_steps - 1 further steps); returns the pool, the
+    StepOutput and the last sampled tokens padded to prev_tokens' fixed length (the next call's
+    `prev_tokens`, whatever its batch size)."""
     tokens = jnp.where(batch.from_prev >= 0, prev_tokens[jnp.maximum(batch.from_prev, 0)], batch.tokens)
     S = batch.kv_lens.shape[0]
     last = jnp.maximum(batch.query_start[1:] - 1, 0)  # [S] index of each sequence's last token
@@ -148,9 +160,12 @@ def engine_step(params, pool: PagePool, batch: StepBatch, prev_tokens, *, config
         b = batch.replace(recent=recent)
         return cache.pool, _sample_rows(logits[0], b, sample_steps)
 
+    def padded(last):
+        return jnp.zeros_like(prev_tokens).at[: last.shape[0]].set(last)
+
     pool, first = one(pool, tokens, batch.positions, batch.slots, batch.kv_lens, batch.recent, batch.sample_steps)
     if n_steps == 1:
-        return pool, StepOutput(*(x[None] for x in first))
+        return pool, StepOutput(*(x[None] for x in first)), padded(first[0])
 
     # Pure decode: T == S, token s belongs to sequence s. Keep going on device.
     ps = pool.page_size
@@ -169,9 +184,10 @@ def engine_step(params, pool: PagePool, batch: StepBatch, prev_tokens, *, config
     carry = (pool, first[0], batch.positions, batch.kv_lens, recent, batch.sample_steps)
     (pool, *_), rest = jax.lax.scan(body, carry, None, length=n_steps - 1)
     outs = [jnp.concatenate([f[None], r], axis=0) for f, r in zip(first, rest)]
-    return pool, StepOutput(*outs)
+    return pool, StepOutput(*outs), padded(outs[0][-1])
 
 
+@functools.lru_cache(maxsize=None)
 def compile_step(config: ModelConfig, n_steps: int):
     """The jitted step for a given number of on-device decode steps; the pool is donated."""
     return jax.jit(functools.partial(engine_step, config=config, n_steps=n_steps), donate_argnums=(1,))
@@ -199,7 +215,8 @@ def empty_batch(T: int, S: int, max_pages: int) -> dict[str, np.ndarray]:
 
 
 def to_device(host: dict[str, np.ndarray], num_seqs: int) -> StepBatch:
-    sampling = SamplingArrays(jnp.asarray(host["temperature"]), jnp.asarray(host["top_k"]),
-                              jnp.asarray(host["top_p"]), jnp.asarray(host["min_p"]))
-    fields = {k: jnp.asarray(v) for k, v in host.items() if k not in ("temperature", "top_k", "top_p", "min_p")}
-    return StepBatch(num_seqs=jnp.int32(num_seqs), sampling=sampling, **fields)
+    """One transfer of every host buffer (a single `device_put` of the tree, not one op each)."""
+    host = dict(host, num_seqs=np.int32(num_seqs))
+    dev = jax.device_put(host)
+    sampling = SamplingArrays(dev.pop("temperature"), dev.pop("top_k"), dev.pop("top_p"), dev.pop("min_p"))
+    return StepBatch(sampling=sampling, **dev)

@@ -51,6 +51,14 @@ class EngineConfig:
     prefix_caching: bool = True
     max_context: int | None = None  # None: the model's context length
 
+    def seq_buckets(self) -> list[int]:
+        """Batch sizes of pure-decode calls: powers of four up to max_seqs (a batch of 1 reads the
+        weights once without 63 padded rows' worth of compute)."""
+        b = [1]
+        while b[-1] * 4 < self.max_seqs:
+            b.append(b[-1] * 4)
+        return sorted(set(b + [self.max_seqs]))
+
     def token_buckets(self) -> list[int]:
         b = [self.max_seqs] + [t for t in (64, 128, 256, 1024, 4096) if self.max_seqs < t < self.token_budget]
         return sorted(set(b + [max(self.token_budget, self.max_seqs)]))
@@ -241,10 +249,11 @@ class Scheduler:
     def warmup(self) -> None:
         """Run every (token bucket, steps) program once on an empty batch: no compile later."""
         S = self.cfg.max_seqs
-        shapes = [(T, 1) for T in self.buckets] + [(S, n) for n in self._steps if n > 1]
-        for T, n in shapes:
-            host = empty_batch(T, S, self.max_pages)
-            self.pool, out = self._steps[n](self.llm.params, self.pool, to_device(host, 0), self._prev_tokens)
+        shapes = [(T, S, 1) for T in self.buckets]
+        shapes += [(b, b, n) for n in self._steps if n > 1 for b in self.cfg.seq_buckets()]
+        for T, S_b, n in shapes:
+            host = empty_batch(T, S_b, self.max_pages)
+            self.pool, out, _ = self._steps[n](self.llm.params, self.pool, to_device(host, 0), self._prev_tokens)
             jax.block_until_ready(out.tokens)
         self._ready = True
 
@@ -362,7 +371,10 @@ class Scheduler:
         if not plan:
             return None
         T = sum(n for _, n in plan)
-        T_bucket = S if n_steps > 1 else next(b for b in self.buckets if b >= T)
+        if n_steps > 1:
+            S = T_bucket = next(b for b in cfg.seq_buckets() if b >= len(plan))
+        else:
+            T_bucket = next(b for b in self.buckets if b >= T)
         host = empty_batch(T_bucket, S, self.max_pages)
         rows: list[_Row] = []
         t = 0
@@ -395,8 +407,7 @@ class Scheduler:
             t += n
         host["query_start"][len(plan) + 1:] = t
         batch = to_device(host, len(plan))
-        self.pool, out = self._steps[n_steps](self.llm.params, self.pool, batch, self._prev_tokens)
-        self._prev_tokens = out.tokens[-1]
+        self.pool, out, self._prev_tokens = self._steps[n_steps](self.llm.params, self.pool, batch, self._prev_tokens)
         for x in (out.tokens, out.logprob, out.top_ids, out.top_logprobs):
             x.copy_to_host_async()
         self.counters.steps += 1

@@ -5,6 +5,10 @@ given; the cache stores the new k/v and attends. The cache's per-layer arrays ri
 layer `lax.scan` (leading `layers` axis); anything shared by all layers (lengths, page tables) is
 closed over. Three kinds plug in here:
 
+A cache may also keep state that is *carried* through the scan rather than sliced per layer
+(`state()`), and is told the layer's index: the paged pool is carried whole, so each layer's
+attention reads its pages in place instead of XLA copying a layer's slice of the pool.
+
 - `NoCache`: the tokens attend only to each other (training, scoring a whole prompt); causal by
   index within each packed segment; runs the flash-attention kernel on GPU.
 - `DenseCache`: a contiguous cache `[layers, B, S, KVH, D]` indexed by position (the simple
@@ -32,8 +36,15 @@ class AttentionCache(Protocol):
     def with_layers(self, layers: Any) -> "AttentionCache":
         """A cache holding the updated per-layer state."""
 
-    def attend(self, layer: Any, q, k, v, positions, segment_ids=None) -> tuple[jax.Array, Any]:
-        """Store k/v of this layer and attend; returns out [B, T, H, D] and the layer's new state."""
+    def state(self) -> Any:
+        """State carried through the layer scan whole (not sliced), or None."""
+
+    def with_state(self, state: Any) -> "AttentionCache":
+        """A cache holding the updated carried state."""
+
+    def attend(self, layer: Any, q, k, v, positions, segment_ids=None, *, state=None, index=None):
+        """Store k/v of layer `index` and attend; returns out [B, T, H, D], the layer's new
+        scanned state and the new carried state."""
 
 
 def attention_reference(q, k, v, q_pos, kv_pos, kv_valid=None, q_seg=None, kv_seg=None):
@@ -84,8 +95,14 @@ class NoCache:
     def with_layers(self, layers):
         return self
 
-    def attend(self, layer, q, k, v, positions, segment_ids=None):
-        return _self_attention(q, k, v, positions, segment_ids), None
+    def state(self):
+        return None
+
+    def with_state(self, state):
+        return self
+
+    def attend(self, layer, q, k, v, positions, segment_ids=None, *, state=None, index=None):
+        return _self_attention(q, k, v, positions, segment_ids), None, state
 
 
 @struct.dataclass
@@ -114,7 +131,13 @@ class DenseCache:
     def with_layers(self, layers):
         return DenseCache(*layers)
 
-    def attend(self, layer, q, k, v, positions, segment_ids=None):
+    def state(self):
+        return None
+
+    def with_state(self, state):
+        return self
+
+    def attend(self, layer, q, k, v, positions, segment_ids=None, *, state=None, index=None):
         k_cache, v_cache = layer  # [B, S, KVH, D]
         rows = jnp.arange(q.shape[0])[:, None]
         k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
@@ -122,4 +145,4 @@ class DenseCache:
         B, S = k_cache.shape[:2]
         kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         out = attention_reference(q, k_cache, v_cache, positions, kv_pos)
-        return out, (k_cache, v_cache)
+        return out, (k_cache, v_cache), state

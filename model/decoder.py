@@ -135,24 +135,27 @@ def forward(
     x = params["embed"][tokens]  # [B, T, dim]
     cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
 
-    def layer(x, scanned):
-        p, kv = scanned
+    def layer(carry, scanned):
+        x, state = carry
+        p, kv, index = scanned
         h = rms_norm(x, p["attn_norm"], c.norm_eps)
         q = linear(h, p["wq"], p.get("bq")).reshape(B, T, c.n_heads, c.head_dim)
         k = linear(h, p["wk"], p.get("bk")).reshape(B, T, c.n_kv_heads, c.head_dim)
         v = linear(h, p["wv"], p.get("bv")).reshape(B, T, c.n_kv_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o, kv = cache.attend(kv, q, k, v, positions, segment_ids)
+        o, kv, state = cache.attend(kv, q, k, v, positions, segment_ids, state=state, index=index)
         x = x + linear(o.reshape(B, T, c.q_dim), p["wo"])
         h = rms_norm(x, p["mlp_norm"], c.norm_eps)
         x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
-        return x, kv
+        return (x, state), kv
 
-    x, new_layers = lax.scan(layer, x, (params["layers"], cache.layers()))
+    scanned = (params["layers"], cache.layers(), jnp.arange(c.n_layers, dtype=jnp.int32))
+    (x, state), new_layers = lax.scan(layer, (x, cache.state()), scanned)
+    cache = cache.with_layers(new_layers).with_state(state)
     if logit_indices is not None:
         x = jnp.take_along_axis(x, logit_indices[..., None], axis=1)
     x = rms_norm(x, params["final_norm"], c.norm_eps)
-    return logits_from_hidden(params, x, c), cache.with_layers(new_layers)
+    return logits_from_hidden(params, x, c), cache
 
 
 def logits_from_hidden(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
