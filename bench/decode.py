@@ -202,35 +202,39 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="llama3-8b")
     args = ap.parse_args(argv)
     records = []
+
+    def add(record):  # keep the file current: a run cut short still leaves its numbers
+        records.append(emit(record))
+        if args.out:
+            Path(args.out).write_text(json.dumps(records, indent=1))
     batches = [int(b) for b in args.batches.split(",")]
     hf = [] if args.skip_hf else [hf_baseline(b) for b in batches[:2]]  # before JAX takes the GPU
     env = environment()
-    records += [emit({**env, "case": "decode", "context": CONTEXT, **r}) for r in hf]
+    for r in hf:
+        add({**env, "case": "decode", "context": CONTEXT, **r})
     bw = hbm_copy_bandwidth(4.0 if jax.default_backend() == "gpu" else 0.1)
-    records.append(emit({**env, "case": "hbm-copy", "GB_s": bw / 1e9}))
+    add({**env, "case": "hbm-copy", "GB_s": bw / 1e9})
     config = preset(args.preset)
     config = config.replace(max_seq_len=max(config.max_seq_len, 4096))  # `tiny` (a CPU smoke run)
     llm = random_llm(config)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.params))
     for b in batches:
         r = xla_baseline(llm, b)
-        records.append(emit({**env, "case": "decode", "context": CONTEXT, **r}))
+        add({**env, "case": "decode", "context": CONTEXT, **r})
     engine, warm_s = make_engine(llm, args.max_seqs, args.decode_steps)
-    records.append(emit({**env, "case": "warmup", "seconds": warm_s, "programs": engine.compiled_programs(),
-                         "pages": engine.allocator.num_pages}))
+    add({**env, "case": "warmup", "seconds": warm_s, "programs": engine.compiled_programs(),
+                         "pages": engine.allocator.num_pages})
     for b in batches:
         r = ours_batch(engine, b)
         if b == 1:
             r["weight_GB_s"] = weight_bytes / (r["ms_per_step"] / 1e3) / 1e9
             r["fraction_of_copy_bw"] = r["weight_GB_s"] * 1e9 / bw
-        records.append(emit({**env, "case": "decode", "context": CONTEXT, **r}))
+        add({**env, "case": "decode", "context": CONTEXT, **r})
     if args.requests:
-        records.append(emit({**env, **offline(engine, args.requests)}))
-    records.append(emit({**env, "case": "compiles-after-warmup", "programs": engine.compiled_programs()}))
+        add({**env, **offline(engine, args.requests)})
+    add({**env, "case": "compiles-after-warmup", "programs": engine.compiled_programs()})
     rows = [r for r in records if r.get("case") == "decode"]
     print(table(rows, ["impl", "batch", "tok_s", "ms_per_step"]))
-    if args.out:
-        Path(args.out).write_text(json.dumps(records, indent=1))
     return 0
 
 
