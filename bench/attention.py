@@ -7,7 +7,9 @@ Prefill case: B=4, T=S=4096, H=32, KVH=8, D=128, bf16, causal. Our Pallas kernel
 `implementation="xla"`, all in the same run. FLOPs: causal forward = 4*B*H*T*S*D / 2 (two matmuls of
 2*T*S*D, half the score matrix masked); backward = 2.5x forward (five matmuls against two). Device time
 per call comes from `bench.common.device_time` (loops inside one jit). The backward time is
-time(forward + backward through jax.vjp) - time(forward).
+time(forward + backward through jax.vjp) - time(forward); dk and dv are tied into the timed output
+(device_time keeps only the first output alive, and XLA would otherwise drop the dk/dv kernels).
+A float16 forward comparison of ours and JAX's Hopper (Mosaic GPU) kernel follows.
 
 Before timing, each implementation is checked against `flash_attention_reference` (f32) on the first
 batch row: relative L2 error of the output and of dq/dk/dv.
@@ -39,6 +41,7 @@ FWD_SWEEP = {
     "small": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 3)],
     "full": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
              (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
+    "bwd": [(128, 128, 8, 3)],
 }
 # (block_q_dq, block_k_dq, block_q_dkv, block_k_dkv, num_warps_bwd, num_stages_bwd)
 BWD_SWEEP = {
@@ -46,6 +49,8 @@ BWD_SWEEP = {
               (128, 64, 64, 128, 8, 3)],
     "full": [(64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 2), (128, 32, 32, 128, 4, 3),
              (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3), (64, 32, 32, 64, 4, 3)],
+    "bwd": [(64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (64, 64, 64, 64, 8, 2),
+            (128, 64, 64, 64, 8, 2)],
 }
 
 
@@ -113,7 +118,7 @@ def prefill_cases(sweep: str = "small", shape=(4, 4096, 32, 8, 128)) -> list[dic
         return recs
 
     records = []
-    for impl in ("cudnn", "xla"):
+    for impl in ("cudnn",) if sweep == "bwd" else ("cudnn", "xla"):
         fn = lambda q, k, v, impl=impl: jax.nn.dot_product_attention(  # noqa: E731
             q, k, v, is_causal=True, implementation=impl)
         records += measure(f"jax.nn.{impl}", "", fn)
@@ -142,10 +147,14 @@ def prefill_cases(sweep: str = "small", shape=(4, 4096, 32, 8, 128)) -> list[dic
             fwd_ms=best_fwd[1]["ms"] if best_fwd else None)
 
     # float16: JAX's Hopper forward (Mosaic GPU, wgmma/TMA; its tiles are f16 only) and ours.
-    q, k, v, do = (x.astype(jnp.float16) for x in (q, k, v, do))
+    if sweep == "bwd":  # backward tuning only
+        q = k = v = do = None
+    else:
+        q, k, v, do = (x.astype(jnp.float16) for x in (q, k, v, do))
     base["dtype"] = "float16"
-    for name, bs in (("pallas_mgpu_fwd", dataclasses.replace(fwd_bs, fwd_impl="mgpu")),
-                     ("pallas_triton", fwd_bs)):
+    f16_variants = [("pallas_mgpu_fwd", dataclasses.replace(fwd_bs, fwd_impl="mgpu")),
+                    ("pallas_triton", fwd_bs)]
+    for name, bs in [] if sweep == "bwd" else f16_variants:
         fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
         records += measure(name, f"float16 fwd_impl={bs.fwd_impl}", fn, bwd=False)
 
@@ -222,7 +231,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write all records here (a JSON list)")
     ap.add_argument("--only", choices=("prefill", "decode"), default=None)
     ap.add_argument("--check", action="store_true", help="also check odd shapes against the reference")
-    ap.add_argument("--sweep", choices=("small", "full"), default="small")
+    ap.add_argument("--sweep", choices=("small", "full", "bwd"), default="small",
+                    help="block-size sweep: small, full, or bwd (backward tuning, cuDNN only)")
     ap.add_argument("--shape", default="4,4096,32,8,128", help="B,T,H,KVH,D of the prefill case")
     args = ap.parse_args(argv)
     records = check_cases() if args.check else []

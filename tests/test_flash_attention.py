@@ -218,8 +218,9 @@ class TestValidation:
             BlockSizes(**kwargs)
 
     def test_clamped(self):
-        b = BlockSizes().clamped(20, 100)
+        b = BlockSizes(block_k=128).clamped(20, 40)
         assert b.block_q == 32 and b.block_k == 64 and b.block_q_dkv == 32
+        assert BlockSizes(block_q=64).clamped(4, 4).block_q == 16
 
     def test_bad_shapes(self):
         q = jnp.zeros((1, 8, 4, 16))
@@ -236,6 +237,8 @@ class TestValidation:
             flash_attention(q, kv.astype(jnp.bfloat16), kv)
         with pytest.raises(ValueError, match="segment ids shape"):
             flash_attention(q, kv, kv, segment_ids=jnp.zeros((1, 7), jnp.int32))
+        with pytest.raises(ValueError, match="sm_scale"):
+            flash_attention(q, kv, kv, sm_scale=0.0)
         with pytest.raises(ValueError, match="T == S"):
             flash_attention(q, jnp.zeros((1, 9, 2, 16)), jnp.zeros((1, 9, 2, 16)),
                             segment_ids=jnp.zeros((1, 8), jnp.int32))
