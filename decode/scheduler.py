@@ -8,6 +8,11 @@ output on device (`from_prev`). A sequence that finishes at step i has computed 
 in step i+1; it is dropped. When nothing waits and nothing is being prefilled, one call runs
 `decode_steps` decode steps on device.
 
+Speculative requests (`SamplingParams.speculative`, see `decode/speculative.py`) run in steps
+verified by `verify_step`: each of their decode rows carries its last token and k drafts, and
+yields 1..k+1 tokens. Such a step is read back before the next one is built (the next drafts
+depend on what was accepted); plain requests share these steps, one token each.
+
 Pages: a sequence holds pages for every position it has computed. When a step's pages cannot be
 found, the most recently admitted sequence is preempted (its pages released, its known tokens kept
 to recompute later; pages that were full stay in the prefix cache, so recompute is mostly cache
@@ -29,7 +34,11 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
+from pallax.model.decoder import unstack_layers
+
 from .engine import TOP_LOGPROBS, PENALTY_WINDOW, compile_step, empty_batch, to_device
+from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_verify, empty_spec,
+                          SpecInputs)
 from .kv_cache import KV_DTYPES, OutOfPages, PageAllocator, create_pool, pages_for_budget
 from .prefix_cache import PrefixCache
 from .requests import (Callback, QueueFull, Request, RequestError, RequestOutput, SamplingParams,
@@ -50,6 +59,9 @@ class EngineConfig:
     decode_steps: int = 4  # on-device decode steps per call when nothing else waits
     prefix_caching: bool = True
     max_context: int | None = None  # None: the model's context length
+    unstack_layers: bool | None = None  # per-layer weight buffers (None: on GPU); see decoder.forward
+    max_draft_tokens: int = 0  # K: the most drafts a speculative row may carry; 0: no speculation
+    adaptive_draft: bool = True  # k follows each request's running acceptance rate (up to its k)
 
     def seq_buckets(self) -> list[int]:
         """Batch sizes of pure-decode calls: powers of four up to max_seqs (a batch of 1 reads the
@@ -86,6 +98,8 @@ class Seq:
         self.text = ""  # generated text so far (stop strings cut it)
         self.emitted = 0  # characters of `text` already sent
         self.hold = max((len(s) for s in req.sampling.stop), default=1) - 1
+        self.k = req.sampling.num_draft_tokens  # drafts to ask for next (adaptive)
+        self.accept_rate = 1.0  # running per-draft acceptance rate (exponential average)
 
     @property
     def total(self) -> int:
@@ -103,13 +117,15 @@ class _Row:
     row: int
     samples: int  # sampled tokens this call yields for the sequence (0: mid-prefill chunk)
     gen: int
+    drafts: list[int] | None = None  # a speculative decode row: its drafts (the count is read back)
 
 
 @dataclass
 class _InFlight:
     rows: list[_Row]
-    out: object  # StepOutput on device
+    out: object  # StepOutput (VerifyOutput when speculative) on device
     n_steps: int
+    speculative: bool = False
 
 
 @dataclass
@@ -119,6 +135,9 @@ class _Counters:
     tokens_out: int = 0
     preemptions: int = 0
     finished: dict = field(default_factory=dict)
+    verifications: int = 0  # speculative rows verified
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
 
 
 class Scheduler:
@@ -131,6 +150,9 @@ class Scheduler:
         self.model_name = mc.name
         self.vocab_size = mc.vocab_size
         self.eos_ids = frozenset(llm.tokenizer.eos_ids)
+        unstack = cfg.unstack_layers if cfg.unstack_layers is not None else jax.default_backend() == "gpu"
+        if unstack:
+            llm.params = unstack_layers(llm.params)  # the LLM's other paths run this layout too
         kv_dtype = cfg.kv_dtype or str(llm.params["embed"].dtype)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
@@ -144,6 +166,8 @@ class Scheduler:
         self.buckets = cfg.token_buckets()
         self._steps = {n: compile_step(mc, n) for n in sorted({1, max(1, cfg.decode_steps)})}
         self._prev_tokens = jax.numpy.zeros(cfg.max_seqs, jax.numpy.int32)
+        self._verify = compile_verify(mc) if cfg.max_draft_tokens > 0 else None
+        self.drafters = {"ngram": NgramDrafter()}
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self._by_id: dict[str, Seq] = {}
@@ -201,8 +225,29 @@ class Scheduler:
         if request.adapter:
             raise RequestError("adapter", f"unknown adapter {request.adapter!r} (none loaded)")
         request.sampling.validate(self.vocab_size)
+        spec = request.sampling.speculative
+        if spec and self._verify is None:
+            raise RequestError("speculative", "this engine was configured without speculation (max_draft_tokens=0)")
+        if spec and spec not in self.drafters:
+            raise RequestError("speculative", f"no {spec!r} drafter on this engine (attach a draft model)")
+
+    def attach_draft_model(self, draft_llm, num_pages: int | None = None) -> None:
+        """Give speculative="draft" requests a draft model: same tokenizer (vocabulary), its own
+        page pool (by default as many pages as the target's)."""
+        if self._verify is None:
+            raise ValueError("attach_draft_model needs an engine with max_draft_tokens > 0")
+        if draft_llm.config.vocab_size != self.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft_llm.config.vocab_size}) is not the "
+                             f"target's ({self.vocab_size})")
+        with self._lock:
+            if self.running or self.waiting:
+                raise RuntimeError("attach_draft_model while requests run")
+            self.drafters["draft"] = DraftModelDrafter(
+                draft_llm, num_pages=num_pages or self.allocator.num_pages, page_size=self.cfg.page_size,
+                max_pages=self.max_pages, buckets=self.buckets)
 
     def stats(self) -> dict:
+        c = self.counters
         with self._lock:
             return {
                 "waiting": len(self.waiting),
@@ -218,6 +263,12 @@ class Scheduler:
                 "tokens_out": self.counters.tokens_out,
                 "preemptions": self.counters.preemptions,
                 "finished": dict(self.counters.finished),
+                "spec_verifications": c.verifications,
+                "spec_draft_tokens": c.drafted,
+                "spec_accepted_tokens": c.accepted,
+                # drafts accepted per draft proposed; tokens emitted per verification (accepted + 1)
+                "spec_acceptance_rate": c.accepted / c.drafted if c.drafted else 0.0,
+                "spec_mean_accepted_length": (c.accepted + c.verifications) / c.verifications if c.verifications else 0.0,
             }
 
     def start(self) -> None:
@@ -255,10 +306,24 @@ class Scheduler:
             host = empty_batch(T, S_b, self.max_pages)
             self.pool, out, _ = self._steps[n](self.llm.params, self.pool, to_device(host, 0), self._prev_tokens)
             jax.block_until_ready(out.tokens)
+        if self._verify is not None:
+            K = self.cfg.max_draft_tokens
+            for T in self.buckets:
+                for q in (None, "draft") if "draft" in self.drafters else (None,):
+                    if q is not None:
+                        q = jax.numpy.zeros((S, K, self.vocab_size), jax.numpy.float32)
+                    batch = to_device(empty_batch(T, S, self.max_pages), 0)
+                    self.pool, out, _ = self._verify(self.llm.params, self.pool, batch,
+                                                     SpecInputs(**jax.device_put(empty_spec(S, K))), q,
+                                                     self._prev_tokens)
+                    jax.block_until_ready(out.tokens)
+            for drafter in self.drafters.values():
+                drafter.warmup(S, K)
         self._ready = True
 
     def compiled_programs(self) -> int:
-        return sum(f._cache_size() for f in self._steps.values())
+        fns = list(self._steps.values()) + ([self._verify] if self._verify is not None else [])
+        return sum(f._cache_size() for f in fns)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._inflight or self._cancel)
@@ -285,6 +350,12 @@ class Scheduler:
         self._end_cancelled_and_expired()
         with self._lock:
             self._admit()
+        if self._inflight is not None and self._inflight.speculative:
+            # The next drafts depend on what this step accepted: read it before building the next.
+            previous, self._inflight = self._inflight, None
+            self._process(previous)
+            with self._lock:
+                self._admit()
         launched = self._launch()
         previous, self._inflight = self._inflight, launched
         if previous is not None:
@@ -336,6 +407,7 @@ class Scheduler:
         seq.pages, seq.num_computed, seq.registered = [], 0, 0
         seq.n_sampled = seq.generated  # tokens still in flight will be sampled again, identically
         seq.gen += 1
+        self._release_drafts(seq)
         self.waiting.appendleft(seq)
 
     def _launch(self) -> _InFlight | None:
@@ -347,49 +419,57 @@ class Scheduler:
             return None
         cfg, S = self.cfg, self.cfg.max_seqs
         prev_rows = {id(r.seq): r.row for r in self._inflight.rows} if self._inflight else {}
+        speculative = self._verify is not None and any(s.req.sampling.speculative for s in self.running)
         decode_only = not self.waiting and all(s.total - s.num_computed == 1 for s in self.running)
-        n_steps = cfg.decode_steps if decode_only and cfg.decode_steps > 1 else 1
+        n_steps = cfg.decode_steps if decode_only and cfg.decode_steps > 1 and not speculative else 1
         if n_steps > 1 and any(s.total + n_steps > self.max_context for s in self.running):
             n_steps = 1
         budget = self.buckets[-1]
-        plan: list[tuple[Seq, int]] = []  # (seq, tokens to compute)
-        # Decode rows first (one token each), oldest first; then prefill chunks.
+        plan: list[tuple[Seq, int, int]] = []  # (seq, tokens to compute, drafts to ask for)
+        # Decode rows first (one token each, plus drafts), oldest first; then prefill chunks.
         for seq in sorted(self.running, key=lambda s: (s.total - s.num_computed > 1, s.order)):
             if seq not in self.running or budget <= 0:
                 continue
             todo = min(seq.total - seq.num_computed, budget)
-            if not self._ensure_pages(seq, seq.num_computed + todo + n_steps - 1):
+            k = self._draft_len(seq, budget - todo) if speculative and seq.total - seq.num_computed == 1 else 0
+            if not self._ensure_pages(seq, seq.num_computed + todo + k + n_steps - 1):
                 if len(self.running) == 1:
                     # Alone and still out of pages: the pool cannot hold this sequence any longer.
                     self._finish(seq, "length")
                 elif seq in self.running:
                     self._preempt(seq)
                 continue
-            plan.append((seq, todo))
-            budget -= todo
-        plan = [(s, n) for s, n in plan if s in self.running]  # drop sequences preempted meanwhile
+            plan.append((seq, todo, k))
+            budget -= todo + k
+        plan = [(s, n, k) for s, n, k in plan if s in self.running]  # drop sequences preempted meanwhile
         if not plan:
             return None
-        T = sum(n for _, n in plan)
+        drafts, q = self._propose(plan) if speculative else ({}, None)
+        T = sum(n + len(drafts.get(r, ())) for r, (_, n, _) in enumerate(plan))
         if n_steps > 1:
             S = T_bucket = next(b for b in cfg.seq_buckets() if b >= len(plan))
         else:
             T_bucket = next(b for b in self.buckets if b >= T)
         host = empty_batch(T_bucket, S, self.max_pages)
+        spec = empty_spec(S, cfg.max_draft_tokens) if speculative else None
         rows: list[_Row] = []
         t = 0
-        for r, (seq, n) in enumerate(plan):
+        for r, (seq, n, _) in enumerate(plan):
             start = seq.num_computed
-            for i in range(n):
+            draft = drafts.get(r)
+            n_in = n + len(draft or ())
+            for i in range(n_in):
                 pos = start + i
-                if pos < len(seq.tokens):
+                if i >= n:
+                    host["tokens"][t + i] = draft[i - n]
+                elif pos < len(seq.tokens):
                     host["tokens"][t + i] = seq.tokens[pos]
                 else:  # the token the previous step sampled, still on device
                     host["from_prev"][t + i] = prev_rows[id(seq)]
                 host["positions"][t + i] = pos
                 host["slots"][t + i] = seq.pages[pos // cfg.page_size] * cfg.page_size + pos % cfg.page_size
-            host["query_start"][r + 1] = t + n
-            host["kv_lens"][r] = start + n
+            host["query_start"][r + 1] = t + n_in
+            host["kv_lens"][r] = start + n_in
             host["page_table"][r, : len(seq.pages)] = seq.pages
             sp = seq.req.sampling
             host["sample_steps"][r] = seq.n_sampled
@@ -400,19 +480,58 @@ class Scheduler:
                 host["penalty"][r] = sp.repetition_penalty
                 recent = seq.tokens[:start + n][-PENALTY_WINDOW:]
                 host["recent"][r, PENALTY_WINDOW - len(recent):] = recent
-            samples = n_steps if start + n == seq.total else 0
-            rows.append(_Row(seq, r, samples, seq.gen))
-            seq.num_computed = start + n + (n_steps - 1)
-            seq.n_sampled += samples
-            t += n
+            if spec is not None:
+                # logits after the last known token and after each draft
+                spec["logit_rows"][r] = np.minimum(t + n - 1 + np.arange(cfg.max_draft_tokens + 1), t + n_in - 1)
+            if draft is not None:
+                spec["drafts"][r, :len(draft)] = draft
+                spec["num_drafts"][r] = len(draft)
+                spec["point_mass"][r] = sp.speculative != "draft"
+                rows.append(_Row(seq, r, -1, seq.gen, draft))  # the count is read back
+                seq.num_computed = start + n_in  # rolled back to the accepted drafts then
+            else:
+                samples = n_steps if start + n == seq.total else 0
+                rows.append(_Row(seq, r, samples, seq.gen))
+                seq.num_computed = start + n + (n_steps - 1)
+                seq.n_sampled += samples
+            t += n_in
         host["query_start"][len(plan) + 1:] = t
         batch = to_device(host, len(plan))
-        self.pool, out, self._prev_tokens = self._steps[n_steps](self.llm.params, self.pool, batch, self._prev_tokens)
-        for x in (out.tokens, out.logprob, out.top_ids, out.top_logprobs):
+        if speculative:
+            self.pool, out, self._prev_tokens = self._verify(self.llm.params, self.pool, batch,
+                                                             SpecInputs(**jax.device_put(spec)), q, self._prev_tokens)
+        else:
+            self.pool, out, self._prev_tokens = self._steps[n_steps](self.llm.params, self.pool, batch,
+                                                                     self._prev_tokens)
+        for x in jax.tree.leaves(out):
             x.copy_to_host_async()
         self.counters.steps += 1
         self.counters.tokens_in += T
-        return _InFlight(rows, out, n_steps)
+        return _InFlight(rows, out, n_steps, speculative)
+
+    def _draft_len(self, seq: Seq, room: int) -> int:
+        """Drafts to ask for: the request's k (or the adaptive one), within the step's token room,
+        the engine's K, what is left of max_tokens and the context."""
+        sp = seq.req.sampling
+        k = seq.k if self.cfg.adaptive_draft else sp.num_draft_tokens
+        return max(0, min(k, room, self.cfg.max_draft_tokens, sp.max_tokens - seq.generated - 1,
+                          self.max_context - seq.total - 1))
+
+    def _propose(self, plan) -> tuple[dict[int, list[int]], object]:
+        """Drafts by plan row for the speculative decode rows (k > 0), and the draft model's
+        probabilities [S, K, V] (None when no row used it)."""
+        drafts, q = {}, None
+        for name, drafter in self.drafters.items():
+            reqs = [DraftRequest(r, seq.req.request_id, seq.tokens, k, seq.req.sampling, seq.n_sampled)
+                    for r, (seq, _, k) in enumerate(plan) if k > 0 and seq.req.sampling.speculative == name]
+            if reqs:
+                got, probs = drafter.propose(reqs, self.cfg.max_seqs, self.cfg.max_draft_tokens)
+                drafts.update((req.row, d) for req, d in zip(reqs, got))
+                q = probs if probs is not None else q
+        for r, (seq, _, k) in enumerate(plan):  # speculative rows with nothing drafted verify nothing
+            if seq.req.sampling.speculative and seq.total - seq.num_computed == 1:
+                drafts.setdefault(r, [])
+        return drafts, q
 
     # -- results -------------------------------------------------------------------------------
     def _process(self, step: _InFlight) -> None:
@@ -420,12 +539,16 @@ class Scheduler:
         want_lp = any(r.seq.req.sampling.logprobs for r in step.rows)
         if want_lp:
             lp, top_ids, top_lp = (np.asarray(x) for x in (step.out.logprob, step.out.top_ids, step.out.top_logprobs))
+        counts = np.asarray(step.out.counts) if step.speculative else None
         for r in step.rows:
             seq = r.seq
             if seq.finished or seq.gen != r.gen or r.samples == 0:
                 continue
+            samples = r.samples if r.drafts is None else int(counts[r.row])
+            if r.drafts is not None:
+                self._accepted(seq, len(r.drafts), samples - 1)
             new, lps = [], []
-            for j in range(r.samples):
+            for j in range(samples):
                 tok = int(tokens[j, r.row])
                 seq.tokens.append(tok)
                 new.append(tok)
@@ -436,11 +559,24 @@ class Scheduler:
                 reason = self._finish_reason(seq, tok)
                 if reason is not None:
                     break
+            if r.drafts is not None:
+                seq.n_sampled = seq.generated
             self.counters.tokens_out += len(new)
             if seq.first_token is None:
                 seq.first_token = time.monotonic()
             self._register_full_pages(seq)
             self._emit(seq, new, lps, reason)
+
+    def _accepted(self, seq: Seq, drafted: int, accepted: int) -> None:
+        """Book a verification: the K/V of rejected drafts is dropped by rolling the computed
+        length back to the accepted ones; counters and the adaptive k follow."""
+        seq.num_computed -= drafted - accepted
+        if drafted == 0:
+            return
+        c = self.counters
+        c.verifications, c.drafted, c.accepted = c.verifications + 1, c.drafted + drafted, c.accepted + accepted
+        seq.accept_rate = 0.7 * seq.accept_rate + 0.3 * accepted / drafted
+        seq.k = adaptive_k(seq.accept_rate, seq.req.sampling.num_draft_tokens)
 
     def _finish_reason(self, seq: Seq, tok: int) -> str | None:
         sp = seq.req.sampling
@@ -457,6 +593,11 @@ class Scheduler:
             seq.text += seq.decoder.finish()
             return "length"
         return None
+
+    def _release_drafts(self, seq: Seq) -> None:
+        drafter = self.drafters.get(seq.req.sampling.speculative or "")
+        if drafter is not None:
+            drafter.release(seq.req.request_id)
 
     def _register_full_pages(self, seq: Seq) -> None:
         full = min(len(seq.tokens), seq.num_computed) // self.cfg.page_size
@@ -485,6 +626,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             self.allocator.release(seq.pages, cached=self.prefix.__contains__)
             seq.pages = []
+            self._release_drafts(seq)
             self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
         now = time.monotonic()
         arrival = seq.req.arrival

@@ -149,13 +149,43 @@ def forward(
         x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
         return (x, state), kv
 
-    scanned = (params["layers"], cache.layers(), jnp.arange(c.n_layers, dtype=jnp.int32))
-    (x, state), new_layers = lax.scan(layer, (x, cache.state()), scanned)
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        # Unstacked: one buffer per layer, run as a Python loop. Under `lax.scan`, XLA slices each
+        # layer's weights out of the stacked arrays with a copy before the matmuls read them
+        # (about 3x the weight bytes per step); separate buffers are read where they lie.
+        state, cache_layers, new = cache.state(), cache.layers(), []
+        for i, p in enumerate(layers):
+            kv = None if cache_layers is None else jax.tree.map(lambda a: a[i], cache_layers)
+            (x, state), kv = layer((x, state), (p, kv, i))
+            new.append(kv)
+        new_layers = None if cache_layers is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
+    else:
+        scanned = (layers, cache.layers(), jnp.arange(c.n_layers, dtype=jnp.int32))
+        (x, state), new_layers = lax.scan(layer, (x, cache.state()), scanned)
     cache = cache.with_layers(new_layers).with_state(state)
     if logit_indices is not None:
         x = jnp.take_along_axis(x, logit_indices[..., None], axis=1)
     x = rms_norm(x, params["final_norm"], c.norm_eps)
     return logits_from_hidden(params, x, c), cache
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same parameters with `layers` as a list of per-layer trees (separate buffers), which
+    `forward` runs unrolled: the fast layout for serving on a GPU. Each stacked array is released
+    once its layers are copied out, so the peak is about one extra layer-stack, not the model."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    flat, treedef = jax.tree.flatten(layers)
+    per_leaf = []
+    for i in range(len(flat)):
+        a = flat[i]
+        per_leaf.append([a[j] for j in range(n)])
+        flat[i] = None
+        del a
+    return {**params, "layers": [jax.tree.unflatten(treedef, [leaf[j] for leaf in per_leaf]) for j in range(n)]}
 
 
 def logits_from_hidden(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
