@@ -241,14 +241,19 @@ def _check_sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> None:
 
 
 def load(model: str | os.PathLike | None = None, dtype: str = "bfloat16", progress: bool = False) -> LLM:
-    """Load a model: a known name (default: the embedded SmolLM2-135M-Instruct), a .gguf file or a
-    Hugging Face directory (config.json + *.safetensors + tokenizer.json)."""
+    """Load a model: a known name (default: the embedded SmolLM2-135M-Instruct), a .gguf file, a
+    Hugging Face directory (config.json + *.safetensors + tokenizer.json) or a directory saved by
+    `pallax quantize` (its weights keep their saved formats; `dtype` does not apply)."""
     from pallax.model.registry import DEFAULT_MODEL, resolve_model
     from pallax.model.tokenizer import Tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(set(DTYPES))}, got {dtype!r}")
     jdtype = DTYPES[dtype]
+    from pallax.model.quantize import is_quantized_dir, load_quantized
+
+    if model is not None and is_quantized_dir(model):  # a directory written by `pallax quantize`
+        return load_quantized(model)
     path = resolve_model(DEFAULT_MODEL if model is None else str(model))
     bar = _progress_bar(f"loading {path.name}") if progress else None
     tick = (lambda done, total: bar(done, total)) if bar else None

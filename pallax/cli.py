@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_client_parser(sub)
+    from pallax.model.quantize_cli import add_quantize_parser
+    add_quantize_parser(sub)
     return parser
 
 

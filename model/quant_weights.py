@@ -1,0 +1,173 @@
+"""Quantized linear weights: the pytrees `linear` dispatches on (the `QuantizedWeight` protocol).
+
+Each type is a `flax.struct.dataclass`; every array leaf may carry leading axes (the decoder
+stacks layers as `[L, ...]` and `lax.scan` slices them), and static metadata is a non-pytree
+field. `matmul(x)` works on one unstacked weight: `x [..., K] -> [..., N]`, leading axes of `x`
+flattened to the kernel's M.
+
+    Int8Weight  w_q [K, N] int8, scale [N] f32                    weight-only, per output channel
+    Int4Weight  packed [K/2, N] uint8, scales [K/g, N] bf16,      RTN or AWQ, group g along K
+                zeros [K/g, N] uint8 | None, act_scale [K] | None
+    Fp8Weight   w_q [N, K] float8_e4m3fn, scale [N] f32           W8A8, activations per token
+
+Which implementation runs (`kernels_pallas.dispatch`): on GPU the Pallas kernel, except fp8 (see
+`FP8_IMPL`); elsewhere the pure-jnp reference (or the kernel in interpret mode when asked).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas.fp8_matmul import fp8_linear, fp8_matmul_reference
+from pallax.kernels_pallas.int4_matmul import int4_matmul
+from pallax.kernels_pallas.int8_matmul import int8_matmul
+from pallax.kernels_pallas.quant_formats import (check_group_size, dequantize_int4, quantize_fp8,
+                                                 quantize_int4, quantize_int8)
+
+# The fp8 path on GPU: XLA's own e4m3 x e4m3 dot (cuBLASLt on Hopper FP8 tensor cores) or our
+# Pallas kernel. Measured on an H100 at M = N = K = 8192 (bench/results/matmul_h100.json): bf16
+# XLA 685 TFLOP/s, XLA fp8 1136 TFLOP/s (1.66x), Pallas fp8 514 TFLOP/s (0.75x); so XLA.
+FP8_IMPL = "xla"
+
+
+def _flat(x: jax.Array, k: int) -> jax.Array:
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    return x.reshape(-1, k)  # [M, K]
+
+
+def _unflat(y: jax.Array, x: jax.Array) -> jax.Array:
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@struct.dataclass
+class Int8Weight:
+    """Weight-only int8, per-output-channel scale: `w = w_q * scale[n]`."""
+
+    w_q: jax.Array  # [..., K, N] int8
+    scale: jax.Array  # [..., N] f32
+    format: ClassVar[str] = "int8"
+
+    @classmethod
+    def quantize(cls, w: jax.Array) -> "Int8Weight":
+        """From a dense `[K, N]` weight."""
+        w_q, scale = quantize_int8(w)
+        return cls(w_q=w_q, scale=scale)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w_q.shape[-2:])
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        k, _ = self.shape
+        return _unflat(int8_matmul(_flat(x, k), self.w_q, self.scale), x)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return (self.w_q.astype(jnp.float32) * self.scale.astype(jnp.float32)[..., None, :]).astype(dtype)
+
+
+@struct.dataclass
+class Int4Weight:
+    """Group-wise int4 (`quant_formats` layout), optionally activation-aware (AWQ).
+
+    With AWQ the stored codes quantize `diag(s) W` and `act_scale = s`: `x W = (x / s)(diag(s) W)`,
+    so `matmul` divides x by s (one elementwise op on the activations) before the int4 kernel.
+    """
+
+    packed: jax.Array  # [..., K // 2, N] uint8
+    scales: jax.Array  # [..., K // g, N] bf16
+    zeros: jax.Array | None = None  # [..., K // g, N] uint8 (asymmetric) or None (symmetric)
+    act_scale: jax.Array | None = None  # [..., K] f32 (AWQ) or None
+    group_size: int = struct.field(pytree_node=False, default=128)
+    format: ClassVar[str] = "int4"
+
+    @classmethod
+    def quantize(cls, w: jax.Array, group_size: int = 128, *, symmetric: bool = True,
+                 act_scale: jax.Array | None = None) -> "Int4Weight":
+        """Round-to-nearest of a dense `[K, N]` weight (of `diag(act_scale) w` when given)."""
+        check_group_size(w.shape[0], group_size)
+        w32 = w.astype(jnp.float32)
+        if act_scale is not None:
+            act_scale = act_scale.astype(jnp.float32)
+            w32 = w32 * act_scale[:, None]
+        packed, scales, zeros = quantize_int4(w32, group_size, symmetric=symmetric)
+        return cls(packed=packed, scales=scales, zeros=zeros, act_scale=act_scale, group_size=group_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (2 * self.packed.shape[-2], self.packed.shape[-1])
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        k, _ = self.shape
+        x2 = _flat(x, k)
+        if self.act_scale is not None:
+            x2 = (x2.astype(jnp.float32) / self.act_scale.astype(jnp.float32)).astype(x.dtype)
+        y = int4_matmul(x2, self.packed, self.scales, self.zeros, group_size=self.group_size)
+        return _unflat(y, x)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The effective dense weight (AWQ scale divided back out)."""
+        lead = self.packed.shape[:-2]
+        fn = lambda p, s, z: dequantize_int4(p, s, z, group_size=self.group_size)  # noqa: E731
+        for _ in lead:
+            fn = jax.vmap(fn)
+        w = fn(self.packed, self.scales, self.zeros)
+        if self.act_scale is not None:
+            w = w / self.act_scale.astype(jnp.float32)[..., :, None]
+        return w.astype(dtype)
+
+
+@struct.dataclass
+class Fp8Weight:
+    """W8A8 e4m3: weights per output channel (offline), activations per token (at run time).
+
+    Stored `[N, K]` (K contiguous per output channel): the layout both cuBLASLt's fp8 GEMM and
+    our kernel's fp8 wgmma read without a transpose.
+    """
+
+    w_q: jax.Array  # [..., N, K] float8_e4m3fn
+    scale: jax.Array  # [..., N] f32
+    format: ClassVar[str] = "fp8"
+
+    @classmethod
+    def quantize(cls, w: jax.Array) -> "Fp8Weight":
+        """From a dense `[K, N]` weight."""
+        w_q, scale = quantize_fp8(w.T, axis=-1)  # [N, K], [N, 1]
+        return cls(w_q=w_q, scale=scale[:, 0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w_q.shape[-2:][::-1])
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        k, _ = self.shape
+        x2 = _flat(x, k)
+        mode = dispatch.resolve()
+        if mode == "reference":
+            x_q, x_s = quantize_fp8(x2, axis=-1)  # [M, K] e4m3, [M, 1] f32
+            y = fp8_matmul_reference(x_q, x_s, self.w_q, self.scale, out_dtype=x.dtype, w_layout="nk")
+        elif mode == "interpret" or FP8_IMPL == "pallas":
+            y = fp8_linear(x2, self.w_q, self.scale, w_layout="nk", interpret=mode == "interpret")
+        else:
+            y = _fp8_xla(x2, self.w_q, self.scale)
+        return _unflat(y, x)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        w = self.w_q.astype(jnp.float32) * self.scale.astype(jnp.float32)[..., :, None]  # [..., N, K]
+        return jnp.swapaxes(w, -1, -2).astype(dtype)
+
+
+def _fp8_xla(x, w_q, w_scale):
+    """x [M, K] -> per-token e4m3, XLA fp8 dot against w_q [N, K] (f32 accumulation), both scales."""
+    x_q, x_s = quantize_fp8(x, axis=-1)
+    y = lax.dot_general(x_q, w_q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (y * x_s * w_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
+
+
+WEIGHT_TYPES = {cls.format: cls for cls in (Int8Weight, Int4Weight, Fp8Weight)}
