@@ -87,30 +87,47 @@ class PagedCache:
         return self.replace(pool=pool)
 
     def attend(self, layer, q, k, v, positions, segment_ids=None, *, state=None, index=None):
-        # The whole pool [L, P, page_size, KVH, D] is carried; layer `index` owns pages
-        # index * P .. index * P + P - 1 of the flattened [L * P, page_size, KVH, D] view, so the
-        # kernel reads it where it lies (reshapes of the carried buffer are free).
         pool: PagePool = state
-        L, P, ps, KVH, D = pool.k.shape
-        base = index * P
-        slots = jnp.where(self.slots < 0, L * P * ps, base * ps + self.slots)  # padding is dropped
+        if isinstance(pool.k, (list, tuple)):
+            # Per-layer buffers (unstacked weights run layers as a Python loop): layer `index`
+            # writes and reads its own buffers in place.
+            layer_pool = PagePool(*(None if a is None else a[index] for a in (pool.k, pool.v, pool.k_scale, pool.v_scale)))
+            out, layer_pool = self._attend_pages(layer_pool, 0, q, k, v)
+            new = [None if a is None else list(a) for a in (pool.k, pool.v, pool.k_scale, pool.v_scale)]
+            for lst, x in zip(new, (layer_pool.k, layer_pool.v, layer_pool.k_scale, layer_pool.v_scale)):
+                if lst is not None:
+                    lst[index] = x
+            return out, None, PagePool(*new)
+        # The whole pool [L, P, page_size, KVH, D] is carried through the layer scan; layer `index`
+        # owns pages index * P .. index * P + P - 1 of the flattened [L * P, page_size, KVH, D]
+        # view, so the kernel reads it where it lies (reshapes of the carried buffer are free).
+        L = pool.k.shape[0]
+        flat = PagePool(*(None if a is None else a.reshape(-1, *a.shape[2:]) for a in (pool.k, pool.v, pool.k_scale, pool.v_scale)))
+        out, flat = self._attend_pages(flat, index * (flat.k.shape[0] // L), q, k, v)
+        return out, None, PagePool(*(None if a is None else a.reshape(b.shape) for a, b in
+                                     zip((flat.k, flat.v, flat.k_scale, flat.v_scale), (pool.k, pool.v, pool.k_scale, pool.v_scale))))
+
+    def _attend_pages(self, pool: PagePool, base, q, k, v):
+        """Write this block's K/V into pages [base, base + P) of a [pages, page_size, KVH, D]
+        pool and attend over them."""
+        NP, ps, KVH, D = pool.k.shape
+        slots = jnp.where(self.slots < 0, NP * ps, base * ps + self.slots)  # padding is dropped
         quantized = pool.k_scale is not None
 
         def write(pages, scales, x):  # x [T, KVH, D]
-            flat = pages.reshape(L * P * ps, KVH, D)
+            flat = pages.reshape(NP * ps, KVH, D)
             if quantized:
                 x, s = quantize_kv(x, pages.dtype)
-                scales = scales.reshape(L * P * ps, KVH).at[slots].set(s, mode="drop").reshape(scales.shape)
+                scales = scales.reshape(NP * ps, KVH).at[slots].set(s, mode="drop").reshape(scales.shape)
             flat = flat.at[slots].set(x.astype(pages.dtype), mode="drop")
             return flat.reshape(pages.shape), scales
 
-        k_all, k_scale = write(pool.k, pool.k_scale, k[0])
-        v_all, v_scale = write(pool.v, pool.v_scale, v[0])
-        view = lambda a: None if a is None else a.reshape(L * P, *a.shape[2:])  # noqa: E731
+        k_pages, k_scale = write(pool.k, pool.k_scale, k[0])
+        v_pages, v_scale = write(pool.v, pool.v_scale, v[0])
         attend = paged_attention_blocked if dispatch.resolve() == "reference" else paged_attention
-        out = attend(q[0], view(k_all), view(v_all), self.page_table + base, self.query_start, self.kv_lens,
-                     self.num_seqs, k_scales=view(k_scale), v_scales=view(v_scale))
-        return out[None], None, PagePool(k_all, v_all, k_scale, v_scale)
+        out = attend(q[0], k_pages, v_pages, self.page_table + base, self.query_start, self.kv_lens,
+                     self.num_seqs, k_scales=k_scale, v_scales=v_scale)
+        return out[None], PagePool(k_pages, v_pages, k_scale, v_scale)
 
 
 def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:

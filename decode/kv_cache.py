@@ -25,18 +25,25 @@ KV_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "int8": jnp.int8,
 
 @struct.dataclass
 class PagePool:
-    k: jax.Array  # [L, P, page_size, KVH, D]
-    v: jax.Array
-    k_scale: jax.Array | None = None  # [L, P, page_size, KVH] f32 (quantized KV only)
-    v_scale: jax.Array | None = None
+    """Stacked: k, v [L, P, page_size, KVH, D]; or per layer (with unstacked weights): lists of L
+    arrays [P, page_size, KVH, D]. Scales likewise without the last axis."""
+
+    k: jax.Array | list
+    v: jax.Array | list
+    k_scale: jax.Array | list | None = None  # f32 (quantized KV only)
+    v_scale: jax.Array | list | None = None
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (list, tuple))
 
     @property
     def num_pages(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0] if self.per_layer else self.k.shape[1]
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
 
 
 def page_bytes(config: ModelConfig, page_size: int, kv_dtype: str) -> int:
@@ -59,18 +66,21 @@ def pages_for_budget(config: ModelConfig, page_size: int, kv_dtype: str, memory_
     return max(1, int(free * memory_fraction) // page_bytes(config, page_size, kv_dtype))
 
 
-def create_pool(config: ModelConfig, num_pages: int, page_size: int, kv_dtype: str) -> PagePool:
+def create_pool(config: ModelConfig, num_pages: int, page_size: int, kv_dtype: str,
+                per_layer: bool = False) -> PagePool:
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
     if num_pages < 1 or page_size < 1:
         raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages=}, {page_size=}")
     shape = (config.n_layers, num_pages, page_size, config.n_kv_heads, config.head_dim)
     dt = KV_DTYPES[kv_dtype]
-    if kv_dtype in ("int8", "fp8"):
-        sshape = shape[:-1]
-        return PagePool(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros(sshape, jnp.float32),
-                        jnp.zeros(sshape, jnp.float32))
-    return PagePool(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+    quantized = kv_dtype in ("int8", "fp8")
+    if per_layer:
+        zeros = lambda s, d: [jnp.zeros(s[1:], d) for _ in range(config.n_layers)]  # noqa: E731
+    else:
+        zeros = jnp.zeros
+    scales = (zeros(shape[:-1], jnp.float32), zeros(shape[:-1], jnp.float32)) if quantized else ()
+    return PagePool(zeros(shape, dt), zeros(shape, dt), *scales)
 
 
 class OutOfPages(RuntimeError):

@@ -160,7 +160,7 @@ class Scheduler:
         num_pages = cfg.num_pages or pages_for_budget(mc, cfg.page_size, kv_dtype, cfg.memory_fraction)
         self.max_context = min(cfg.max_context or mc.max_seq_len, mc.max_seq_len)
         self.max_pages = -(-self.max_context // cfg.page_size)
-        self.pool = create_pool(mc, num_pages, cfg.page_size, kv_dtype)
+        self.pool = create_pool(mc, num_pages, cfg.page_size, kv_dtype, per_layer=unstack)
         self.allocator = PageAllocator(num_pages)
         self.prefix = PrefixCache(self.allocator, cfg.page_size, cfg.prefix_caching)
         self.buckets = cfg.token_buckets()
