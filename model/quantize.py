@@ -81,7 +81,7 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
     if format not in FORMATS:
         raise ValueError(f"unknown quantization format {format!r}; known: {', '.join(FORMATS)}")
     config: ModelConfig = llm.config
-    params: Params = llm.params
+    params: Params = stacked(llm.params)
     for name in PROJECTIONS:
         w = params["layers"][name]
         if not isinstance(w, (jax.Array, np.ndarray)):
@@ -151,6 +151,14 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
         config = config.replace(tie_embeddings=False)
         tick()
     return LLM(config=config, params=new_params, tokenizer=llm.tokenizer, dtype=llm.dtype, path=llm.path)
+
+
+def stacked(params: Params) -> Params:
+    """Parameters with `layers` stacked on a leading axis (undoes `decoder.unstack_layers`)."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
+    return params
 
 
 @jax.jit
@@ -328,7 +336,7 @@ def save_quantized(llm, path: str | os.PathLike) -> Path:
             else:
                 tensors[key] = {"format": "dense", "fields": {"w": put(key, v)}}
 
-    walk(llm.params, "")
+    walk(stacked(llm.params), "")
     save_file(arrays, str(out / WEIGHTS_FILE))
     formats = sorted({t["format"] for t in tensors.values()})
     tok = llm.tokenizer

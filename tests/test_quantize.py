@@ -1,0 +1,194 @@
+"""Quantized weights through `linear`, post-training quantization, save / load, the CLI."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallax
+from pallax.kernels_pallas.dispatch import kernel_mode
+from pallax.kernels_pallas.quant_formats import quantize_fp8
+from pallax.model.linear import QuantizedWeight, linear, weight_format
+from pallax.model.quant_weights import Fp8Weight, Int4Weight, Int8Weight
+from pallax.model.quantize import (QUANT_FILE, _layer_taps, awq_search, calibration_batch, load_quantized,
+                                   quantize, save_quantized)
+
+PROSE = [
+    "The city council met on Tuesday to discuss the new budget, which includes funding for roads, "
+    "schools and a library that residents have requested for more than a decade.",
+    "Scientists at the university announced that they had found a way to store solar energy in a "
+    "liquid that can be pumped through pipes and released as heat when it is needed.",
+    "After three days of heavy rain, the river rose above its banks and flooded several farms in "
+    "the valley; emergency crews evacuated dozens of families by boat.",
+    "The company reported that profits fell by twelve percent in the last quarter, blaming higher "
+    "costs for shipping and a slowdown in sales across Europe and Asia.",
+    "In the final minutes of the match, the home team scored twice to win the championship for the "
+    "first time since the club was founded almost a hundred years ago.",
+    "Doctors say that regular exercise, a balanced diet and enough sleep remain the most reliable "
+    "ways to lower the risk of heart disease as people grow older.",
+]
+
+
+def _rand(key, shape, scale=1.0):
+    return scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def _make(kind, w):
+    return {
+        "int8": lambda: Int8Weight.quantize(w),
+        "int4-sym": lambda: Int4Weight.quantize(w, 32),
+        "int4-asym": lambda: Int4Weight.quantize(w, 64, symmetric=False),
+        "int4-awq": lambda: Int4Weight.quantize(w, 128, act_scale=jnp.exp(_rand(9, (w.shape[0],), 0.5))),
+        "fp8": lambda: Fp8Weight.quantize(w),
+    }[kind]()
+
+
+KINDS = ["int8", "int4-sym", "int4-asym", "int4-awq", "fp8"]
+
+
+@pytest.mark.parametrize("mode", ["reference", "interpret"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matmul_matches_dequantize_then_dot(kind, mode):
+    k, n = 256, 64
+    w = _rand(1, (k, n), 0.05)
+    q = _make(kind, w)
+    assert isinstance(q, QuantizedWeight) and q.shape == (k, n)
+    assert weight_format(q) == q.format
+    x = _rand(2, (3, 5, k)).astype(jnp.bfloat16)  # leading dims flattened to M = 15
+    with kernel_mode(mode):  # the mode is read at trace time: a fresh function, a fresh trace
+        y = jax.jit(lambda a, b: linear(a, b))(x, q)
+    assert y.shape == (3, 5, n) and y.dtype == jnp.bfloat16
+    x32 = np.asarray(x, np.float64)
+    if kind == "fp8":  # activations are quantized per token at run time
+        xq, xs = quantize_fp8(x.reshape(-1, k), axis=-1)
+        x32 = (np.asarray(xq, np.float64) * np.asarray(xs, np.float64)).reshape(3, 5, k)
+    want = x32 @ np.asarray(q.dequantize(jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, atol=0.02 * np.abs(want).max(), rtol=0.02)
+    # and the quantization error itself is what the format promises (dense weight within a step)
+    err = np.abs(np.asarray(q.dequantize(jnp.float32)) - np.asarray(w)).max()
+    assert err < {"int8": 0.002, "fp8": 0.01}.get(kind, 0.05) * np.abs(np.asarray(w)).max() * 10
+
+
+def test_stacked_weights_run_under_scan():
+    L, k, n = 3, 128, 32
+    w = _rand(3, (L, k, n), 0.05)
+    x = _rand(4, (2, k)).astype(jnp.bfloat16)
+    for make in (Int8Weight.quantize, lambda a: Int4Weight.quantize(a, 64, symmetric=False), Fp8Weight.quantize):
+        q = jax.vmap(make)(w)
+        _, ys = jax.lax.scan(lambda c, qw: (c, linear(x, qw)), 0, q)
+        for i in range(L):
+            one = jax.tree.map(lambda a: a[i], q)
+            np.testing.assert_array_equal(np.asarray(ys[i]), np.asarray(linear(x, one)))
+
+
+def test_awq_beats_rtn_on_held_out_activations(smollm_bf16):
+    llm = smollm_bf16
+    c = llm.config
+    tokens = calibration_batch(llm, PROSE, 10, 16)  # [10, 16]: 6 rows calibrate, 4 held out
+    assert tokens.shape == (10, 16)
+    pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), tokens.shape)
+    from pallax.model.layers import rope_cos_sin, rope_inv_freq
+
+    cos, sin = rope_cos_sin(pos, rope_inv_freq(c))
+    x = llm.params["embed"][tokens]
+    for i in range(3):
+        p = jax.tree.map(lambda a: a[i], llm.params["layers"])
+        x, taps = _layer_taps(p, x, pos, cos, sin, config=c)
+    w = p["w_gate"]  # layer 2, [576, 1536]
+    acts = np.asarray(taps["mlp_in"], np.float32)
+    calib, held = acts[:6].reshape(-1, c.dim), acts[6:].reshape(-1, c.dim)
+    s, errors = awq_search(jnp.asarray(calib), jnp.abs(jnp.asarray(calib)).mean(0), w, group_size=64)
+    assert errors.shape == (20,) and float(errors.min()) <= float(errors[0])  # alpha = 0 is RTN
+
+    def held_out_error(q):
+        y = linear(jnp.asarray(held), q).astype(jnp.float32)
+        return float(jnp.mean((y - jnp.asarray(held) @ w.astype(jnp.float32)) ** 2))
+
+    rtn = held_out_error(Int4Weight.quantize(w, 64))
+    awq = held_out_error(Int4Weight.quantize(w, 64, act_scale=s))
+    assert awq < 0.9 * rtn, (awq, rtn)
+
+
+@pytest.fixture(scope="module")
+def smollm_int8(smollm_bf16):
+    return quantize(smollm_bf16, "int8")
+
+
+def test_quantized_model_layout(smollm_bf16, smollm_int8):
+    p = smollm_int8.params
+    assert isinstance(p["layers"]["w_down"], Int8Weight)
+    assert p["layers"]["w_down"].w_q.shape == (30, 1536, 576)
+    assert p["embed"] is smollm_bf16.params["embed"] and p["embed"].dtype == jnp.bfloat16
+    assert p["layers"]["attn_norm"].dtype == jnp.bfloat16
+    assert smollm_int8.config.tie_embeddings
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
+
+
+def test_int8_greedy_matches_bf16(smollm_bf16, smollm_int8):
+    base = smollm_bf16.generate(PROMPTS, max_tokens=6)
+    quant = smollm_int8.generate(PROMPTS, max_tokens=6)
+    for b, q in zip(base, quant):
+        assert q.token_ids[:4] == b.token_ids[:4], (b.text, q.text)
+
+
+def test_save_load_round_trip_and_pallax_load(smollm_bf16, tmp_path):
+    q = quantize(smollm_bf16, "int4", group_size=64, symmetric=False, quantize_head=True)
+    assert not q.config.tie_embeddings and isinstance(q.params["lm_head"], Int4Weight)
+    out = save_quantized(q, tmp_path / "q")
+    assert (out / QUANT_FILE).is_file()
+    r = pallax.load(str(out))
+    assert r.config == q.config
+    same = jax.tree.map(lambda a, b: a.dtype == b.dtype and bool(jnp.array_equal(a, b)), q.params, r.params)
+    assert jax.tree.structure(q.params) == jax.tree.structure(r.params) and all(jax.tree.leaves(same))
+    assert r.params["layers"]["wq"].group_size == 64
+    assert r.tokenizer.encode(PROSE[0]) == q.tokenizer.encode(PROSE[0])
+    assert r.tokenizer.eos_ids == q.tokenizer.eos_ids and r.tokenizer.bos_id == q.tokenizer.bos_id
+    # the loaded model generates on the paged engine: its greedy first token is the in-memory
+    # model's argmax after the prompt
+    ids = r._prompt_ids(PROMPTS[0])
+    out = r.generate(ids, max_tokens=3)[0]
+    assert len(out.token_ids) == 3 and out.token_ids[0] == int(np.argmax(q.logits(ids)[-1]))
+
+
+def _agreement(a, b, ids) -> float:
+    """Fraction of positions where two models predict the same next token."""
+    return float(np.mean(np.argmax(a.logits(ids), -1) == np.argmax(b.logits(ids), -1)))
+
+
+def test_fp8_and_awq_models_track_bf16(smollm_bf16):
+    ids = smollm_bf16._prompt_ids(PROSE[3] + " " + PROSE[4])
+    assert _agreement(quantize(smollm_bf16, "fp8"), smollm_bf16, ids) >= 0.85
+    awq = quantize(smollm_bf16, "int4-awq", group_size=64, calibration=PROSE, calib_seqs=8, calib_len=16)
+    assert awq.params["layers"]["wq"].act_scale.shape == (30, 576)
+    assert _agreement(awq, smollm_bf16, ids) >= 0.6
+
+
+def test_cli_quantize(tmp_path):
+    from pallax.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["quantize", "smollm2-135m-instruct", "--format", "fp8", "--out", str(out)]) == 0
+    r = load_quantized(out)
+    assert isinstance(r.params["layers"]["wo"], Fp8Weight) and r.params["layers"]["wo"].w_q.dtype == jnp.float8_e4m3fn
+    assert main(["info", str(out), "--json"]) == 0
+
+
+def test_errors(smollm_bf16, smollm_int8, tmp_path):
+    with pytest.raises(ValueError, match="unknown quantization format"):
+        quantize(smollm_bf16, "int3")
+    with pytest.raises(ValueError, match="group_size=128 must divide K=576"):
+        quantize(smollm_bf16, "int4", group_size=128)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize(smollm_bf16, "int4-awq", group_size=64)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(smollm_int8, "int4", group_size=64)
+    with pytest.raises(ValueError, match="must divide K"):
+        Int4Weight.quantize(jnp.ones((96, 16)), 64)
+    with pytest.raises(ValueError, match="not a saved pallax model"):
+        load_quantized(tmp_path)
+    with pytest.raises(ValueError, match="features"):
+        Int8Weight.quantize(jnp.ones((64, 16))).matmul(jnp.ones((2, 32), jnp.bfloat16))
