@@ -4,6 +4,8 @@ A weight is either a plain array `[in, out]` (bf16 / f32: the dense format) or a
 whose type names its format (int8 per-channel, int4 grouped, fp8, NF4 ...). Every quantized
 format implements the `QuantizedWeight` protocol: `matmul(x)` (the Pallas kernel on GPU, the
 reference elsewhere) and `dequantize(dtype)`. Model code calls `linear` and never asks which.
+The formats are in `quant_weights.py` (`Int8Weight`, `Int4Weight`, `Fp8Weight`); `quantize.py`
+makes them from a dense model.
 """
 
 from __future__ import annotations

@@ -66,9 +66,12 @@ def test_matmul_matches_dequantize_then_dot(kind, mode):
         x32 = (np.asarray(xq, np.float64) * np.asarray(xs, np.float64)).reshape(3, 5, k)
     want = x32 @ np.asarray(q.dequantize(jnp.float32), np.float64)
     np.testing.assert_allclose(np.asarray(y, np.float64), want, atol=0.02 * np.abs(want).max(), rtol=0.02)
-    # and the quantization error itself is what the format promises (dense weight within a step)
+    # and the weight error is within the format's rounding step (half a step of the largest scale)
     err = np.abs(np.asarray(q.dequantize(jnp.float32)) - np.asarray(w)).max()
-    assert err < {"int8": 0.002, "fp8": 0.01}.get(kind, 0.05) * np.abs(np.asarray(w)).max() * 10
+    amax = np.abs(np.asarray(w)).max()
+    bound = {"int8": amax / 254, "int4-sym": amax / 14, "int4-asym": 2 * amax / 15, "fp8": amax / 16}
+    if kind in bound:
+        assert 0 < err <= 1.05 * bound[kind]  # (bf16 scales add a little)
 
 
 def test_stacked_weights_run_under_scan():
