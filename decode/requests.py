@@ -47,6 +47,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int = 0  # 0: none; n > 0: the chosen token's logprob and the top-n alternatives
+    speculative: str | None = None  # None | "ngram" (prompt lookup) | "draft" (the engine's draft model)
+    num_draft_tokens: int = 4  # k: drafts per verification (the most, when the engine adapts k)
 
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first bad field."""
@@ -72,6 +74,12 @@ class SamplingParams:
                 raise RequestError("stop", "stop strings must be non-empty")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
             raise RequestError("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.speculative not in (None, "ngram", "draft"):
+            raise RequestError("speculative", f"must be None, 'ngram' or 'draft', got {self.speculative!r}")
+        if not isinstance(self.num_draft_tokens, int) or not 1 <= self.num_draft_tokens <= 16:
+            raise RequestError("num_draft_tokens", f"must be an integer in [1, 16], got {self.num_draft_tokens!r}")
+        if self.speculative and self.repetition_penalty != 1.0:
+            raise RequestError("speculative", "cannot be combined with a repetition penalty")
 
 
 @dataclass

@@ -135,9 +135,7 @@ class _Counters:
     tokens_out: int = 0
     preemptions: int = 0
     finished: dict = field(default_factory=dict)
-    verifications: int = 0  # speculative rows verified
-    drafted: int = 0  # draft tokens proposed
-    accepted: int = 0  # draft tokens accepted
+    spec: dict = field(default_factory=dict)  # drafter -> [rows verified, drafts proposed, drafts accepted]
 
 
 class Scheduler:
@@ -263,12 +261,8 @@ class Scheduler:
                 "tokens_out": self.counters.tokens_out,
                 "preemptions": self.counters.preemptions,
                 "finished": dict(self.counters.finished),
-                "spec_verifications": c.verifications,
-                "spec_draft_tokens": c.drafted,
-                "spec_accepted_tokens": c.accepted,
-                # drafts accepted per draft proposed; tokens emitted per verification (accepted + 1)
-                "spec_acceptance_rate": c.accepted / c.drafted if c.drafted else 0.0,
-                "spec_mean_accepted_length": (c.accepted + c.verifications) / c.verifications if c.verifications else 0.0,
+                **_spec_stats("spec", [sum(v) for v in zip([0, 0, 0], *c.spec.values())]),
+                **{k: v for name, counts in c.spec.items() for k, v in _spec_stats(f"spec_{name}", counts).items()},
             }
 
     def start(self) -> None:
@@ -573,8 +567,9 @@ class Scheduler:
         seq.num_computed -= drafted - accepted
         if drafted == 0:
             return
-        c = self.counters
-        c.verifications, c.drafted, c.accepted = c.verifications + 1, c.drafted + drafted, c.accepted + accepted
+        counts = self.counters.spec.setdefault(seq.req.sampling.speculative, [0, 0, 0])
+        for i, n in enumerate((1, drafted, accepted)):
+            counts[i] += n
         seq.accept_rate = 0.7 * seq.accept_rate + 0.3 * accepted / drafted
         seq.k = adaptive_k(seq.accept_rate, seq.req.sampling.num_draft_tokens)
 
@@ -668,6 +663,16 @@ class Scheduler:
         for seq in live:
             if not seq.finished:
                 self._finish(seq, "error", error=message)
+
+
+def _spec_stats(prefix: str, counts) -> dict:
+    """Acceptance rate: drafts accepted per draft proposed; mean accepted length: tokens a
+    verification yields (accepted drafts + the target's own token)."""
+    verified, drafted, accepted = counts
+    return {f"{prefix}_verifications": verified, f"{prefix}_draft_tokens": drafted,
+            f"{prefix}_accepted_tokens": accepted,
+            f"{prefix}_acceptance_rate": accepted / drafted if drafted else 0.0,
+            f"{prefix}_mean_accepted_length": (accepted + verified) / verified if verified else 0.0}
 
 
 def request_from_params(request_id: str, prompt_ids: list[int], sampling: SamplingParams, **kw) -> Request:

@@ -1,0 +1,391 @@
+"""Speculative decoding: drafters propose k tokens, the target verifies them in one ragged step.
+
+A speculative sequence contributes k + 1 query tokens to the target's step: its last known token
+and its k drafts d_1..d_k. The target's logits at those k + 1 positions give p_0..p_k, where p_j
+is the next-token distribution after d_j. `accept_drafts` then keeps the longest acceptable
+prefix d_1..d_a and appends one more token, so every verification yields 1..k+1 tokens:
+
+- greedy rows accept d_{j+1} while it equals argmax p_j, then append argmax p_a (exactly the
+  tokens plain greedy decoding produces);
+- sampled rows use the rejection rule of Leviathan et al. 2023 ("Fast Inference from Transformers
+  via Speculative Decoding", Alg. 1) / Chen et al. 2023: accept d_{j+1} with probability
+  min(1, p_j(d) / q_j(d)); at the first rejection sample from norm(max(0, p_j - q_j)); if all k
+  are accepted sample the bonus token from p_k. The emitted tokens are distributed exactly as
+  the target's. For the n-gram drafter q_j is a point mass on d_{j+1}.
+
+Rejected tokens' K/V stay in the pool but the sequence's computed length is not advanced past
+the accepted ones, so the next step overwrites them.
+
+Two drafters share one interface (`propose`, `release`):
+
+- `NgramDrafter`: prompt lookup on the host, the continuation of the most recent earlier
+  occurrence of the longest suffix n-gram of the request's own tokens (no model);
+- `DraftModelDrafter`: a smaller model with the target's tokenizer and its own paged KV pool. It
+  catches up on the tokens it has not seen and then runs k decode steps on device in one jitted
+  call of its own (`draft_step`); the drafts come back to the host (one small copy) and the draft
+  distributions q stay on device and go straight into the target's verification step.
+
+The scheduler (`decode/scheduler.py`) verifies with `verify_step` and reads every speculative
+step back before it builds the next one: the next drafts depend on what was accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from pallax.model.config import ModelConfig
+from pallax.model.decoder import forward
+
+from .engine import TOP_LOGPROBS, PagedCache, StepBatch, apply_repetition_penalty, empty_batch, to_device
+from .kv_cache import PageAllocator, PagePool, create_pool
+from .sampling import SamplingArrays, filtered_logits, row_keys, sample
+
+MAX_DRAFT_TOKENS = 16  # the largest k a request may ask for
+
+
+# -- acceptance --------------------------------------------------------------------------------
+def accept_drafts(logits, drafts, num_drafts, q, point_mass, sampling: SamplingArrays, seeds, sample_steps,
+                  *, residual: bool = True):
+    """Verify drafts against the target's logits.
+
+    logits [S, K+1, V]: target logits after the last known token and after each draft;
+    drafts [S, K] int32; num_drafts [S] int32 (0..K; 0 is a plain decode row);
+    q [S, K, V] draft probabilities, or None when every row's drafts are point masses;
+    point_mass [S] bool: rows whose q is a point mass on their drafts (n-gram lookup).
+    Token j of a row is sampled with the key of token index sample_steps + j, so a row with no
+    drafts samples exactly as the plain engine step does.
+    `residual=False` resamples from p instead of norm(max(0, p - q)) on rejection: the naive,
+    biased rule, kept so the distribution test can show that it detects it.
+
+    Returns tokens [S, K+1] (the first `counts` are the emitted ones) and counts [S] in 1..K+1.
+    """
+    S, K1, V = logits.shape
+    K = K1 - 1
+    greedy = sampling.temperature <= 0
+    j = jnp.arange(K1)[None]
+    padded = jnp.concatenate([drafts, jnp.zeros((S, 1), drafts.dtype)], axis=1)
+
+    def emit(ok, last_at):  # ok [S, K] per draft; last_at(a) [S]: the token after the accepted ones
+        ok &= jnp.arange(K)[None] < num_drafts[:, None]
+        a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [S] accepted drafts
+        tokens = jnp.where(j < a[:, None], padded, jnp.where(j == a[:, None], last_at(a)[:, None], 0))
+        return tokens.astype(jnp.int32), a + 1
+
+    def all_greedy():
+        best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [S, K1]
+        return emit(best[:, :K] == drafts, lambda a: best[jnp.arange(S), a])
+
+    def any_sampled():
+        per_pos = lambda x: jnp.repeat(x, K1)  # noqa: E731  [S] -> [S * K1]
+        flat_sampling = SamplingArrays(*(per_pos(x) for x in (sampling.temperature, sampling.top_k,
+                                                               sampling.top_p, sampling.min_p)))
+        steps = sample_steps[:, None] + jnp.arange(K1, dtype=sample_steps.dtype)  # [S, K1]
+        keys = row_keys(per_pos(seeds), steps.reshape(-1))  # [S * K1]
+        flat = logits.reshape(S * K1, V)
+        from_p = sample(flat, flat_sampling, keys).reshape(S, K1)  # greedy rows: argmax p_j
+        p = jax.nn.softmax(filtered_logits(flat, flat_sampling), axis=-1).reshape(S, K1, V)[:, :K]
+        one_hot = jax.nn.one_hot(drafts, V, dtype=p.dtype)  # [S, K, V]
+        qq = one_hot if q is None else jnp.where(point_mass[:, None, None], one_hot, q)
+        p_d = jnp.take_along_axis(p, drafts[..., None], axis=-1)[..., 0]  # [S, K]
+        q_d = jnp.take_along_axis(qq, drafts[..., None], axis=-1)[..., 0]
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1)))(keys).reshape(S, K1)[:, :K]
+        ok = jnp.where(greedy[:, None], from_p[:, :K] == drafts, u * q_d < p_d)  # u < p/q, no division
+        left = jnp.maximum(p - qq, 0.0) if residual else p
+        left = jnp.where(jnp.sum(left, axis=-1, keepdims=True) > 0, left, p)  # p == q: never rejected
+        rkeys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys).reshape(S, K1)[:, :K].reshape(-1)
+        redrawn = jax.vmap(jax.random.categorical)(rkeys, jnp.log(left).reshape(S * K, V)).reshape(S, K)
+        redrawn = jnp.concatenate([redrawn.astype(jnp.int32), from_p[:, K:]], axis=1)  # [S, K1]
+
+        def last_at(a):
+            rejected = (a < num_drafts) & ~greedy
+            return jnp.where(rejected, redrawn[jnp.arange(S), a], from_p[jnp.arange(S), a])
+
+        return emit(ok, last_at)
+
+    # Sorting V logits per position for top-p is the costly part: skip it for all-greedy steps.
+    return jax.lax.cond(jnp.any(~greedy), any_sampled, all_greedy)
+
+
+# -- the target's verification step ------------------------------------------------------------
+@struct.dataclass
+class SpecInputs:
+    """The speculative part of a step, [S] per sequence (host-built)."""
+
+    logit_rows: jax.Array  # [S, K+1] int32: token indices of the last known token and each draft
+    drafts: jax.Array  # [S, K] int32
+    num_drafts: jax.Array  # [S] int32
+    point_mass: jax.Array  # [S] bool: drafts from lookup (q is a point mass)
+
+
+@struct.dataclass
+class VerifyOutput:
+    tokens: jax.Array  # [K+1, S] int32; the first counts[s] of column s are emitted
+    logprob: jax.Array  # [K+1, S] f32
+    top_ids: jax.Array  # [K+1, S, TOP_LOGPROBS] int32
+    top_logprobs: jax.Array  # [K+1, S, TOP_LOGPROBS] f32
+    counts: jax.Array  # [S] int32
+
+
+def verify_step(params, pool: PagePool, batch: StepBatch, spec: SpecInputs, q, prev_tokens, *, config: ModelConfig):
+    """One ragged target step whose rows may carry drafts; q [S, K, V] or None (see accept_drafts).
+    Rows without drafts (decode, or the end of a prefill) sample one token as `engine_step` does."""
+    tokens = jnp.where(batch.from_prev >= 0, prev_tokens[jnp.maximum(batch.from_prev, 0)], batch.tokens)
+    S, K1 = spec.logit_rows.shape
+    cache = PagedCache(pool, batch.slots, batch.page_table, batch.query_start, batch.kv_lens, batch.num_seqs)
+    logits, cache = forward(params, tokens[None], batch.positions[None], cache, config=config,
+                            logit_indices=spec.logit_rows.reshape(1, S * K1))
+    # Speculative rows have no repetition penalty (the scheduler refuses the pair), so the window
+    # of position 0 is right for every row that uses only position 0.
+    logits = apply_repetition_penalty(logits[0], jnp.repeat(batch.recent, K1, axis=0), jnp.repeat(batch.penalty, K1))
+    out, counts = accept_drafts(logits.reshape(S, K1, -1), spec.drafts, spec.num_drafts, q, spec.point_mass,
+                                batch.sampling, batch.seeds, batch.sample_steps)
+    logp = jax.nn.log_softmax(logits, axis=-1)  # [S * K1, V]
+    chosen = jnp.take_along_axis(logp, out.reshape(-1, 1), axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    t = lambda x: jnp.swapaxes(x.reshape(S, K1, *x.shape[1:]), 0, 1)  # noqa: E731  [S*K1, ...] -> [K1, S, ...]
+    result = VerifyOutput(out.T, t(chosen), t(top_ids.astype(jnp.int32)), t(top_lp), counts)
+    return cache.pool, result, prev_tokens
+
+
+@functools.lru_cache(maxsize=None)
+def compile_verify(config: ModelConfig):
+    return jax.jit(functools.partial(verify_step, config=config), donate_argnums=(1,))
+
+
+def empty_spec(S: int, K: int) -> dict[str, np.ndarray]:
+    return {"logit_rows": np.zeros((S, K + 1), np.int32), "drafts": np.zeros((S, K), np.int32),
+            "num_drafts": np.zeros(S, np.int32), "point_mass": np.ones(S, bool)}
+
+
+# -- drafters ----------------------------------------------------------------------------------
+@dataclass
+class DraftRequest:
+    """One row to draft for: the target's batch row, the request's tokens and sampling, and k."""
+
+    row: int
+    key: str  # the request id
+    tokens: list[int]  # every known token (prompt + generated); the last one is not yet computed
+    k: int
+    sampling: object  # SamplingParams
+    n_sampled: int  # index of the token the first draft stands for (for the draft's keys)
+
+
+class NgramDrafter:
+    """Prompt lookup (Saxena 2023, "Prompt Lookup Decoding"): find the most recent earlier
+    occurrence of the longest suffix n-gram (max_n down to min_n tokens) of the request's tokens
+    and propose the tokens that followed it."""
+
+    name = "ngram"
+
+    def __init__(self, max_n: int = 4, min_n: int = 1, window: int = 4096):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n=}, {max_n=}")
+        self.max_n, self.min_n, self.window = max_n, min_n, window
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        arr = np.asarray(tokens[-self.window:], np.int32)
+        L = len(arr)
+        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. L-1-n
+            hits = np.flatnonzero((windows == arr[L - n:]).all(axis=1))
+            if len(hits):
+                start = hits[-1] + n
+                return arr[start:start + k].tolist()
+        return []
+
+    def propose(self, requests: list[DraftRequest], S: int, K: int):
+        return [self.lookup(r.tokens, r.k) for r in requests], None
+
+    def release(self, key: str) -> None:
+        pass
+
+    def warmup(self, buckets, S: int, K: int) -> None:
+        pass
+
+
+@dataclass
+class _DraftState:
+    pages: list[int] = field(default_factory=list)
+    computed: int = 0  # positions whose draft K/V are valid
+    base: int = 0  # len(tokens) when the last drafts were fed
+    fed: list[int] = field(default_factory=list)  # drafts fed to the draft model at base, base+1, ...
+
+
+def draft_step(params, pool: PagePool, batch: StepBatch, limits, rows, *, config: ModelConfig, k: int,
+               S_out: int, K_out: int):
+    """The draft model catches up on a ragged batch of its unseen tokens, then drafts k tokens per
+    row by k - 1 decode steps on device. limits [S]: positions the row may write (its pages; a
+    chunk-only row gets its chunk end). rows [S]: the target batch row of each draft row (S_out:
+    none). Returns the pool, drafts [S, k] and their probabilities by target row [S_out, K_out, V]."""
+    S = batch.kv_lens.shape[0]
+    last = jnp.maximum(batch.query_start[1:] - 1, 0)
+    keys_for = lambda steps: jax.vmap(lambda key: jax.random.fold_in(key, 3))(row_keys(batch.seeds, steps))  # noqa: E731
+
+    def draw(logits, steps):  # greedy rows' q is never read: skip the top-p sort when all are greedy
+        def sampled():
+            probs = jax.nn.softmax(filtered_logits(logits, batch.sampling), axis=-1)
+            return sample(logits, batch.sampling, keys_for(steps)), probs
+
+        greedy = lambda: (jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros_like(logits))  # noqa: E731
+        return jax.lax.cond(jnp.any(batch.sampling.temperature > 0), sampled, greedy)
+
+    cache = PagedCache(pool, batch.slots, batch.page_table, batch.query_start, batch.kv_lens, batch.num_seqs)
+    logits, cache = forward(params, batch.tokens[None], batch.positions[None], cache, config=config,
+                            logit_indices=last[None])
+    first, q0 = draw(logits[0], batch.sample_steps)
+    pos0 = batch.positions[last]
+    live = jnp.arange(S) < batch.num_seqs
+    qs = jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), batch.num_seqs)
+    ps = pool.page_size
+
+    def body(carry, i):
+        pool, tok = carry
+        pos = pos0 + i
+        page = jnp.take_along_axis(batch.page_table, (pos // ps)[:, None], axis=1)[:, 0]
+        slots = jnp.where(live & (pos < limits), page * ps + pos % ps, -1)
+        cache = PagedCache(pool, slots, batch.page_table, qs, batch.kv_lens + i, batch.num_seqs)
+        logits, cache = forward(params, tok[None], pos[None], cache, config=config)
+        tok, q = draw(logits[0], batch.sample_steps + i)
+        return (cache.pool, tok), (tok, q)
+
+    (pool, _), (toks, probs) = jax.lax.scan(body, (cache.pool, first), jnp.arange(1, k, dtype=jnp.int32))
+    toks = jnp.concatenate([first[None], toks], axis=0).T  # [S, k]
+    probs = jnp.swapaxes(jnp.concatenate([q0[None], probs], axis=0), 0, 1)  # [S, k, V]
+    out = jnp.zeros((S_out, K_out, probs.shape[-1]), probs.dtype).at[rows, :k].set(probs, mode="drop")
+    return pool, toks, out
+
+
+class DraftModelDrafter:
+    """A draft LLM (same tokenizer as the target) with its own page pool and allocator."""
+
+    name = "draft"
+
+    def __init__(self, llm, *, num_pages: int, page_size: int, max_pages: int, buckets: list[int]):
+        self.llm = llm
+        kv_dtype = str(llm.params["embed"].dtype)
+        if isinstance(llm.params["layers"], (list, tuple)):  # unstacked weights run per-layer pages
+            self.pool = create_pool(llm.config, num_pages, page_size, kv_dtype, per_layer=True)
+        else:
+            self.pool = create_pool(llm.config, num_pages, page_size, kv_dtype)
+        self.allocator = PageAllocator(num_pages)
+        self.page_size, self.max_pages, self.buckets = page_size, max_pages, buckets
+        self.state: dict[str, _DraftState] = {}
+        self._fns: dict = {}
+
+    def _fn(self, k: int, S_out: int, K_out: int):
+        if (k, S_out, K_out) not in self._fns:
+            fn = functools.partial(draft_step, config=self.llm.config, k=k, S_out=S_out, K_out=K_out)
+            self._fns[k, S_out, K_out] = jax.jit(fn, donate_argnums=(1,))
+        return self._fns[k, S_out, K_out]
+
+    def release(self, key: str) -> None:
+        st = self.state.pop(key, None)
+        if st is not None:
+            self.allocator.release(st.pages)
+
+    def warmup(self, S: int, K: int) -> None:
+        for T in self.buckets:
+            for k in _k_buckets(K):
+                toks, _ = self._run(empty_batch(T, S, self.max_pages), 0, np.zeros(S, np.int32),
+                                    np.full(S, S, np.int32), k, S, K)
+                jax.block_until_ready(toks)
+
+    def _run(self, host, num_seqs, limits, rows, k, S_out, K_out):
+        batch = to_device(host, num_seqs)
+        fn = self._fn(k, S_out, K_out)
+        self.pool, toks, probs = fn(self.llm.params, self.pool, batch, jnp.asarray(limits), jnp.asarray(rows))
+        return toks, probs
+
+    def propose(self, requests: list[DraftRequest], S: int, K: int):
+        """Drafts for each request (possibly fewer than asked, or none when out of pages) and
+        their probabilities [S, k, V] by target row (None when nothing was drafted)."""
+        ps = self.page_size
+        todo = []
+        for r in requests:
+            st = self.state.setdefault(r.key, _DraftState())
+            if st.fed:  # the drafts fed last time are valid K/V as far as they were accepted
+                got = r.tokens[st.base:st.base + len(st.fed)]
+                match = next((i for i, (a, b) in enumerate(zip(st.fed, got)) if a != b), min(len(st.fed), len(got)))
+                st.computed = min(st.computed, st.base + match)
+                st.fed = []
+            st.computed = min(st.computed, len(r.tokens) - 1)
+            need = -(-(len(r.tokens) + r.k - 1) // ps) - len(st.pages)
+            if need > self.allocator.num_free:
+                continue
+            if need > 0:
+                st.pages += self.allocator.allocate(need)
+            todo.append((r, st))
+        drafts: dict[int, list[int]] = {}
+        if not todo:
+            return [[] for _ in requests], None
+        k = next(b for b in _k_buckets(K) if b >= max(r.k for r, _ in todo))
+        probs = None
+        budget = self.buckets[-1]
+        while todo:
+            share = budget // len(todo)  # long catch-ups (a prompt) go in chunks
+            T = sum(min(len(r.tokens) - st.computed, share) for r, st in todo)
+            host = empty_batch(next(b for b in self.buckets if b >= T), S, self.max_pages)
+            limits, rows = np.zeros(S, np.int32), np.full(S, S, np.int32)  # row S: dropped
+            t, final = 0, []
+            for i, (r, st) in enumerate(todo):
+                n = min(len(r.tokens) - st.computed, share)
+                end = st.computed + n
+                for pos in range(st.computed, end):
+                    host["tokens"][t] = r.tokens[pos]
+                    host["positions"][t] = pos
+                    host["slots"][t] = st.pages[pos // ps] * ps + pos % ps
+                    t += 1
+                host["query_start"][i + 1] = t
+                host["kv_lens"][i] = end
+                host["page_table"][i, :len(st.pages)] = st.pages
+                done = end == len(r.tokens)
+                limits[i] = len(st.pages) * ps if done else end
+                rows[i] = r.row if done else S
+                _fill_sampling(host, i, r)
+                st.computed = end
+                final.append(done)
+            host["query_start"][len(todo) + 1:] = t
+            toks, probs_now = self._run(host, len(todo), limits, rows, k, S, K)
+            toks = np.asarray(toks)
+            for i, ((r, st), done) in enumerate(zip(todo, final)):
+                if done:
+                    drafts[r.row] = toks[i, :r.k].tolist()
+                    # fed at base, base + 1, ...: the drafts before the last one asked for (the
+                    # k bucket may have fed more, past the pages this row holds: not kept)
+                    st.base, st.fed = len(r.tokens), drafts[r.row][:r.k - 1]
+                    st.computed = st.base + len(st.fed)
+            probs = probs_now if probs is None else probs + probs_now  # rows are disjoint
+            todo = [x for x, done in zip(todo, final) if not done]
+        return [drafts.get(r.row, []) for r in requests], probs
+
+
+def _k_buckets(K: int) -> list[int]:
+    b = [1]
+    while b[-1] < K:
+        b.append(min(b[-1] * 2, K))
+    return b
+
+
+def _fill_sampling(host, i, r: DraftRequest) -> None:
+    sp = r.sampling
+    host["sample_steps"][i] = r.n_sampled
+    host["seeds"][i] = sp.seed
+    host["temperature"][i], host["top_k"][i] = sp.temperature, sp.top_k
+    host["top_p"][i], host["min_p"][i] = sp.top_p, sp.min_p
+
+
+def adaptive_k(rate: float, k_max: int, miss: float = 0.2) -> int:
+    """Drafts worth proposing at a per-token acceptance rate: the smallest k with rate**k < miss
+    (the chance that all k survive), within 1..k_max."""
+    if rate <= 0:
+        return 1
+    if rate >= 1:
+        return k_max
+    return max(1, min(k_max, math.ceil(math.log(miss) / math.log(rate))))

