@@ -206,7 +206,7 @@ class NgramDrafter:
     def release(self, key: str) -> None:
         pass
 
-    def warmup(self, buckets, S: int, K: int) -> None:
+    def warmup(self, S: int, K: int) -> None:
         pass
 
 

