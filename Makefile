@@ -1,5 +1,7 @@
 # pallax: setup, run, test. Every target creates the virtual environment first if needed.
-PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo $(HOME)/.pyenv/versions/3.12.1/bin/python3.12)
+# The first interpreter that runs and is Python >= 3.11 (3.12 preferred: the GPU image's version).
+PYTHON ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12.1/bin/python3.12 python3.11 python3; do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo "$$p" && break; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
