@@ -101,17 +101,27 @@ class LLM:
         top_k: int = 0,
         min_p: float = 0.0,
         seed: int = 0,
+        speculative: str | None = None,
+        draft_model: "LLM | str | None" = None,
+        num_draft_tokens: int = 4,
         **sampling,
     ) -> list[Completion]:
         """Complete each prompt (text, or a list of token ids) on the paged engine, all at once
         (continuous batching). Extra keywords are `SamplingParams` fields (stop, stop_token_ids,
-        repetition_penalty, ignore_eos, logprobs)."""
+        repetition_penalty, ignore_eos, logprobs).
+
+        Speculative decoding: `speculative="ngram"` drafts by prompt lookup; `speculative="draft"`
+        drafts with `draft_model` (an LLM or a model name sharing this model's tokenizer). Up to
+        `num_draft_tokens` drafts are verified per step; the output distribution is unchanged
+        (greedy output is identical)."""
         prompt_list = [prompts] if _is_single(prompts) else list(prompts)
         if not prompt_list:
             raise ValueError("generate: no prompts given")
+        sampling = _speculative_options(speculative, num_draft_tokens, sampling)
         params = _sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, sampling)
         ids = [self._prompt_ids(p) for p in prompt_list]
         engine = self.engine()
+        self._use_draft_model(engine, speculative, draft_model)
         for p in ids:  # validate everything before submitting anything
             engine.validate(_request("check", p, params))
         results: list[list] = [[] for _ in ids]
@@ -129,11 +139,17 @@ class LLM:
         top_k: int = 0,
         min_p: float = 0.0,
         seed: int = 0,
+        speculative: str | None = None,
+        draft_model: "LLM | str | None" = None,
+        num_draft_tokens: int = 4,
         **sampling,
     ) -> Iterator[Delta]:
-        """Yield each generated token with the text it completes (whole UTF-8 characters only)."""
+        """Yield each generated token with the text it completes (whole UTF-8 characters only).
+        Speculative options as in `generate`."""
+        sampling = _speculative_options(speculative, num_draft_tokens, sampling)
         params = _sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, sampling)
         engine = self.engine()
+        self._use_draft_model(engine, speculative, draft_model)
         outs: list = []
         rid = f"stream-{id(outs)}"
         engine.submit(_request(rid, self._prompt_ids(prompt), params), outs.append)
@@ -156,6 +172,18 @@ class LLM:
                 engine.run_until_idle()
 
     # -- internals -----------------------------------------------------------------------------
+    def _use_draft_model(self, engine, speculative, draft_model) -> None:
+        if speculative != "draft":
+            if draft_model is not None:
+                raise ValueError('draft_model is only used with speculative="draft"')
+            return
+        if draft_model is None:
+            raise ValueError('speculative="draft" needs a draft_model')
+        draft = load(draft_model, dtype=self.dtype) if isinstance(draft_model, (str, os.PathLike)) else draft_model
+        current = engine.drafters.get("draft")
+        if current is None or current.llm is not draft:
+            engine.attach_draft_model(draft)
+
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
@@ -195,8 +223,16 @@ def _default_engine_config():
     from pallax.decode.scheduler import EngineConfig
 
     if jax.default_backend() == "cpu":
-        return EngineConfig(max_seqs=8, token_budget=256, num_pages=512, decode_steps=4)
-    return EngineConfig()
+        return EngineConfig(max_seqs=8, token_budget=256, num_pages=512, decode_steps=4, max_draft_tokens=8)
+    return EngineConfig(max_draft_tokens=8)
+
+
+def _speculative_options(speculative, num_draft_tokens, extra: dict) -> dict:
+    if speculative not in (None, "ngram", "draft"):
+        raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {speculative!r}")
+    if not isinstance(num_draft_tokens, (int, np.integer)) or not 1 <= num_draft_tokens <= 16:
+        raise ValueError(f"num_draft_tokens must be an integer in [1, 16], got {num_draft_tokens!r}")
+    return dict(extra, speculative=speculative, num_draft_tokens=int(num_draft_tokens)) if speculative else extra
 
 
 def _sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, extra) -> SamplingParams:

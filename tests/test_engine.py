@@ -40,12 +40,9 @@ def engine(smollm_f32):
     _assert_all_free(e)
 
 
-def test_alone_and_concurrent(engine, reference):
+def test_concurrent(engine, reference):
+    """All cases at once (each alone runs in tests/test_model.py through `generate`)."""
     cases = reference["cases"]
-    for case in cases[:3]:
-        outs = _run(engine, [case["input_ids"]])[0]
-        assert _tokens(outs) == case["greedy_ids"]
-        _assert_all_free(engine)
     outs = _run(engine, [c["input_ids"] for c in cases])
     for case, o in zip(cases, outs):
         assert _tokens(o) == case["greedy_ids"]
@@ -69,8 +66,8 @@ def test_arrivals_mid_flight(engine, reference):
     _assert_all_free(engine)
 
 
-def test_prefix_cache_hits(smollm_f32, reference):
-    e = smollm_f32.engine(EngineConfig(max_seqs=4, token_budget=128, num_pages=128, decode_steps=2))
+def test_prefix_cache_hits(engine, smollm_f32, reference):
+    e = engine
     tok = smollm_f32.tokenizer
     chats = [c for c in reference["cases"] if c["kind"] == "chat"]
     first = _run(e, [chats[0]["input_ids"]])[0]
@@ -196,10 +193,11 @@ def test_int8_kv_cache(smollm_f32, reference):
 
 def test_no_compilation_after_warmup(smollm_f32, reference):
     e = smollm_f32.engine(EngineConfig(max_seqs=4, token_budget=64, num_pages=96, decode_steps=4))
+    before = e.compiled_programs()  # step programs are shared by engines of the same model
     e.warmup()
     n = e.compiled_programs()
-    # every token bucket, plus the multi-step decode program for every decode batch bucket
-    assert n == len(e.buckets) + len(e.cfg.seq_buckets())
+    # at most every token bucket, plus the multi-step decode program for every decode batch bucket
+    assert 0 < n - before <= len(e.buckets) + len(e.cfg.seq_buckets())
     _run(e, [c["input_ids"] for c in reference["cases"]], SamplingParams(max_tokens=20))
     _run(e, [reference["cases"][1]["input_ids"]], SamplingParams(max_tokens=5, temperature=0.5, logprobs=3))
     assert e.compiled_programs() == n
