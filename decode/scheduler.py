@@ -59,7 +59,7 @@ class EngineConfig:
     decode_steps: int = 4  # on-device decode steps per call when nothing else waits
     prefix_caching: bool = True
     max_context: int | None = None  # None: the model's context length
-    unstack_layers: bool | None = None  # per-layer weight buffers (None: on GPU); see decoder.forward
+    unstack_layers: bool | None = None  # per-layer weight and KV buffers (None: yes); see decoder.forward
     max_draft_tokens: int = 0  # K: the most drafts a speculative row may carry; 0: no speculation
     adaptive_draft: bool = True  # k follows each request's running acceptance rate (up to its k)
 
@@ -148,7 +148,10 @@ class Scheduler:
         self.model_name = mc.name
         self.vocab_size = mc.vocab_size
         self.eos_ids = frozenset(llm.tokenizer.eos_ids)
-        unstack = cfg.unstack_layers if cfg.unstack_layers is not None else jax.default_backend() == "gpu"
+        # Per-layer buffers everywhere by default: with stacked layers the pool is carried through
+        # the layer scan, and inside the multi-step decode scan XLA copies it every layer (seconds
+        # per call on a CPU); on a GPU stacked weights are also copied per layer.
+        unstack = cfg.unstack_layers if cfg.unstack_layers is not None else True
         if unstack:
             llm.params = unstack_layers(llm.params)  # the LLM's other paths run this layout too
         kv_dtype = cfg.kv_dtype or str(llm.params["embed"].dtype)
