@@ -61,16 +61,19 @@ def test_perplexity_matches_reference(smollm_f32, reference):
 
 
 def test_decode_step_compiles_once(smollm_f32):
-    """The per-token step compiles once per shape bucket, not once per token or per prompt."""
-    from pallax.api import LLM
-
-    llm = LLM(smollm_f32.config, smollm_f32.params, smollm_f32.tokenizer, smollm_f32.dtype)
-    llm.generate("Once upon a time", max_tokens=20)
-    step = llm._decoder.step
-    assert step._cache_size() == 1
-    llm.generate("A different prompt of another length entirely", max_tokens=24)
-    llm.generate("Short", max_tokens=3, temperature=0.7, seed=5)
-    assert step._cache_size() == 1
+    """`generate` compiles a step program once per shape bucket, never per token or per prompt."""
+    engine = smollm_f32.engine()
+    calls = [(("Once upon a time",), dict(max_tokens=20)),
+             (("A different prompt of another length entirely",), dict(max_tokens=24)),
+             ((["Short", "Two prompts at once"],), dict(max_tokens=3, temperature=0.7, seed=5))]
+    for args, kw in calls:
+        smollm_f32.generate(*args, **kw)
+    n = engine.compiled_programs()
+    assert 0 < n <= len(engine.buckets) + len(engine.cfg.seq_buckets())
+    for args, kw in calls:  # other prompts and seeds of the same shapes
+        smollm_f32.generate(*args, **dict(kw, seed=kw.get("seed", 0) + 1))
+    smollm_f32.generate("Yet another prompt", max_tokens=17)
+    assert engine.compiled_programs() == n
 
 
 def test_stream_equals_generate(smollm_f32, reference):
