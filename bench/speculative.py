@@ -143,10 +143,11 @@ def _tokens_per_s(llm, prompt, max_tokens, repeats=3, draft=None, **spec) -> flo
     from pallax.decode.requests import Request, SamplingParams
     from pallax.decode.scheduler import EngineConfig
 
-    eng = llm.engine(EngineConfig(max_seqs=4, token_budget=256, num_pages=256, decode_steps=4, max_draft_tokens=8,
+    # batch 1: one sequence bucket and two token buckets keep warm-up compilation short
+    eng = llm.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=64, decode_steps=4, max_draft_tokens=8,
                                   adaptive_draft=False))
     if draft is not None:
-        eng.attach_draft_model(draft, num_pages=256)
+        eng.attach_draft_model(draft, num_pages=64)
     eng.warmup()
     best = 0.0
     for r in range(repeats + 1):  # the first run is discarded

@@ -55,6 +55,9 @@ class StepBatch:
     sampling: SamplingArrays  # [S] each
 
 
+_BATCH_FIELDS = [f for f in StepBatch.__dataclass_fields__ if f != "sampling"]
+
+
 @struct.dataclass
 class StepOutput:
     tokens: jax.Array  # [n_steps, S] int32
@@ -162,10 +165,11 @@ def _sample_rows(logits, batch: StepBatch, sample_steps):
     return tokens, chosen, top_ids.astype(jnp.int32), top_lp
 
 
-def engine_step(params, pool: PagePool, batch: StepBatch, prev_tokens, *, config: ModelConfig, n_steps: int):
-    """Run the batch (and, for pure decode, n_steps - 1 further steps); returns the pool, the
-    StepOutput and the last sampled tokens padded to prev_tokens' fixed length (the next call's
-    `prev_tokens`, whatever its batch size)."""
+def engine_step(params, pool: PagePool, packed: Packed, prev_tokens, *, config: ModelConfig, n_steps: int):
+    """Run the batch (`to_device` of `empty_batch`-shaped buffers; for pure decode, n_steps - 1
+    further steps too); returns the pool, the StepOutput and the last sampled tokens padded to
+    prev_tokens' fixed length (the next call's `prev_tokens`, whatever its batch size)."""
+    batch = step_batch(packed.unpack())
     tokens = jnp.where(batch.from_prev >= 0, prev_tokens[jnp.maximum(batch.from_prev, 0)], batch.tokens)
     S = batch.kv_lens.shape[0]
     last = jnp.maximum(batch.query_start[1:] - 1, 0)  # [S] index of each sequence's last token
@@ -231,9 +235,62 @@ def empty_batch(T: int, S: int, max_pages: int) -> dict[str, np.ndarray]:
     }
 
 
-def to_device(host: dict[str, np.ndarray], num_seqs: int) -> StepBatch:
-    """One transfer of every host buffer (a single `device_put` of the tree, not one op each)."""
-    host = dict(host, num_seqs=np.int32(num_seqs))
-    dev = jax.device_put(host)
-    sampling = SamplingArrays(dev.pop("temperature"), dev.pop("top_k"), dev.pop("top_p"), dev.pop("min_p"))
-    return StepBatch(sampling=sampling, **dev)
+@struct.dataclass
+class Packed:
+    """Host buffers as two device arrays: every integer and bool buffer flattened into one int32
+    vector, every float32 buffer into one f32 vector. A step's inputs are a dozen or more small
+    arrays; one transfer each costs more host time than the model step at batch 1, while the
+    slices that unpack them inside the jitted program cost nothing."""
+
+    ints: jax.Array  # [n] int32
+    floats: jax.Array  # [m] f32
+    layout: tuple = struct.field(pytree_node=False)  # (name, shape, dtype, offset) per buffer
+
+    def unpack(self) -> dict[str, jax.Array]:
+        out = {}
+        for name, shape, dtype, offset in self.layout:
+            end = offset + int(np.prod(shape))
+            if dtype == np.float32:
+                x = self.floats[offset:end]
+            elif dtype == np.bool_:
+                x = self.ints[offset:end] != 0
+            else:
+                x = jax.lax.bitcast_convert_type(self.ints[offset:end], dtype)
+            out[name] = x.reshape(shape)
+        return out
+
+
+_INT_KINDS = (np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.bool_))
+
+
+def pack(host: dict[str, np.ndarray]) -> Packed:
+    """Put a dict of int32 / uint32 / bool / float32 host buffers on the device in one transfer
+    per kind (`Packed.unpack` restores them, in the jitted program)."""
+    ints, floats, layout, n_int, n_float = [], [], [], 0, 0
+    for name, x in host.items():
+        x = np.asarray(x)
+        if x.dtype == np.float32:
+            layout.append((name, x.shape, x.dtype, n_float))
+            floats.append(x.reshape(-1))
+            n_float += x.size
+        elif x.dtype in _INT_KINDS:
+            layout.append((name, x.shape, x.dtype, n_int))
+            ints.append(x.reshape(-1).astype(np.int32) if x.dtype == np.bool_ else x.reshape(-1).view(np.int32))
+            n_int += x.size
+        else:
+            raise TypeError(f"cannot pack {name!r} of dtype {x.dtype} (int32, uint32, bool or float32)")
+    dev = jax.device_put((np.concatenate(ints) if ints else np.zeros(0, np.int32),
+                          np.concatenate(floats) if floats else np.zeros(0, np.float32)))
+    return Packed(*dev, tuple(layout))
+
+
+def to_device(host: dict[str, np.ndarray], num_seqs: int) -> Packed:
+    """A step's host buffers (plus any extra ones a step takes, e.g. speculative inputs) on the
+    device in two transfers; the step rebuilds them with `step_batch`."""
+    return pack(dict(host, num_seqs=np.int32(num_seqs)))
+
+
+def step_batch(fields: dict[str, jax.Array]) -> StepBatch:
+    """The StepBatch among unpacked fields (consumed from the dict; what remains is the caller's)."""
+    sampling = SamplingArrays(*(fields.pop(k) for k in ("temperature", "top_k", "top_p", "min_p")))
+    return StepBatch(sampling=sampling, **{f: fields.pop(f) for f in _BATCH_FIELDS})

@@ -37,8 +37,7 @@ import numpy as np
 from pallax.model.decoder import unstack_layers
 
 from .engine import TOP_LOGPROBS, PENALTY_WINDOW, compile_step, empty_batch, to_device
-from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_verify, empty_spec,
-                          SpecInputs)
+from .speculative import DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_verify, empty_spec
 from .kv_cache import KV_DTYPES, OutOfPages, PageAllocator, create_pool, pages_for_budget
 from .prefix_cache import PrefixCache
 from .requests import (Callback, QueueFull, Request, RequestError, RequestOutput, SamplingParams,
@@ -72,7 +71,7 @@ class EngineConfig:
         return sorted(set(b + [self.max_seqs]))
 
     def token_buckets(self) -> list[int]:
-        b = [self.max_seqs] + [t for t in (64, 128, 256, 1024, 4096) if self.max_seqs < t < self.token_budget]
+        b = [self.max_seqs] + [t for t in (16, 64, 128, 256, 1024, 4096) if self.max_seqs < t < self.token_budget]
         return sorted(set(b + [max(self.token_budget, self.max_seqs)]))
 
 
@@ -309,10 +308,8 @@ class Scheduler:
                 for q in (None, "draft") if "draft" in self.drafters else (None,):
                     if q is not None:
                         q = jax.numpy.zeros((S, K, self.vocab_size), jax.numpy.float32)
-                    batch = to_device(empty_batch(T, S, self.max_pages), 0)
-                    self.pool, out, _ = self._verify(self.llm.params, self.pool, batch,
-                                                     SpecInputs(**jax.device_put(empty_spec(S, K))), q,
-                                                     self._prev_tokens)
+                    packed = to_device(dict(empty_batch(T, S, self.max_pages), **empty_spec(S, K)), 0)
+                    self.pool, out, _ = self._verify(self.llm.params, self.pool, packed, q, self._prev_tokens)
                     jax.block_until_ready(out.tokens)
             for drafter in self.drafters.values():
                 drafter.warmup(S, K)
@@ -493,11 +490,11 @@ class Scheduler:
                 seq.n_sampled += samples
             t += n_in
         host["query_start"][len(plan) + 1:] = t
-        batch = to_device(host, len(plan))
         if speculative:
-            self.pool, out, self._prev_tokens = self._verify(self.llm.params, self.pool, batch,
-                                                             SpecInputs(**jax.device_put(spec)), q, self._prev_tokens)
+            batch = to_device(dict(host, **spec), len(plan))
+            self.pool, out, self._prev_tokens = self._verify(self.llm.params, self.pool, batch, q, self._prev_tokens)
         else:
+            batch = to_device(host, len(plan))
             self.pool, out, self._prev_tokens = self._steps[n_steps](self.llm.params, self.pool, batch,
                                                                      self._prev_tokens)
         for x in jax.tree.leaves(out):

@@ -43,7 +43,7 @@ from flax import struct
 from pallax.model.config import ModelConfig
 from pallax.model.decoder import forward
 
-from .engine import TOP_LOGPROBS, PagedCache, StepBatch, apply_repetition_penalty, empty_batch, to_device
+from .engine import TOP_LOGPROBS, Packed, PagedCache, apply_repetition_penalty, empty_batch, step_batch, to_device
 from .kv_cache import PageAllocator, PagePool, create_pool
 from .sampling import SamplingArrays, filtered_logits, row_keys, sample
 
@@ -133,9 +133,13 @@ class VerifyOutput:
     counts: jax.Array  # [S] int32
 
 
-def verify_step(params, pool: PagePool, batch: StepBatch, spec: SpecInputs, q, prev_tokens, *, config: ModelConfig):
-    """One ragged target step whose rows may carry drafts; q [S, K, V] or None (see accept_drafts).
-    Rows without drafts (decode, or the end of a prefill) sample one token as `engine_step` does."""
+def verify_step(params, pool: PagePool, packed: Packed, q, prev_tokens, *, config: ModelConfig):
+    """One ragged target step whose rows may carry drafts: packed holds the step's buffers and
+    `empty_spec`'s; q [S, K, V] or None (see accept_drafts). Rows without drafts (decode, or the
+    end of a prefill) sample one token as `engine_step` does."""
+    fields = packed.unpack()
+    spec = SpecInputs(**{f: fields.pop(f) for f in SpecInputs.__dataclass_fields__})
+    batch = step_batch(fields)
     tokens = jnp.where(batch.from_prev >= 0, prev_tokens[jnp.maximum(batch.from_prev, 0)], batch.tokens)
     S, K1 = spec.logit_rows.shape
     cache = PagedCache(pool, batch.slots, batch.page_table, batch.query_start, batch.kv_lens, batch.num_seqs)
@@ -218,12 +222,15 @@ class _DraftState:
     fed: list[int] = field(default_factory=list)  # drafts fed to the draft model at base, base+1, ...
 
 
-def draft_step(params, pool: PagePool, batch: StepBatch, limits, rows, *, config: ModelConfig, k: int,
-               S_out: int, K_out: int):
+def draft_step(params, pool: PagePool, packed: Packed, *, config: ModelConfig, k: int, S_out: int, K_out: int):
     """The draft model catches up on a ragged batch of its unseen tokens, then drafts k tokens per
-    row by k - 1 decode steps on device. limits [S]: positions the row may write (its pages; a
-    chunk-only row gets its chunk end). rows [S]: the target batch row of each draft row (S_out:
-    none). Returns the pool, drafts [S, k] and their probabilities by target row [S_out, K_out, V]."""
+    row by k - 1 decode steps on device. Besides the step's buffers, packed holds limits [S]:
+    positions the row may write (its pages; a chunk-only row gets its chunk end), and rows [S]: the
+    target batch row of each draft row (S_out: none). Returns the pool, drafts [S, k] and their
+    probabilities by target row [S_out, K_out, V]."""
+    fields = packed.unpack()
+    limits, rows = fields.pop("limits"), fields.pop("rows")
+    batch = step_batch(fields)
     S = batch.kv_lens.shape[0]
     last = jnp.maximum(batch.query_start[1:] - 1, 0)
     keys_for = lambda steps: jax.vmap(lambda key: jax.random.fold_in(key, 3))(row_keys(batch.seeds, steps))  # noqa: E731
@@ -298,9 +305,8 @@ class DraftModelDrafter:
                 jax.block_until_ready(toks)
 
     def _run(self, host, num_seqs, limits, rows, k, S_out, K_out):
-        batch = to_device(host, num_seqs)
-        fn = self._fn(k, S_out, K_out)
-        self.pool, toks, probs = fn(self.llm.params, self.pool, batch, jnp.asarray(limits), jnp.asarray(rows))
+        packed = to_device(dict(host, limits=limits, rows=rows), num_seqs)
+        self.pool, toks, probs = self._fn(k, S_out, K_out)(self.llm.params, self.pool, packed)
         return toks, probs
 
     def propose(self, requests: list[DraftRequest], S: int, K: int):
