@@ -2,13 +2,15 @@
 
 Counters and histograms are updated by the servicer as requests run; gauges are read from
 `engine.stats()` at scrape time. The keys read from `stats()` (all optional, missing ones are
-not exported): `waiting`, `running`, `pages_total`, `pages_free`, `prefix_hit_rate` (or `prefix_cache_hit_rate`).
+not exported): `waiting`, `running`, `pages_total`, `pages_free`, `prefix_hit_rate` (or
+`prefix_cache_hit_rate`), and the speculative decoding keys `spec_<drafter>_<stat>` (see
+`decode/scheduler.py`), exported with a `drafter` label.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
@@ -40,6 +42,31 @@ class _EngineGauges:
         if s.get("pages_total"):
             used = 1.0 - float(s.get("pages_free", 0)) / float(s["pages_total"])
             yield GaugeMetricFamily("pallax_kv_page_utilization", "Fraction of KV pages in use.", value=used)
+        yield from _speculative(s)
+
+
+_SPEC = {  # stats() key suffix -> (metric, help, is a counter)
+    "verifications": ("pallax_spec_verifications", "Speculative rows verified.", True),
+    "draft_tokens": ("pallax_spec_draft_tokens", "Draft tokens proposed.", True),
+    "accepted_tokens": ("pallax_spec_accepted_tokens", "Draft tokens accepted.", True),
+    "acceptance_rate": ("pallax_spec_acceptance_rate", "Draft tokens accepted per draft token proposed.", False),
+    "mean_accepted_length": ("pallax_spec_mean_accepted_length", "Tokens a verification yields on average.", False),
+}
+
+
+def _speculative(stats: dict):
+    """Per-drafter speculative decoding metrics from `spec_<drafter>_<stat>` keys."""
+    for suffix, (name, doc, counter) in _SPEC.items():
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=["drafter"])
+        found = False
+        for key, value in stats.items():
+            if key.startswith("spec_") and key.endswith("_" + suffix) and isinstance(value, (int, float)):
+                drafter = key[len("spec_"):-len(suffix) - 1]
+                if drafter:  # spec_<suffix> itself is the total over drafters
+                    family.add_metric([drafter], float(value))
+                    found = True
+        if found:
+            yield family
 
 
 class ServerMetrics:

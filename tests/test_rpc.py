@@ -382,6 +382,26 @@ def test_metrics(server, client):
     assert "pallax_prefix_cache_hit_rate" in m and "pallax_running_sequences" in m
 
 
+def test_speculative_metrics_by_drafter():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pallax.rpc.metrics import ServerMetrics
+
+    class Engine:  # what Scheduler.stats() reports after n-gram and draft-model verifications
+        def stats(self):
+            return {"spec_verifications": 5, "spec_acceptance_rate": 0.5,
+                    "spec_ngram_verifications": 3, "spec_ngram_draft_tokens": 12, "spec_ngram_accepted_tokens": 3,
+                    "spec_ngram_acceptance_rate": 0.25, "spec_ngram_mean_accepted_length": 2.0,
+                    "spec_draft_verifications": 2, "spec_draft_acceptance_rate": 0.75}
+
+    text = generate_latest(ServerMetrics(Engine(), CollectorRegistry()).registry).decode()
+    assert 'pallax_spec_acceptance_rate{drafter="ngram"} 0.25' in text
+    assert 'pallax_spec_acceptance_rate{drafter="draft"} 0.75' in text
+    assert 'pallax_spec_draft_tokens_total{drafter="ngram"} 12.0' in text
+    assert 'pallax_spec_mean_accepted_length{drafter="ngram"} 2.0' in text
+    assert 'drafter=""' not in text and "pallax_spec_verifications_total{" in text
+
+
 # -- soak ------------------------------------------------------------------------------------------
 def test_soak_with_random_cancels_and_deadlines():
     """320 requests at concurrency 32, about a third cancelled or given short deadlines."""
