@@ -10,6 +10,7 @@ Nothing here knows about gRPC.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -54,15 +55,15 @@ class SamplingParams:
         """Raise RequestError naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise RequestError("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (_finite(self.temperature) and self.temperature >= 0):
             raise RequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError("top_k", f"must be an integer >= 0, got {self.top_k!r}")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+        if not (_finite(self.top_p) and 0 < self.top_p <= 1):
             raise RequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+        if not (_finite(self.min_p) and 0 <= self.min_p <= 1):
             raise RequestError("min_p", f"must be in [0, 1], got {self.min_p!r}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+        if not (_finite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise RequestError("repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise RequestError("seed", f"must be an integer in [0, 2**32), got {self.seed!r}")
@@ -80,6 +81,11 @@ class SamplingParams:
             raise RequestError("num_draft_tokens", f"must be an integer in [1, 16], got {self.num_draft_tokens!r}")
         if self.speculative and self.repetition_penalty != 1.0:
             raise RequestError("speculative", "cannot be combined with a repetition penalty")
+
+
+def _finite(x) -> bool:
+    """A finite real number: an int, a float or a NumPy float; not a string, None or NaN."""
+    return isinstance(x, int) or (isinstance(x, numbers.Real) and math.isfinite(x))
 
 
 @dataclass

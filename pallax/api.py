@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
-import math
+import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -117,8 +117,8 @@ class LLM:
         prompt_list = [prompts] if _is_single(prompts) else list(prompts)
         if not prompt_list:
             raise ValueError("generate: no prompts given")
-        sampling = _speculative_options(speculative, num_draft_tokens, sampling)
-        params = _sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, sampling)
+        params = self._sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, speculative,
+                                       num_draft_tokens, sampling)
         ids = [self._prompt_ids(p) for p in prompt_list]
         engine = self.engine()
         self._use_draft_model(engine, speculative, draft_model)
@@ -146,8 +146,8 @@ class LLM:
     ) -> Iterator[Delta]:
         """Yield each generated token with the text it completes (whole UTF-8 characters only).
         Speculative options as in `generate`."""
-        sampling = _speculative_options(speculative, num_draft_tokens, sampling)
-        params = _sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, sampling)
+        params = self._sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, speculative,
+                                       num_draft_tokens, sampling)
         engine = self.engine()
         self._use_draft_model(engine, speculative, draft_model)
         outs: list = []
@@ -172,6 +172,26 @@ class LLM:
                 engine.run_until_idle()
 
     # -- internals -----------------------------------------------------------------------------
+    def _sampling_params(self, max_tokens, temperature, top_p, top_k, min_p, seed, speculative, num_draft_tokens,
+                         extra: dict) -> SamplingParams:
+        """The options of `generate` and `stream` (`extra`: the other SamplingParams fields) as
+        SamplingParams, checked by `SamplingParams.validate` (RequestError, a ValueError naming the field)."""
+        for key in ("stop", "stop_token_ids"):  # a single stop string or token id may be given bare
+            if key in extra:
+                extra[key] = tuple([extra[key]] if isinstance(extra[key], (str, int)) else extra[key])
+        try:
+            params = SamplingParams(max_tokens=_int(max_tokens), temperature=_float(temperature), top_k=_int(top_k),
+                                    top_p=_float(top_p), min_p=_float(min_p), seed=_int(seed),
+                                    speculative=speculative, num_draft_tokens=_int(num_draft_tokens), **extra)
+        except TypeError as e:
+            raise ValueError(f"unknown sampling option: {e}") from None
+        params.validate(self.config.vocab_size)
+        if not speculative:
+            # k is checked either way but sent only with speculation: the engine sizes draft room by
+            # it on every row of a speculative step, the rows without speculation included.
+            params = replace(params, num_draft_tokens=SamplingParams.num_draft_tokens)
+        return params
+
     def _use_draft_model(self, engine, speculative, draft_model) -> None:
         if speculative != "draft":
             if draft_model is not None:
@@ -227,24 +247,15 @@ def _default_engine_config():
     return EngineConfig(max_draft_tokens=8)
 
 
-def _speculative_options(speculative, num_draft_tokens, extra: dict) -> dict:
-    if speculative not in (None, "ngram", "draft"):
-        raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {speculative!r}")
-    if not isinstance(num_draft_tokens, (int, np.integer)) or not 1 <= num_draft_tokens <= 16:
-        raise ValueError(f"num_draft_tokens must be an integer in [1, 16], got {num_draft_tokens!r}")
-    return dict(extra, speculative=speculative, num_draft_tokens=int(num_draft_tokens)) if speculative else extra
+def _int(x):
+    """An integer (int, bool, NumPy integer) as an int; anything else unchanged, for validation to
+    reject: int() would truncate max_tokens=2.5 to 2."""
+    return int(x) if isinstance(x, numbers.Integral) else x
 
 
-def _sampling_params(max_tokens, temperature, top_p, top_k, min_p, seed, extra) -> SamplingParams:
-    _check_sampling(max_tokens, temperature, top_p, top_k, min_p, seed)
-    for key in ("stop", "stop_token_ids"):
-        if key in extra:
-            extra[key] = tuple([extra[key]] if isinstance(extra[key], (str, int)) else extra[key])
-    try:
-        return SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature), top_k=int(top_k),
-                              top_p=float(top_p), min_p=float(min_p), seed=int(seed), **extra)
-    except TypeError as e:
-        raise ValueError(f"unknown sampling option: {e}") from None
+def _float(x):
+    """A real number as a float; anything else (a string, None) unchanged, for validation to reject."""
+    return float(x) if isinstance(x, numbers.Real) else x
 
 
 def _request(rid: str, ids: list[int], params: SamplingParams) -> Request:
@@ -259,21 +270,6 @@ def _completion(outs: list, prompt_tokens: int) -> Completion:
                       finish_reason=final.finish_reason, prompt_tokens=prompt_tokens,
                       logprobs=[lp for o in outs for lp in o.logprobs],
                       cached_tokens=final.usage.cached_prompt_tokens)
-
-
-def _check_sampling(max_tokens, temperature, top_p, top_k, min_p, seed) -> None:
-    if not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
-        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
-    if not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
-        raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
 def load(model: str | os.PathLike | None = None, dtype: str = "bfloat16", progress: bool = False) -> LLM:

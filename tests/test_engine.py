@@ -219,6 +219,7 @@ def test_bad_input_rejected_before_allocation(engine, smollm_f32):
     bad("top_p", top_p=0.0)
     bad("top_p", top_p=1.5)
     bad("temperature", temperature=float("nan"))
+    bad("temperature", temperature="0.5")
     bad("stop_token_ids", stop_token_ids=(10**7,))
     small = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=16, num_pages=4))
     with pytest.raises(RequestError, match="pool has 4"):

@@ -175,6 +175,10 @@ def test_api_errors(smollm_f32, tmp_path):
         smollm_f32.generate([1, 2, 10**6])
     with pytest.raises(ValueError, match="max_tokens"):
         smollm_f32.generate("hi", max_tokens=0)
+    with pytest.raises(ValueError, match="max_tokens: .* got 2.5"):  # not truncated to 2
+        smollm_f32.generate("hi", max_tokens=2.5)
+    with pytest.raises(ValueError, match="seed"):
+        next(smollm_f32.stream("hi", seed=1.5))
     with pytest.raises(ValueError, match="top_p"):
         smollm_f32.generate("hi", top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
