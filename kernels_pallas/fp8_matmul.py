@@ -40,15 +40,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas._matmul_common import is_pow2, pad_to, round_up, shrink_block
 from pallax.kernels_pallas.quant_formats import quantize_fp8
 
 FP8 = jnp.float8_e4m3fn
 _FAST = lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM
 LAYOUTS = ("kn", "nk")
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +63,7 @@ class BlockSizes:
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            if not _pow2(v) or v < 16:
+            if not is_pow2(v) or v < 16:
                 raise ValueError(f"{name}={v} must be a power of two >= 16")
         if self.block_k < 32:
             raise ValueError(f"block_k={self.block_k} must be >= 32 for fp8 tensor cores")
@@ -139,21 +136,14 @@ def _fp8_matmul_kernel(x_q, x_scale, w_q, w_scale, *, out_dtype, w_layout, block
     m, k = x_q.shape
     n = w_q.shape[1] if w_layout == "kn" else w_q.shape[0]
     bs = block_sizes
-    block_m = min(bs.block_m, max(16, pl.next_power_of_2(m)))
-    block_n = min(bs.block_n, max(16, pl.next_power_of_2(n)))
-    block_k = min(bs.block_k, max(32, pl.next_power_of_2(k)))
-    mp, np_, kp = (pl.cdiv(m, block_m) * block_m, pl.cdiv(n, block_n) * block_n,
-                   pl.cdiv(k, block_k) * block_k)
+    block_m, block_n = shrink_block(m, bs.block_m), shrink_block(n, bs.block_n)
+    block_k = shrink_block(k, bs.block_k, least=32)
+    mp, np_, kp = round_up(m, block_m), round_up(n, block_n), round_up(k, block_k)
     xs = jnp.broadcast_to(x_scale.astype(jnp.float32).reshape(-1, 1), (m, 1))
     ws = jnp.broadcast_to(w_scale.astype(jnp.float32).reshape(1, -1), (1, n))
-    if (mp, kp) != (m, k):
-        x_q = jnp.pad(x_q, ((0, mp - m), (0, kp - k)))
-    if mp != m:
-        xs = jnp.pad(xs, ((0, mp - m), (0, 0)))
-    if (np_, kp) != (n, k):
-        pad = ((0, kp - k), (0, np_ - n)) if w_layout == "kn" else ((0, np_ - n), (0, kp - k))
-        w_q = jnp.pad(w_q, pad)
-        ws = jnp.pad(ws, ((0, 0), (0, np_ - n)))
+    x_q, xs = pad_to(x_q, (mp, kp)), pad_to(xs, (mp, 1))
+    w_q = pad_to(w_q, (kp, np_) if w_layout == "kn" else (np_, kp))
+    ws = pad_to(ws, (1, np_))
     grid_m, grid_n = mp // block_m, np_ // block_n
     tile = functools.partial(_tile, grid_m=grid_m, grid_n=grid_n, group_m=bs.group_m)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +38,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas._matmul_common import (
+    check_x_dtype, fit_block, is_pow2, largest_divisor_le, pad_to, reduce_split_k, round_up,
+    shrink_block, split_k_output)
 from pallax.kernels_pallas.quant_formats import GROUP_SIZES, check_group_size, dequantize_int4
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +70,9 @@ class BlockSizes:
     m1_dot: bool = False
 
     def __post_init__(self):
-        if not _pow2(self.block_n) or self.block_n < 16:
+        if not is_pow2(self.block_n) or self.block_n < 16:
             raise ValueError(f"block_n={self.block_n} must be a power of two >= 16")
-        if not _pow2(self.block_m) or self.block_m < 16:
+        if not is_pow2(self.block_m) or self.block_m < 16:
             raise ValueError(f"block_m={self.block_m} must be a power of two >= 16")
         for name in ("splits", "groups_per_step", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
@@ -90,23 +88,10 @@ class BlockSizes:
             block_n, target, warps, stages = 256, 224, 4, 3
         else:
             block_n, target, warps, stages = 128, 224, 4, 4
-        block_n = _fit_block_n(n, block_n) or 16
+        block_n = fit_block(n, block_n) or 16
         splits = pl.next_power_of_2(-(-target // max(1, n // block_n)))
         return cls(block_n=block_n, splits=min(splits, k // group_size), num_warps=warps,
                    num_stages=stages)
-
-
-def _largest_divisor_le(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
-
-
-def _fit_block_n(n: int, block_n: int) -> int | None:
-    b = block_n
-    while b >= 16:
-        if n % b == 0:
-            return b
-        b //= 2
-    return None
 
 
 # Codes -> floats without integer-to-float conversions (I2F runs at 1/8 of the FMA rate and
@@ -190,17 +175,15 @@ def _int4_matmul_kernel(x, packed, scales, zeros, *, group_size, block_sizes, in
     n = packed.shape[1]
     groups = k // group_size
     bs = block_sizes
-    block_n = _fit_block_n(n, bs.block_n)
-    block_m = 1 if m == 1 and not bs.m1_dot else min(bs.block_m, max(16, pl.next_power_of_2(m)))
-    m_pad = pl.cdiv(m, block_m) * block_m
-    splits = _largest_divisor_le(groups, bs.splits)
+    block_n = fit_block(n, bs.block_n)
+    block_m = 1 if m == 1 and not bs.m1_dot else shrink_block(m, bs.block_m)
+    m_pad = round_up(m, block_m)
+    splits = largest_divisor_le(groups, bs.splits)
     per_split = groups // splits
-    per_step = _largest_divisor_le(per_split, bs.groups_per_step)
+    per_step = largest_divisor_le(per_split, bs.groups_per_step)
 
     # [2, M_pad, K // 2]: even / odd columns, so every kernel load of x is contiguous.
-    x_eo = jnp.moveaxis(x.reshape(m, k // 2, 2), -1, 0)
-    if m_pad != m:
-        x_eo = jnp.pad(x_eo, ((0, 0), (0, m_pad - m), (0, 0)))
+    x_eo = pad_to(jnp.moveaxis(x.reshape(m, k // 2, 2), -1, 0), (2, m_pad, k // 2))
 
     grid = (n // block_n, splits, m_pad // block_m)
     in_specs = [
@@ -212,12 +195,7 @@ def _int4_matmul_kernel(x, packed, scales, zeros, *, group_size, block_sizes, in
     if zeros is not None:
         in_specs.append(pl.BlockSpec((groups, block_n), lambda j, s, i: (0, j)))
         args.append(zeros)
-    if splits == 1:
-        out_shape = jax.ShapeDtypeStruct((m_pad, n), x.dtype)
-        out_spec = pl.BlockSpec((block_m, block_n), lambda j, s, i: (i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32)
-        out_spec = pl.BlockSpec((None, block_m, block_n), lambda j, s, i: (s, i, j))
+    out_shape, out_spec = split_k_output(splits, m_pad, n, block_m, block_n, x.dtype)
 
     kernel = functools.partial(
         _int4_kernel, group_size=group_size, groups_per_split=per_split,
@@ -233,16 +211,13 @@ def _int4_matmul_kernel(x, packed, scales, zeros, *, group_size, block_sizes, in
         interpret=interpret,
         name="int4_matmul",
     )(*args)
-    if splits > 1:
-        out = out.sum(axis=0).astype(x.dtype)
-    return out[:m]
+    return reduce_split_k(out, splits, m, x.dtype)
 
 
 def _validate(x, packed, scales, zeros, group_size):
     if x.ndim != 2 or packed.ndim != 2:
         raise ValueError(f"x must be [M, K] and packed [K // 2, N]; got {x.shape} and {packed.shape}")
-    if x.dtype not in (jnp.bfloat16, jnp.float32, jnp.float16):
-        raise ValueError(f"x dtype must be bfloat16, float16 or float32, got {x.dtype}")
+    check_x_dtype(x)
     if packed.dtype != jnp.uint8:
         raise ValueError(f"packed int4 weights must be uint8 (two codes per byte), got {packed.dtype}")
     m, k = x.shape
@@ -270,7 +245,7 @@ def int4_matmul(x, packed, scales, zeros=None, *, group_size: int,
     mode = "interpret" if interpret else dispatch.resolve()
     m, k = x.shape
     n = packed.shape[1]
-    if mode == "reference" or group_size not in GROUP_SIZES or _fit_block_n(n, 16) is None:
+    if mode == "reference" or group_size not in GROUP_SIZES or fit_block(n, 16) is None:
         return int4_matmul_reference(x, packed, scales, zeros, group_size=group_size)
     if block_sizes is None:
         block_sizes = BlockSizes.default(m, k, n, group_size)

@@ -31,13 +31,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas._matmul_common import (
+    check_x_dtype, fit_block, is_pow2, largest_divisor_le, pad_to, reduce_split_k, round_up,
+    shrink_block, split_k_output)
 
 IMPLS = ("xla", "pallas")
 DEFAULT_IMPL = "pallas"
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +59,7 @@ class BlockSizes:
     def __post_init__(self):
         for name in ("block_n", "block_k", "block_m"):
             v = getattr(self, name)
-            if not _pow2(v) or v < 16:
+            if not is_pow2(v) or v < 16:
                 raise ValueError(f"{name}={v} must be a power of two >= 16")
         for name in ("splits", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
@@ -72,18 +71,6 @@ class BlockSizes:
         if m == 1:
             return cls(splits=8)
         return cls(splits=1 if n // 128 >= 100 else 4)
-
-
-def _fit(n: int, b: int) -> int | None:
-    while b >= 16:
-        if n % b == 0:
-            return b
-        b //= 2
-    return None
-
-
-def _largest_divisor_le(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
 def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k, steps_per_split, row_dot):
@@ -112,20 +99,14 @@ def _int8_matmul_kernel(x, w_q, w_scale, *, block_sizes, interpret):
     m, k = x.shape
     n = w_q.shape[1]
     bs = block_sizes
-    block_n, block_k = _fit(n, bs.block_n), _fit(k, bs.block_k)
-    block_m = 1 if m == 1 else min(bs.block_m, max(16, pl.next_power_of_2(m)))
-    m_pad = pl.cdiv(m, block_m) * block_m
+    block_n, block_k = fit_block(n, bs.block_n), fit_block(k, bs.block_k)
+    block_m = 1 if m == 1 else shrink_block(m, bs.block_m)
+    m_pad = round_up(m, block_m)
     steps = k // block_k
-    splits = _largest_divisor_le(steps, bs.splits)
-    if m_pad != m:
-        x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+    splits = largest_divisor_le(steps, bs.splits)
+    x = pad_to(x, (m_pad, k))
     scale = w_scale.reshape(1, n)
-    if splits == 1:
-        out_shape = jax.ShapeDtypeStruct((m_pad, n), x.dtype)
-        out_spec = pl.BlockSpec((block_m, block_n), lambda j, s, i: (i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32)
-        out_spec = pl.BlockSpec((None, block_m, block_n), lambda j, s, i: (s, i, j))
+    out_shape, out_spec = split_k_output(splits, m_pad, n, block_m, block_n, x.dtype)
     kernel = functools.partial(_int8_kernel, block_k=block_k, steps_per_split=steps // splits,
                                row_dot=block_m > 1)
     out = pl.pallas_call(
@@ -142,9 +123,7 @@ def _int8_matmul_kernel(x, w_q, w_scale, *, block_sizes, interpret):
         interpret=interpret,
         name="int8_matmul",
     )(x, w_q, scale)
-    if splits > 1:
-        out = out.sum(axis=0).astype(x.dtype)
-    return out[:m]
+    return reduce_split_k(out, splits, m, x.dtype)
 
 
 @jax.jit
@@ -162,8 +141,7 @@ def int8_matmul(x, w_q, w_scale, *, impl: str | None = None,
     """
     if x.ndim != 2 or w_q.ndim != 2 or x.shape[1] != w_q.shape[0]:
         raise ValueError(f"x must be [M, K] and w_q [K, N]; got {x.shape} and {w_q.shape}")
-    if x.dtype not in (jnp.bfloat16, jnp.float32, jnp.float16):
-        raise ValueError(f"x dtype must be bfloat16, float16 or float32, got {x.dtype}")
+    check_x_dtype(x)
     if w_q.dtype != jnp.int8:
         raise ValueError(f"w_q must be int8, got {w_q.dtype}")
     n = w_q.shape[1]
@@ -176,7 +154,7 @@ def int8_matmul(x, w_q, w_scale, *, impl: str | None = None,
     if mode == "reference":
         return int8_matmul_reference(x, w_q, w_scale)
     if mode == "interpret" or impl == "pallas":
-        if _fit(n, 16) is None or _fit(x.shape[1], 16) is None:
+        if fit_block(n, 16) is None or fit_block(x.shape[1], 16) is None:
             return _int8_matmul_xla(x, w_q, w_scale)
         if block_sizes is None:
             block_sizes = BlockSizes.default(x.shape[0], x.shape[1], n)

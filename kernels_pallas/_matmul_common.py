@@ -1,0 +1,69 @@
+"""What the quantized matmul wrappers (int4, int8, fp8) share: activation dtype check, block
+fitting, zero padding up to whole tiles, and split-K outputs.
+
+Split-K (int4, int8): the grid is ``(j: N tiles, s: K splits, i: M tiles)``; with one split each
+program writes its ``[block_m, block_n]`` tile of the output, with several each writes an f32
+partial sum ``[splits, M_pad, N]`` that one small XLA reduction adds.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+X_DTYPES = (jnp.bfloat16, jnp.float32, jnp.float16)
+
+
+def check_x_dtype(x) -> None:
+    if x.dtype not in X_DTYPES:
+        raise ValueError(f"x dtype must be bfloat16, float16 or float32, got {x.dtype}")
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def fit_block(n: int, block: int) -> int | None:
+    """The largest power of two <= ``block`` (and >= 16) dividing ``n``; None if there is none."""
+    while block >= 16:
+        if n % block == 0:
+            return block
+        block //= 2
+    return None
+
+
+def largest_divisor_le(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def shrink_block(size: int, block: int, least: int = 16) -> int:
+    """``block``, cut to the smallest power of two >= ``size`` (never below ``least``)."""
+    return min(block, max(least, pl.next_power_of_2(size)))
+
+
+def round_up(n: int, block: int) -> int:
+    return pl.cdiv(n, block) * block
+
+
+def pad_to(a, shape):
+    """Zero-pad ``a`` at the end of each axis up to ``shape``."""
+    if a.shape == tuple(shape):
+        return a
+    return jnp.pad(a, [(0, want - have) for have, want in zip(a.shape, shape)])
+
+
+def split_k_output(splits: int, m_pad: int, n: int, block_m: int, block_n: int, dtype):
+    """``(out_shape, out_spec)`` of a split-K grid (see module docstring)."""
+    if splits == 1:
+        return (jax.ShapeDtypeStruct((m_pad, n), dtype),
+                pl.BlockSpec((block_m, block_n), lambda j, s, i: (i, j)))
+    return (jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32),
+            pl.BlockSpec((None, block_m, block_n), lambda j, s, i: (s, i, j)))
+
+
+def reduce_split_k(out, splits: int, m: int, dtype):
+    """Add the split partial sums (if any) and drop the padded rows: ``[m, N] dtype``."""
+    if splits > 1:
+        out = out.sum(axis=0).astype(dtype)
+    return out[:m]
