@@ -32,7 +32,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 
 from pallax.bench.common import emit, environment, table
 

@@ -13,7 +13,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol
 
 FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
 

@@ -36,9 +36,9 @@ import numpy as np
 
 from pallax.model.decoder import unstack_layers
 
-from .engine import TOP_LOGPROBS, PENALTY_WINDOW, compile_step, empty_batch, to_device
+from .engine import PENALTY_WINDOW, compile_step, empty_batch, to_device
 from .speculative import DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_verify, empty_spec
-from .kv_cache import KV_DTYPES, OutOfPages, PageAllocator, create_pool, pages_for_budget
+from .kv_cache import KV_DTYPES, PageAllocator, create_pool, pages_for_budget
 from .prefix_cache import PrefixCache
 from .requests import (Callback, QueueFull, Request, RequestError, RequestOutput, SamplingParams,
                        Timings, TokenLogprob, Usage)
@@ -507,6 +507,8 @@ class Scheduler:
         """Drafts to ask for: the request's k (or the adaptive one), within the step's token room,
         the engine's K, what is left of max_tokens and the context."""
         sp = seq.req.sampling
+        if not sp.speculative:  # a plain row sharing a speculative step
+            return 0
         k = seq.k if self.cfg.adaptive_draft else sp.num_draft_tokens
         return max(0, min(k, room, self.cfg.max_draft_tokens, sp.max_tokens - seq.generated - 1,
                           self.max_context - seq.total - 1))

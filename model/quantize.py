@@ -40,7 +40,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -186,10 +186,6 @@ class LLM:
         except TypeError as e:
             raise ValueError(f"unknown sampling option: {e}") from None
         params.validate(self.config.vocab_size)
-        if not speculative:
-            # k is checked either way but sent only with speculation: the engine sizes draft room by
-            # it on every row of a speculative step, the rows without speculation included.
-            params = replace(params, num_draft_tokens=SamplingParams.num_draft_tokens)
         return params
 
     def _use_draft_model(self, engine, speculative, draft_model) -> None:
