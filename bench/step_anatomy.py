@@ -1,0 +1,184 @@
+"""Anatomy of the batch-1 decode step: the kernels its compiled program launches, and its time.
+
+Batch-1 decode of the Llama-3-8B shape reads 16 GB of weights per token, about 4.8 ms at the
+H100's copy bandwidth, yet a step took 8.4 ms (results/decode_h100.json); the 1.5B and 0.5B Qwen
+shapes behind the speculative bench take about 3 ms where their weights need 1 ms and 0.3 ms.
+What is left is per-kernel cost: launch gaps and kernels too small to fill the chip. For the
+engine's own decode program (one token, one sequence, the program `bench/decode.py` times) this
+prints:
+
+- the kernels of the optimized program: every instruction that runs on the device, by kind
+  (fusion kinds, custom-call targets such as Pallas/Triton kernels and cuBLAS GEMMs, copies,
+  ...), in total and per layer, following while loops and command buffers into their bodies;
+- the step's time over back-to-back calls, host dispatch included (what a batch-1 user sees);
+- with `--hlo FILE`, the optimized program's text, to read.
+
+Run it once per XLA_FLAGS variant to compare, e.g. with command buffers (CUDA graphs) off:
+
+    python -m pallax.bench.step_anatomy --preset llama3-8b --out anatomy.json
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m pallax.bench.step_anatomy --preset llama3-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pallax.bench.common import emit, environment
+
+# Instructions that launch nothing: they name, reshape or bundle buffers.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+         "replica-id", "opt-barrier", "add-dependency"}
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"\b(?:body|condition|to_apply|calls|branch_computations|true_computation|"
+                    r"false_computation)=\{?([%\w.\-, ]+)\}?")
+
+
+def _split_instruction(line: str) -> tuple[str, str] | None:
+    """(opcode, the rest of the line) of an HLO instruction line, None for anything else."""
+    if "=" not in line:
+        return None
+    body = line.split("=", 1)[1].strip()
+    if body.startswith("("):  # a tuple type: skip to its closing parenthesis
+        depth = 0
+        for i, ch in enumerate(body):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                body = body[i + 1:].strip()
+                break
+    else:
+        body = body.split(" ", 1)[1] if " " in body else ""
+    m = re.match(r"([\w\-]+)\(", body)
+    return (m.group(1), body) if m else None
+
+
+def computations(hlo: str) -> tuple[str, dict[str, list[tuple[str, str]]]]:
+    """The entry computation's name and every computation's instructions (opcode, text)."""
+    comps: dict[str, list[tuple[str, str]]] = {}
+    entry, current = None, None
+    for raw in hlo.splitlines():
+        line = raw.strip()
+        if current is None:
+            m = _HEADER.match(line)
+            if m and "->" in line:
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line == "}":
+            current = None
+            continue
+        ins = _split_instruction(line)
+        if ins is not None:
+            comps[current].append(ins)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return entry, comps
+
+
+def kernel_census(hlo: str) -> Counter:
+    """Device instructions of a compiled program by kind: `fusion:<kind>`, `custom-call:<target>`,
+    or the opcode; control flow (while, conditional, call, command buffers) is entered, not counted.
+    A while body counts once, not per trip."""
+    entry, comps = computations(hlo)
+    counts: Counter = Counter()
+    seen: set[str] = set()
+
+    def walk(name: str) -> None:
+        if name in seen or name not in comps:
+            return
+        seen.add(name)
+        for op, text in comps[name]:
+            if op in _FREE:
+                continue
+            if op in ("while", "conditional", "call", "async-start", "async-done"):
+                for group in _CALLS.findall(text):
+                    for callee in group.split(","):
+                        walk(callee.strip().lstrip("%"))
+                continue
+            if op == "fusion":
+                kind = re.search(r"kind=(\w+)", text)
+                name_hint = re.search(r'"name":"([\w$]+)"', text)  # e.g. a Triton GEMM's backend config
+                counts[f"fusion:{kind.group(1) if kind else '?'}" + (f":{name_hint.group(1)}" if name_hint else "")] += 1
+            elif op == "custom-call":
+                target = re.search(r'custom_call_target="([^"]+)"', text)
+                counts[f"custom-call:{target.group(1) if target else '?'}"] += 1
+            else:
+                counts[op] += 1
+
+    walk(entry)
+    return counts
+
+
+def decode_program(llm, page_size: int = 16, context: int = 1024):
+    """The engine's batch-1 single-step decode program, its arguments, and the jitted function."""
+    from pallax.decode.engine import compile_step, empty_batch, to_device
+    from pallax.decode.kv_cache import create_pool
+
+    c = llm.config
+    pages = -(-(context + 1) // page_size)
+    per_layer = isinstance(llm.params["layers"], (list, tuple))
+    pool = create_pool(c, pages + 1, page_size, "bfloat16", per_layer=per_layer)
+    host = empty_batch(1, 1, pages)
+    host["positions"][0] = context
+    host["slots"][0] = context  # page p holds positions p * page_size ...: an identity page table
+    host["page_table"][0] = np.arange(pages)
+    host["query_start"][1] = 1
+    host["kv_lens"][0] = context + 1
+    step = compile_step(c, 1)
+    args = (llm.params, pool, to_device(host, 1), jax.numpy.zeros(1, jax.numpy.int32))
+    return step, args
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=50, help="back-to-back steps timed")
+    ap.add_argument("--hlo", help="write the optimized program's text here")
+    ap.add_argument("--out", help="append the JSON record here")
+    args = ap.parse_args(argv)
+
+    from pallax.bench.decode import random_llm
+    from pallax.model.config import preset
+    from pallax.model.decoder import unstack_layers
+
+    llm = random_llm(preset(args.preset))
+    llm.params = unstack_layers(llm.params)  # as the engine runs them (EngineConfig.unstack_layers)
+    step, (params, pool, batch, prev) = decode_program(llm, context=args.context)
+    compiled = step.lower(params, pool, batch, prev).compile()
+    hlo = compiled.as_text()
+    if args.hlo:
+        Path(args.hlo).write_text(hlo)
+    census = kernel_census(hlo)
+    pool, out, prev = step(params, pool, batch, prev)  # warm
+    jax.block_until_ready(out.tokens)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        pool, out, prev = step(params, pool, batch, prev)
+    jax.block_until_ready(out.tokens)
+    dt = (time.perf_counter() - t0) / args.steps
+    L = llm.config.n_layers
+    total = sum(census.values())
+    rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random bf16", batch=1, context=args.context,
+                    step_ms=dt * 1e3, kernels=total, kernels_per_layer=total / L,
+                    per_layer_us=dt * 1e6 / L, census=dict(census.most_common()), **environment()))
+    for kind, n in census.most_common():
+        print(f"{n:6d}  {n / L:6.2f}/layer  {kind}")
+    print(f"{total} kernels, {total / L:.1f} per layer; step {dt * 1e3:.2f} ms ({dt * 1e6 / L:.0f} us per layer)")
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
