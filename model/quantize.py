@@ -139,7 +139,7 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
         p = jax.tree.map(lambda a: a[i], params["layers"])
         if calibrated:
             x, taps = _layer_taps(p, x, positions, cos, sin, config=config)
-            stat = _act_stats if format == "int4-awq" else lambda a, _: _gram(a)
+            stat = _act_stats if format == "int4-awq" else lambda a, _: gptq_factor(_gram(a))
             stats = {k: stat(v, pick) for k, v in taps.items()}
         for name in PROJECTIONS:
             per_layer[name].append(quantize_one(p[name], stats[_INPUT_OF[name]] if calibrated else None))
@@ -152,7 +152,7 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
         stats = None
         if calibrated:
             h = rms_norm(x, params["final_norm"], config.norm_eps)
-            stats = _act_stats(h, pick) if format == "int4-awq" else _gram(h)
+            stats = _act_stats(h, pick) if format == "int4-awq" else gptq_factor(_gram(h))
         new_params["lm_head"] = quantize_one(head, stats)
         config = config.replace(tie_embeddings=False)
         tick()
@@ -271,34 +271,42 @@ def _gram(acts):
     return a.T @ a
 
 
-def gptq_fp8(w, h, *, block: int = GPTQ_BLOCK, damp: float = GPTQ_DAMP) -> Fp8Weight:
-    """e4m3 per-output-channel weights for a dense ``w [K, N]`` with error compensation over the
-    input channels, given ``h = X^T X [K, K]`` of calibration inputs (see the module docstring)."""
-    K, N = w.shape
+def gptq_factor(h, *, block: int = GPTQ_BLOCK, damp: float = GPTQ_DAMP) -> jax.Array:
+    """The upper Cholesky factor U of ``(H + damp mean(diag H) I)^-1`` (``H^-1 = U^T U``) for
+    ``h = X^T X [K, K]``, padded with identity to a multiple of ``block``; computed once per
+    input and shared by the projections that read it."""
+    K = h.shape[0]
     if h.shape != (K, K):
-        raise ValueError(f"H is {h.shape}, expected ({K}, {K}) for a weight of shape {w.shape}")
-    Kp = -(-K // block) * block
-    W, U, scale = _gptq_prepare(w, h, Kp=Kp, damp=damp)
-    for b0 in range(0, Kp, block):
-        W = _gptq_block(W, U, scale, jnp.int32(b0), block=block)
-    w_q = jnp.clip(W[:, :K] / scale[:, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-    return Fp8Weight(w_q=w_q, scale=scale)
+        raise ValueError(f"H must be square, got {h.shape}")
+    return _gptq_factor(h, Kp=-(-K // block) * block, damp=damp)
 
 
 @functools.partial(jax.jit, static_argnames=("Kp", "damp"))
-def _gptq_prepare(w, h, *, Kp: int, damp: float):
-    """W [N, Kp] f32 (zero padded), U [Kp, Kp] the upper Cholesky factor of H^-1, scale [N]."""
-    K, N = w.shape
-    W = jnp.zeros((N, Kp), jnp.float32).at[:, :K].set(w.astype(jnp.float32).T)
-    scale = jnp.maximum(jnp.max(jnp.abs(W), axis=1) / FP8_MAX, 1e-12)  # from the dense weight
+def _gptq_factor(h, *, Kp: int, damp: float):
+    K = h.shape[0]
     d = jnp.diagonal(h)
     dead = d <= 0  # channels never active in calibration: their weights do not matter there
     H = jnp.eye(Kp, dtype=jnp.float32).at[:K, :K].set(h + jnp.diag(jnp.where(dead, 1.0, 0.0)))
     H = H + damp * jnp.mean(jnp.where(dead, 1.0, d)) * jnp.eye(Kp, dtype=jnp.float32)
     L = jnp.linalg.cholesky(H)
     Hinv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(Kp, dtype=jnp.float32))
-    U = jnp.linalg.cholesky(Hinv).T  # Hinv = U^T U
-    return W, U, scale
+    return jnp.linalg.cholesky(Hinv).T
+
+
+def gptq_fp8(w, u, *, block: int = GPTQ_BLOCK) -> Fp8Weight:
+    """e4m3 per-output-channel weights for a dense ``w [K, N]`` with error compensation over the
+    input channels, given ``u = gptq_factor(X^T X)`` of calibration inputs X (see the module
+    docstring)."""
+    K, N = w.shape
+    Kp = u.shape[0]
+    if Kp % block or not K <= Kp < K + block:
+        raise ValueError(f"factor of size {Kp} does not fit a weight of shape {w.shape} in blocks of {block}")
+    W = jnp.zeros((N, Kp), jnp.float32).at[:, :K].set(w.astype(jnp.float32).T)
+    scale = jnp.maximum(jnp.max(jnp.abs(W), axis=1) / FP8_MAX, 1e-12)  # from the dense weight
+    for b0 in range(0, Kp, block):
+        W = _gptq_block(W, u, scale, jnp.int32(b0), block=block)
+    w_q = jnp.clip(W[:, :K] / scale[:, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return Fp8Weight(w_q=w_q, scale=scale)
 
 
 @functools.partial(jax.jit, static_argnames=("block",), donate_argnums=(0,))

@@ -188,7 +188,7 @@ def _gptq_fp8_reference(w, x, damp):
 
 
 def test_gptq_fp8_matches_reference_and_beats_rounding():
-    from pallax.model.quantize import _gram, gptq_fp8
+    from pallax.model.quantize import _gram, gptq_factor, gptq_fp8
 
     rng = np.random.default_rng(0)
     K, N, n = 40, 24, 256  # K not a multiple of the block (16): the last block is padded
@@ -196,7 +196,7 @@ def test_gptq_fp8_matches_reference_and_beats_rounding():
     x = (rng.normal(size=(n, K)) * rng.uniform(0.1, 3, size=K)) @ mix
     w = rng.normal(size=(K, N)).astype(np.float32)
     h = _gram(jnp.asarray(x, jnp.float32))
-    got = gptq_fp8(jnp.asarray(w), h, block=16, damp=0.1)
+    got = gptq_fp8(jnp.asarray(w), gptq_factor(h, block=16, damp=0.1), block=16)
     assert got.w_q.dtype == jnp.float8_e4m3fn and got.w_q.shape == (N, K)
     ref = _gptq_fp8_reference(w, x, 0.1)
     deq = np.asarray(got.dequantize(jnp.float32))
@@ -206,7 +206,7 @@ def test_gptq_fp8_matches_reference_and_beats_rounding():
     err = lambda q: np.linalg.norm(x @ (q - w))  # noqa: E731  output error on the calibration inputs
     assert err(deq) < 0.8 * err(rtn), (err(deq), err(rtn))
     # with uncorrelated, equally scaled inputs there is nothing to compensate: round to nearest
-    ident = gptq_fp8(jnp.asarray(w), jnp.eye(K, dtype=jnp.float32) * 5.0, block=16)
+    ident = gptq_fp8(jnp.asarray(w), gptq_factor(jnp.eye(K, dtype=jnp.float32) * 5.0, block=16), block=16)
     np.testing.assert_array_equal(np.asarray(ident.w_q, np.float32), np.asarray(Fp8Weight.quantize(jnp.asarray(w)).w_q, np.float32))
 
 
