@@ -91,24 +91,17 @@ class PagedCache:
 
     def attend(self, layer, q, k, v, positions, segment_ids=None, *, state=None, index=None):
         pool: PagePool = state
-        if isinstance(pool.k, (list, tuple)):
+        if pool.per_layer:
             # Per-layer buffers (unstacked weights run layers as a Python loop): layer `index`
             # writes and reads its own buffers in place.
-            layer_pool = PagePool(*(None if a is None else a[index] for a in (pool.k, pool.v, pool.k_scale, pool.v_scale)))
-            out, layer_pool = self._attend_pages(layer_pool, 0, q, k, v)
-            new = [None if a is None else list(a) for a in (pool.k, pool.v, pool.k_scale, pool.v_scale)]
-            for lst, x in zip(new, (layer_pool.k, layer_pool.v, layer_pool.k_scale, layer_pool.v_scale)):
-                if lst is not None:
-                    lst[index] = x
-            return out, None, PagePool(*new)
+            out, layer_pool = self._attend_pages(pool.layer(index), 0, q, k, v)
+            return out, None, pool.with_layer(index, layer_pool)
         # The whole pool [L, P, page_size, KVH, D] is carried through the layer scan; layer `index`
         # owns pages index * P .. index * P + P - 1 of the flattened [L * P, page_size, KVH, D]
         # view, so the kernel reads it where it lies (reshapes of the carried buffer are free).
-        L = pool.k.shape[0]
-        flat = PagePool(*(None if a is None else a.reshape(-1, *a.shape[2:]) for a in (pool.k, pool.v, pool.k_scale, pool.v_scale)))
-        out, flat = self._attend_pages(flat, index * (flat.k.shape[0] // L), q, k, v)
-        return out, None, PagePool(*(None if a is None else a.reshape(b.shape) for a, b in
-                                     zip((flat.k, flat.v, flat.k_scale, flat.v_scale), (pool.k, pool.v, pool.k_scale, pool.v_scale))))
+        flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), pool)
+        out, flat = self._attend_pages(flat, index * pool.num_pages, q, k, v)
+        return out, None, jax.tree.map(lambda a, b: a.reshape(b.shape), flat, pool)
 
     def _attend_pages(self, pool: PagePool, base, q, k, v):
         """Write this block's K/V into pages [base, base + P) of a [pages, page_size, KVH, D]

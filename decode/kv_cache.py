@@ -38,6 +38,18 @@ class PagePool:
         return isinstance(self.k, (list, tuple))
 
     @property
+    def buffers(self) -> tuple:
+        return (self.k, self.v, self.k_scale, self.v_scale)
+
+    def layer(self, i: int) -> "PagePool":
+        """Layer i of a per-layer pool, as a pool of [P, page_size, KVH, D] arrays."""
+        return PagePool(*(None if a is None else a[i] for a in self.buffers))
+
+    def with_layer(self, i: int, layer: "PagePool") -> "PagePool":
+        """A per-layer pool whose layer i is `layer` (the other layers' buffers unchanged)."""
+        return PagePool(*(None if a is None else [*a[:i], x, *a[i + 1:]] for a, x in zip(self.buffers, layer.buffers)))
+
+    @property
     def num_pages(self) -> int:
         return self.k[0].shape[0] if self.per_layer else self.k.shape[1]
 
