@@ -172,20 +172,14 @@ def forward(
 
 def unstack_layers(params: Params) -> Params:
     """The same parameters with `layers` as a list of per-layer trees (separate buffers), which
-    `forward` runs unrolled: the fast layout for serving on a GPU. Each stacked array is released
-    once its layers are copied out, so the peak is about one extra layer-stack, not the model."""
+    `forward` runs unrolled: the fast layout for serving on a GPU. The stacked arrays stay alive
+    while the copies are made (the caller still holds them), so the peak is twice the layers'
+    bytes; they are freed when the caller drops the stacked tree."""
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         return params
     n = jax.tree.leaves(layers)[0].shape[0]
-    flat, treedef = jax.tree.flatten(layers)
-    per_leaf = []
-    for i in range(len(flat)):
-        a = flat[i]
-        per_leaf.append([a[j] for j in range(n)])
-        flat[i] = None
-        del a
-    return {**params, "layers": [jax.tree.unflatten(treedef, [leaf[j] for leaf in per_leaf]) for j in range(n)]}
+    return {**params, "layers": [jax.tree.map(lambda a: a[j], layers) for j in range(n)]}
 
 
 def logits_from_hidden(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
