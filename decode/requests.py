@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
+MAX_DRAFT_TOKENS = 16  # the largest k (num_draft_tokens) a request may ask for
 
 
 class RequestError(ValueError):
@@ -77,8 +78,9 @@ class SamplingParams:
             raise RequestError("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
         if self.speculative not in (None, "ngram", "draft"):
             raise RequestError("speculative", f"must be None, 'ngram' or 'draft', got {self.speculative!r}")
-        if not isinstance(self.num_draft_tokens, int) or not 1 <= self.num_draft_tokens <= 16:
-            raise RequestError("num_draft_tokens", f"must be an integer in [1, 16], got {self.num_draft_tokens!r}")
+        if not isinstance(self.num_draft_tokens, int) or not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise RequestError("num_draft_tokens",
+                               f"must be an integer in [1, {MAX_DRAFT_TOKENS}], got {self.num_draft_tokens!r}")
         if self.speculative and self.repetition_penalty != 1.0:
             raise RequestError("speculative", "cannot be combined with a repetition penalty")
 

@@ -47,8 +47,6 @@ from .engine import TOP_LOGPROBS, Packed, PagedCache, apply_repetition_penalty, 
 from .kv_cache import PageAllocator, PagePool, create_pool
 from .sampling import SamplingArrays, filtered_logits, row_keys, sample
 
-MAX_DRAFT_TOKENS = 16  # the largest k a request may ask for
-
 
 # -- acceptance --------------------------------------------------------------------------------
 def accept_drafts(logits, drafts, num_drafts, q, point_mass, sampling: SamplingArrays, seeds, sample_steps,
