@@ -135,12 +135,14 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(config))
         pick = np.random.default_rng(0).permutation(tokens.size)[:AWQ_SEARCH_TOKENS]
+
+        def stat(acts):  # what quantize_one needs to know of a projection's input activations
+            return _act_stats(acts, pick) if format == "int4-awq" else gptq_factor(_gram(acts))
     for i in range(L):
         p = jax.tree.map(lambda a: a[i], params["layers"])
         if calibrated:
             x, taps = _layer_taps(p, x, positions, cos, sin, config=config)
-            stat = _act_stats if format == "int4-awq" else lambda a, _: gptq_factor(_gram(a))
-            stats = {k: stat(v, pick) for k, v in taps.items()}
+            stats = {k: stat(v) for k, v in taps.items()}
         for name in PROJECTIONS:
             per_layer[name].append(quantize_one(p[name], stats[_INPUT_OF[name]] if calibrated else None))
             tick()
@@ -149,10 +151,7 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
     new_params = {**params, "layers": new_layers}
     if quantize_head:
         head = params["embed"].T if config.tie_embeddings else params["lm_head"]  # [dim, vocab]
-        stats = None
-        if calibrated:
-            h = rms_norm(x, params["final_norm"], config.norm_eps)
-            stats = _act_stats(h, pick) if format == "int4-awq" else gptq_factor(_gram(h))
+        stats = stat(rms_norm(x, params["final_norm"], config.norm_eps)) if calibrated else None
         new_params["lm_head"] = quantize_one(head, stats)
         config = config.replace(tie_embeddings=False)
         tick()
