@@ -96,3 +96,47 @@ def table(records: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
+
+
+def kernel_profile(run: Callable[[], Any], steps: int, top: int = 40) -> dict[str, Any]:
+    """Device time by kernel over `steps` calls of `run` (which blocks on its result), from a
+    profiler trace: per kernel name (the streams' events) and per XLA op (the `XLA Ops` line),
+    in microseconds per call, plus the streams' busy time per call (the union of their kernels'
+    intervals) against the wall time per call; the difference is where the device sat idle."""
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                run()
+            wall = (time.perf_counter() - t0) / steps
+        data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+        kernels: dict[str, float] = {}
+        ops: dict[str, float] = {}
+        intervals = []
+        lines_seen = []
+        for plane in data.planes:
+            if not plane.name.startswith("/device:"):
+                continue
+            for line in plane.lines:
+                lines_seen.append(f"{plane.name} {line.name}")
+                if line.name == "XLA Ops":
+                    for e in line.events:
+                        ops[e.name] = ops.get(e.name, 0.0) + e.duration_ns
+                elif line.name.startswith("Stream"):
+                    for e in line.events:
+                        kernels[e.name] = kernels.get(e.name, 0.0) + e.duration_ns
+                        intervals.append((e.start_ns, e.end_ns))
+    busy, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    per_call = lambda d: {k: v / steps / 1e3 for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]}  # noqa: E731
+    return {"wall_us": wall * 1e6, "busy_us": busy / steps / 1e3,
+            "kernel_us_total": sum(kernels.values()) / steps / 1e3, "kernel_launches": len(intervals) / steps,
+            "kernels_us": per_call(kernels), "ops_us": per_call(ops), "lines": lines_seen}

@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pallax.bench.common import emit, environment
+from pallax.bench.common import emit, environment, kernel_profile
 
 # Instructions that launch nothing: they name, reshape or bundle buffers.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
@@ -119,7 +119,7 @@ def kernel_census(hlo: str) -> Counter:
     return counts
 
 
-def decode_program(llm, page_size: int = 16, context: int = 1024):
+def decode_program(llm, page_size: int = 16, context: int = 1024, temperature: float = 0.0):
     """The engine's batch-1 single-step decode program, its arguments, and the jitted function."""
     from pallax.decode.engine import compile_step, empty_batch, to_device
     from pallax.decode.kv_cache import create_pool
@@ -134,6 +134,7 @@ def decode_program(llm, page_size: int = 16, context: int = 1024):
     host["page_table"][0] = np.arange(pages)
     host["query_start"][1] = 1
     host["kv_lens"][0] = context + 1
+    host["temperature"][0] = temperature
     step = compile_step(c, 1)
     args = (llm.params, pool, to_device(host, 1), jax.numpy.zeros(1, jax.numpy.int32))
     return step, args
@@ -143,8 +144,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--temperature", type=float, default=0.0, help="the row's sampling temperature (0: greedy)")
     ap.add_argument("--steps", type=int, default=50, help="back-to-back steps timed")
     ap.add_argument("--hlo", help="write the optimized program's text here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace the steps: device time by kernel and by XLA op, and the idle time")
     ap.add_argument("--out", help="append the JSON record here")
     args = ap.parse_args(argv)
 
@@ -154,7 +158,7 @@ def main(argv=None) -> None:
 
     llm = random_llm(preset(args.preset))
     llm.params = unstack_layers(llm.params)  # as the engine runs them (EngineConfig.unstack_layers)
-    step, (params, pool, batch, prev) = decode_program(llm, context=args.context)
+    step, (params, pool, batch, prev) = decode_program(llm, context=args.context, temperature=args.temperature)
     compiled = step.lower(params, pool, batch, prev).compile()
     hlo = compiled.as_text()
     if args.hlo:
@@ -163,18 +167,37 @@ def main(argv=None) -> None:
     pool, out, prev = step(params, pool, batch, prev)  # warm
     jax.block_until_ready(out.tokens)
     t0 = time.perf_counter()
+    dispatch = 0.0
     for _ in range(args.steps):
+        t = time.perf_counter()
         pool, out, prev = step(params, pool, batch, prev)
+        dispatch += time.perf_counter() - t
     jax.block_until_ready(out.tokens)
     dt = (time.perf_counter() - t0) / args.steps
+    dispatch /= args.steps  # host time until the call returns: above the step time, the host is the bottleneck
+    profile = None
+    if args.profile:
+        state = [pool, prev]
+
+        def run():
+            state[0], out, state[1] = step(params, state[0], batch, state[1])
+            jax.block_until_ready(out.tokens)
+
+        profile = kernel_profile(run, args.steps)
     L = llm.config.n_layers
     total = sum(census.values())
-    rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random bf16", batch=1, context=args.context,
-                    step_ms=dt * 1e3, kernels=total, kernels_per_layer=total / L,
-                    per_layer_us=dt * 1e6 / L, census=dict(census.most_common()), **environment()))
+    rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random bf16", batch=1, context=args.context, temperature=args.temperature,
+                    step_ms=dt * 1e3, dispatch_ms=dispatch * 1e3, kernels=total, kernels_per_layer=total / L,
+                    per_layer_us=dt * 1e6 / L, census=dict(census.most_common()), profile=profile, **environment()))
     for kind, n in census.most_common():
         print(f"{n:6d}  {n / L:6.2f}/layer  {kind}")
-    print(f"{total} kernels, {total / L:.1f} per layer; step {dt * 1e3:.2f} ms ({dt * 1e6 / L:.0f} us per layer)")
+    print(f"{total} kernels, {total / L:.1f} per layer; step {dt * 1e3:.2f} ms ({dt * 1e6 / L:.0f} us per layer), "
+          f"host dispatch {dispatch * 1e3:.2f} ms")
+    if profile:
+        print(f"traced: wall {profile['wall_us']:.0f} us/step, device busy {profile['busy_us']:.0f} us, "
+              f"{profile['kernel_launches']:.0f} kernels")
+        for name, us in list(profile["kernels_us"].items())[:25]:
+            print(f"{us:9.1f} us  {name[:110]}")
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
