@@ -29,6 +29,7 @@ from pallax.kernels_pallas.int4_matmul import int4_matmul
 from pallax.kernels_pallas.int8_matmul import int8_matmul
 from pallax.kernels_pallas.quant_formats import (check_group_size, dequantize_int4, quantize_fp8,
                                                  quantize_int4, quantize_int8)
+from pallax.model.linear import gemm_rows
 
 # The fp8 path on GPU: XLA's own e4m3 x e4m3 dot (cuBLASLt on Hopper FP8 tensor cores) or our
 # Pallas kernel. Measured on an H100 at M = N = K = 8192 (bench/results/matmul_h100.json): bf16
@@ -166,7 +167,8 @@ class Fp8Weight:
 def _fp8_xla(x, w_q, w_scale):
     """x [M, K] -> per-token e4m3, XLA fp8 dot against w_q [N, K] (f32 accumulation), both scales."""
     x_q, x_s = quantize_fp8(x, axis=-1)
-    y = lax.dot_general(x_q, w_q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dot = lambda a: lax.dot_general(a, w_q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # noqa: E731
+    y = gemm_rows(dot, x_q)
     return (y * x_s * w_scale.astype(jnp.float32)[None, :]).astype(x.dtype)
 
 
