@@ -166,7 +166,8 @@ class Scheduler:
         self.buckets = cfg.token_buckets()
         self._steps = {n: compile_step(mc, n) for n in sorted({1, max(1, cfg.decode_steps)})}
         self._prev_tokens = jax.numpy.zeros(cfg.max_seqs, jax.numpy.int32)
-        self._verify = compile_verify(mc) if cfg.max_draft_tokens > 0 else None
+        # by whether any row samples (False: all greedy, no sampling filters in the program)
+        self._verify = {s: compile_verify(mc, s) for s in (False, True)} if cfg.max_draft_tokens > 0 else None
         self.drafters = {"ngram": NgramDrafter()}
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
@@ -308,15 +309,16 @@ class Scheduler:
                 for q in (None, "draft") if "draft" in self.drafters else (None,):
                     if q is not None:
                         q = jax.numpy.zeros((S, K, self.vocab_size), jax.numpy.float32)
-                    packed = to_device(dict(empty_batch(T, S, self.max_pages), **empty_spec(S, K)), 0)
-                    self.pool, out, _ = self._verify(self.llm.params, self.pool, packed, q, self._prev_tokens)
-                    jax.block_until_ready(out.tokens)
+                    for verify in self._verify.values():
+                        packed = to_device(dict(empty_batch(T, S, self.max_pages), **empty_spec(S, K)), 0)
+                        self.pool, out, _ = verify(self.llm.params, self.pool, packed, q, self._prev_tokens)
+                        jax.block_until_ready(out.tokens)
             for drafter in self.drafters.values():
                 drafter.warmup(S, K)
         self._ready = True
 
     def compiled_programs(self) -> int:
-        fns = list(self._steps.values()) + ([self._verify] if self._verify is not None else [])
+        fns = list(self._steps.values()) + list((self._verify or {}).values())
         return sum(f._cache_size() for f in fns)
 
     def has_work(self) -> bool:
@@ -492,7 +494,8 @@ class Scheduler:
         host["query_start"][len(plan) + 1:] = t
         if speculative:
             batch = to_device(dict(host, **spec), len(plan))
-            self.pool, out, self._prev_tokens = self._verify(self.llm.params, self.pool, batch, q, self._prev_tokens)
+            verify = self._verify[any(seq.req.sampling.temperature > 0 for seq, _, _ in plan)]
+            self.pool, out, self._prev_tokens = verify(self.llm.params, self.pool, batch, q, self._prev_tokens)
         else:
             batch = to_device(host, len(plan))
             self.pool, out, self._prev_tokens = self._steps[n_steps](self.llm.params, self.pool, batch,

@@ -50,7 +50,7 @@ from .sampling import SamplingArrays, filtered_logits, row_keys, sample
 
 # -- acceptance --------------------------------------------------------------------------------
 def accept_drafts(logits, drafts, num_drafts, q, point_mass, sampling: SamplingArrays, seeds, sample_steps,
-                  *, residual: bool = True):
+                  *, residual: bool = True, sampled: bool = True):
     """Verify drafts against the target's logits.
 
     logits [S, K+1, V]: target logits after the last known token and after each draft;
@@ -59,6 +59,9 @@ def accept_drafts(logits, drafts, num_drafts, q, point_mass, sampling: SamplingA
     point_mass [S] bool: rows whose q is a point mass on their drafts (n-gram lookup).
     Token j of a row is sampled with the key of token index sample_steps + j, so a row with no
     drafts samples exactly as the plain engine step does.
+    `sampled=False` promises that every row is greedy: the sampling filters (a sort of V logits
+    per position) are left out of the program. The host knows and picks the program; a
+    `lax.cond` on the device would cost a device-to-host sync per step.
     `residual=False` resamples from p instead of norm(max(0, p - q)) on rejection: the naive,
     biased rule, kept so the distribution test can show that it detects it.
 
@@ -107,8 +110,7 @@ def accept_drafts(logits, drafts, num_drafts, q, point_mass, sampling: SamplingA
 
         return emit(ok, last_at)
 
-    # Sorting V logits per position for top-p is the costly part: skip it for all-greedy steps.
-    return jax.lax.cond(jnp.any(~greedy), any_sampled, all_greedy)
+    return any_sampled() if sampled else all_greedy()
 
 
 # -- the target's verification step ------------------------------------------------------------
@@ -131,10 +133,10 @@ class VerifyOutput:
     counts: jax.Array  # [S] int32
 
 
-def verify_step(params, pool: PagePool, packed: Packed, q, prev_tokens, *, config: ModelConfig):
+def verify_step(params, pool: PagePool, packed: Packed, q, prev_tokens, *, config: ModelConfig, sampled: bool):
     """One ragged target step whose rows may carry drafts: packed holds the step's buffers and
-    `empty_spec`'s; q [S, K, V] or None (see accept_drafts). Rows without drafts (decode, or the
-    end of a prefill) sample one token as `engine_step` does."""
+    `empty_spec`'s; q [S, K, V] or None (see accept_drafts; `sampled=False`: every row greedy).
+    Rows without drafts (decode, or the end of a prefill) sample one token as `engine_step` does."""
     fields = packed.unpack()
     spec = SpecInputs(**{f: fields.pop(f) for f in SpecInputs.__dataclass_fields__})
     batch = step_batch(fields)
@@ -147,7 +149,7 @@ def verify_step(params, pool: PagePool, packed: Packed, q, prev_tokens, *, confi
     # of position 0 is right for every row that uses only position 0.
     logits = apply_repetition_penalty(logits[0], jnp.repeat(batch.recent, K1, axis=0), jnp.repeat(batch.penalty, K1))
     out, counts = accept_drafts(logits.reshape(S, K1, -1), spec.drafts, spec.num_drafts, q, spec.point_mass,
-                                batch.sampling, batch.seeds, batch.sample_steps)
+                                batch.sampling, batch.seeds, batch.sample_steps, sampled=sampled)
     logp = jax.nn.log_softmax(logits, axis=-1)  # [S * K1, V]
     chosen = jnp.take_along_axis(logp, out.reshape(-1, 1), axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
@@ -157,8 +159,8 @@ def verify_step(params, pool: PagePool, packed: Packed, q, prev_tokens, *, confi
 
 
 @functools.lru_cache(maxsize=None)
-def compile_verify(config: ModelConfig):
-    return jax.jit(functools.partial(verify_step, config=config), donate_argnums=(1,))
+def compile_verify(config: ModelConfig, sampled: bool):
+    return jax.jit(functools.partial(verify_step, config=config, sampled=sampled), donate_argnums=(1,))
 
 
 def empty_spec(S: int, K: int) -> dict[str, np.ndarray]:
@@ -220,12 +222,14 @@ class _DraftState:
     fed: list[int] = field(default_factory=list)  # drafts fed to the draft model at base, base+1, ...
 
 
-def draft_step(params, pool: PagePool, packed: Packed, *, config: ModelConfig, k: int, S_out: int, K_out: int):
+def draft_step(params, pool: PagePool, packed: Packed, *, config: ModelConfig, k: int, S_out: int, K_out: int,
+               sampled: bool):
     """The draft model catches up on a ragged batch of its unseen tokens, then drafts k tokens per
     row by k - 1 decode steps on device. Besides the step's buffers, packed holds limits [S]:
     positions the row may write (its pages; a chunk-only row gets its chunk end), and rows [S]: the
     target batch row of each draft row (S_out: none). Returns the pool, drafts [S, k] and their
-    probabilities by target row [S_out, K_out, V]."""
+    probabilities by target row [S_out, K_out, V] (zero when not `sampled`: every row greedy,
+    whose q is never read)."""
     fields = packed.unpack()
     limits, rows = fields.pop("limits"), fields.pop("rows")
     batch = step_batch(fields)
@@ -233,13 +237,11 @@ def draft_step(params, pool: PagePool, packed: Packed, *, config: ModelConfig, k
     last = jnp.maximum(batch.query_start[1:] - 1, 0)
     keys_for = lambda steps: jax.vmap(lambda key: jax.random.fold_in(key, 3))(row_keys(batch.seeds, steps))  # noqa: E731
 
-    def draw(logits, steps):  # greedy rows' q is never read: skip the top-p sort when all are greedy
-        def sampled():
-            probs = jax.nn.softmax(filtered_logits(logits, batch.sampling), axis=-1)
-            return sample(logits, batch.sampling, keys_for(steps)), probs
-
-        greedy = lambda: (jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros_like(logits))  # noqa: E731
-        return jax.lax.cond(jnp.any(batch.sampling.temperature > 0), sampled, greedy)
+    def draw(logits, steps):
+        if not sampled:  # the top-p sort is left out
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros_like(logits)
+        probs = jax.nn.softmax(filtered_logits(logits, batch.sampling), axis=-1)
+        return sample(logits, batch.sampling, keys_for(steps)), probs
 
     cache = PagedCache(pool, batch.slots, batch.page_table, batch.query_start, batch.kv_lens, batch.num_seqs)
     logits, cache = forward(params, batch.tokens[None], batch.positions[None], cache, config=config,
@@ -284,11 +286,12 @@ class DraftModelDrafter:
         self.state: dict[str, _DraftState] = {}
         self._fns: dict = {}
 
-    def _fn(self, k: int, S_out: int, K_out: int):
-        if (k, S_out, K_out) not in self._fns:
-            fn = functools.partial(draft_step, config=self.llm.config, k=k, S_out=S_out, K_out=K_out)
-            self._fns[k, S_out, K_out] = jax.jit(fn, donate_argnums=(1,))
-        return self._fns[k, S_out, K_out]
+    def _fn(self, k: int, S_out: int, K_out: int, sampled: bool):
+        key = (k, S_out, K_out, sampled)
+        if key not in self._fns:
+            fn = functools.partial(draft_step, config=self.llm.config, k=k, S_out=S_out, K_out=K_out, sampled=sampled)
+            self._fns[key] = jax.jit(fn, donate_argnums=(1,))
+        return self._fns[key]
 
     def release(self, key: str) -> None:
         st = self.state.pop(key, None)
@@ -298,13 +301,14 @@ class DraftModelDrafter:
     def warmup(self, S: int, K: int) -> None:
         for T in self.buckets:
             for k in _k_buckets(K):
-                toks, _ = self._run(empty_batch(T, S, self.max_pages), 0, np.zeros(S, np.int32),
-                                    np.full(S, S, np.int32), k, S, K)
-                jax.block_until_ready(toks)
+                for sampled in (False, True):
+                    toks, _ = self._run(empty_batch(T, S, self.max_pages), 0, np.zeros(S, np.int32),
+                                        np.full(S, S, np.int32), k, S, K, sampled)
+                    jax.block_until_ready(toks)
 
-    def _run(self, host, num_seqs, limits, rows, k, S_out, K_out):
+    def _run(self, host, num_seqs, limits, rows, k, S_out, K_out, sampled):
         packed = to_device(dict(host, limits=limits, rows=rows), num_seqs)
-        self.pool, toks, probs = self._fn(k, S_out, K_out)(self.llm.params, self.pool, packed)
+        self.pool, toks, probs = self._fn(k, S_out, K_out, sampled)(self.llm.params, self.pool, packed)
         return toks, probs
 
     def propose(self, requests: list[DraftRequest], S: int, K: int):
@@ -331,6 +335,7 @@ class DraftModelDrafter:
             return [[] for _ in requests], None
         k = next(b for b in _k_buckets(K) if b >= max(r.k for r, _ in todo))
         probs = None
+        sampled = any(r.sampling.temperature > 0 for r, _ in todo)
         budget = self.buckets[-1]
         while todo:
             share = budget // len(todo)  # long catch-ups (a prompt) go in chunks
@@ -356,7 +361,7 @@ class DraftModelDrafter:
                 st.computed = end
                 final.append(done)
             host["query_start"][len(todo) + 1:] = t
-            toks, probs_now = self._run(host, len(todo), limits, rows, k, S, K)
+            toks, probs_now = self._run(host, len(todo), limits, rows, k, S, K, sampled)
             toks = np.asarray(toks)
             for i, ((r, st), done) in enumerate(zip(todo, final)):
                 if done:

@@ -88,7 +88,10 @@ def test_sampled_drafts_keep_target_distribution(residual):
         assert p_first < 1e-9, p_first
 
 
-def test_greedy_acceptance_is_exact():
+@pytest.mark.parametrize("sampled", [True, False])
+def test_greedy_acceptance_is_exact(sampled):
+    """Greedy rows, through the program that can sample (greedy rows inside it) and through the
+    all-greedy one."""
     logits = np.full((3, 4, 5), -1.0, np.float32)  # 3 rows, K = 3, V = 5
     argmax = np.array([[1, 2, 3, 4], [0, 0, 0, 0], [4, 3, 2, 1]])
     np.put_along_axis(logits, argmax[..., None], 2.0, axis=-1)
@@ -97,7 +100,7 @@ def test_greedy_acceptance_is_exact():
     S = 3
     tokens, counts = accept_drafts(jnp.asarray(logits), jnp.asarray(drafts), jnp.asarray(num), None,
                                    jnp.ones(S, bool), SamplingArrays.create(S), jnp.zeros(S, jnp.uint32),
-                                   jnp.zeros(S, jnp.int32))
+                                   jnp.zeros(S, jnp.int32), sampled=sampled)
     counts, tokens = np.asarray(counts), np.asarray(tokens)
     assert counts.tolist() == [3, 2, 3]
     assert tokens[0, :3].tolist() == [1, 2, 3]  # two accepted, then the target's correction
