@@ -197,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-xla", action="store_true", help="no plain-XLA baseline")
     ap.add_argument("--max-seqs", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--preset", default="llama3-8b")
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     config = config.replace(max_seq_len=max(config.max_seq_len, 4096))  # `tiny` (a CPU smoke run)
     llm = random_llm(config)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.params))
-    for b in batches:
+    for b in [] if args.skip_xla else batches:
         r = xla_baseline(llm, b)
         add({**env, "case": "decode", "context": CONTEXT, **r})
     engine, warm_s = make_engine(llm, args.max_seqs, args.decode_steps)

@@ -1,4 +1,4 @@
-"""Anatomy of the batch-1 decode step: the kernels its compiled program launches, and its time.
+"""Anatomy of a decode step: the kernels its compiled program launches, and its time.
 
 Batch-1 decode of the Llama-3-8B shape reads 16 GB of weights per token, about 4.8 ms at the
 H100's copy bandwidth, yet a step took 8.4 ms (results/decode_h100.json); the 1.5B and 0.5B Qwen
@@ -119,24 +119,27 @@ def kernel_census(hlo: str) -> Counter:
     return counts
 
 
-def decode_program(llm, page_size: int = 16, context: int = 1024, temperature: float = 0.0):
-    """The engine's batch-1 single-step decode program, its arguments, and the jitted function."""
+def decode_program(llm, batch: int = 1, n_steps: int = 1, page_size: int = 16, context: int = 1024,
+                   temperature: float = 0.0):
+    """The engine's pure-decode program (`batch` sequences at `context`, `n_steps` model steps per
+    call), its arguments, and the jitted function."""
     from pallax.decode.engine import compile_step, empty_batch, to_device
     from pallax.decode.kv_cache import create_pool
 
     c = llm.config
-    pages = -(-(context + 1) // page_size)
+    pages = -(-(context + n_steps) // page_size)  # per sequence
     per_layer = isinstance(llm.params["layers"], (list, tuple))
-    pool = create_pool(c, pages + 1, page_size, "bfloat16", per_layer=per_layer)
-    host = empty_batch(1, 1, pages)
-    host["positions"][0] = context
-    host["slots"][0] = context  # page p holds positions p * page_size ...: an identity page table
-    host["page_table"][0] = np.arange(pages)
-    host["query_start"][1] = 1
-    host["kv_lens"][0] = context + 1
-    host["temperature"][0] = temperature
-    step = compile_step(c, 1)
-    args = (llm.params, pool, to_device(host, 1), jax.numpy.zeros(1, jax.numpy.int32))
+    pool = create_pool(c, batch * pages + 1, page_size, "bfloat16", per_layer=per_layer)
+    host = empty_batch(batch, batch, pages)
+    for b in range(batch):  # sequence b owns pages b * pages ... in order
+        host["positions"][b] = context
+        host["slots"][b] = b * pages * page_size + context
+        host["page_table"][b] = b * pages + np.arange(pages)
+        host["query_start"][b + 1] = b + 1
+        host["kv_lens"][b] = context + 1
+        host["temperature"][b] = temperature
+    step = compile_step(c, n_steps, full=temperature > 0)
+    args = (llm.params, pool, to_device(host, batch), jax.numpy.zeros(batch, jax.numpy.int32))
     return step, args
 
 
@@ -144,6 +147,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=1, help="decode sequences per step")
+    ap.add_argument("--n-steps", type=int, default=1, help="model steps per call (the engine's decode_steps)")
     ap.add_argument("--temperature", type=float, default=0.0, help="the row's sampling temperature (0: greedy)")
     ap.add_argument("--steps", type=int, default=50, help="back-to-back steps timed")
     ap.add_argument("--hlo", help="write the optimized program's text here")
@@ -158,7 +163,8 @@ def main(argv=None) -> None:
 
     llm = random_llm(preset(args.preset))
     llm.params = unstack_layers(llm.params)  # as the engine runs them (EngineConfig.unstack_layers)
-    step, (params, pool, batch, prev) = decode_program(llm, context=args.context, temperature=args.temperature)
+    step, (params, pool, batch, prev) = decode_program(llm, args.batch, args.n_steps, context=args.context,
+                                                          temperature=args.temperature)
     compiled = step.lower(params, pool, batch, prev).compile()
     hlo = compiled.as_text()
     if args.hlo:
@@ -173,7 +179,7 @@ def main(argv=None) -> None:
         pool, out, prev = step(params, pool, batch, prev)
         dispatch += time.perf_counter() - t
     jax.block_until_ready(out.tokens)
-    dt = (time.perf_counter() - t0) / args.steps
+    dt = (time.perf_counter() - t0) / args.steps / args.n_steps  # per model step
     dispatch /= args.steps  # host time until the call returns: above the step time, the host is the bottleneck
     profile = None
     if args.profile:
@@ -186,7 +192,7 @@ def main(argv=None) -> None:
         profile = kernel_profile(run, args.steps)
     L = llm.config.n_layers
     total = sum(census.values())
-    rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random bf16", batch=1, context=args.context, temperature=args.temperature,
+    rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random bf16", batch=args.batch, n_steps=args.n_steps, context=args.context, temperature=args.temperature,
                     step_ms=dt * 1e3, dispatch_ms=dispatch * 1e3, kernels=total, kernels_per_layer=total / L,
                     per_layer_us=dt * 1e6 / L, census=dict(census.most_common()), profile=profile, **environment()))
     for kind, n in census.most_common():

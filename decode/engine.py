@@ -149,7 +149,12 @@ def apply_repetition_penalty(logits: jax.Array, recent: jax.Array, penalty: jax.
     return jnp.where(seen & (p != 1.0), penalized, logits)
 
 
-def _sample_rows(logits, batch: StepBatch, sample_steps):
+def _sample_rows(logits, batch: StepBatch, sample_steps, full: bool):
+    if not full:  # every row plain greedy (SamplingParams.plain_greedy): no sort of the vocabulary
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+        none = jnp.zeros((logits.shape[0], TOP_LOGPROBS), jnp.int32)
+        return tokens, chosen, none, none.astype(jnp.float32)
     logits = apply_repetition_penalty(logits, batch.recent, batch.penalty)
     tokens = sample(logits, batch.sampling, row_keys(batch.seeds, sample_steps))
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -158,10 +163,17 @@ def _sample_rows(logits, batch: StepBatch, sample_steps):
     return tokens, chosen, top_ids.astype(jnp.int32), top_lp
 
 
-def engine_step(params, pool: PagePool, packed: Packed, prev_tokens, *, config: ModelConfig, n_steps: int):
+def engine_step(params, pool: PagePool, packed: Packed, prev_tokens, *, config: ModelConfig, n_steps: int,
+                full: bool = True):
     """Run the batch (`to_device` of `empty_batch`-shaped buffers; for pure decode, n_steps - 1
     further steps too); returns the pool, the StepOutput and the last sampled tokens padded to
-    prev_tokens' fixed length (the next call's `prev_tokens`, whatever its batch size)."""
+    prev_tokens' fixed length (the next call's `prev_tokens`, whatever its batch size).
+
+    `full=False` promises that every row is plain greedy: the program takes the argmax and leaves
+    out the repetition penalty, the sampling filters and the top-n alternatives (at 64 rows of a
+    128k vocabulary their sorts cost more than the attention; bench/step_anatomy.py). The host
+    knows which rows it batched and picks the program; a `lax.cond` on the device would cost a
+    device-to-host sync every step."""
     batch = step_batch(packed.unpack())
     tokens = jnp.where(batch.from_prev >= 0, prev_tokens[jnp.maximum(batch.from_prev, 0)], batch.tokens)
     S = batch.kv_lens.shape[0]
@@ -172,7 +184,7 @@ def engine_step(params, pool: PagePool, packed: Packed, prev_tokens, *, config: 
         logits, cache = forward(params, tokens[None], positions[None], cache, config=config,
                                 logit_indices=last[None])
         b = batch.replace(recent=recent)
-        return cache.pool, _sample_rows(logits[0], b, sample_steps)
+        return cache.pool, _sample_rows(logits[0], b, sample_steps, full)
 
     def padded(last):
         return jnp.zeros_like(prev_tokens).at[: last.shape[0]].set(last)
@@ -202,9 +214,10 @@ def engine_step(params, pool: PagePool, packed: Packed, prev_tokens, *, config: 
 
 
 @functools.lru_cache(maxsize=None)
-def compile_step(config: ModelConfig, n_steps: int):
-    """The jitted step for a given number of on-device decode steps; the pool is donated."""
-    return jax.jit(functools.partial(engine_step, config=config, n_steps=n_steps), donate_argnums=(1,))
+def compile_step(config: ModelConfig, n_steps: int, full: bool = True):
+    """The jitted step for a given number of on-device decode steps (and `full`, see engine_step);
+    the pool is donated."""
+    return jax.jit(functools.partial(engine_step, config=config, n_steps=n_steps, full=full), donate_argnums=(1,))
 
 
 def empty_batch(T: int, S: int, max_pages: int) -> dict[str, np.ndarray]:

@@ -52,6 +52,13 @@ class SamplingParams:
     speculative: str | None = None  # None | "ngram" (prompt lookup) | "draft" (the engine's draft model)
     num_draft_tokens: int = 4  # k: drafts per verification (the most, when the engine adapts k)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy, unpenalized, no alternatives asked for: the engine serves such rows with
+        programs that leave out the sampling filters and the top-n alternatives (each a sort of the
+        vocabulary per row)."""
+        return self.temperature == 0 and self.repetition_penalty == 1.0 and self.logprobs == 0
+
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:

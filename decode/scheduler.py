@@ -164,10 +164,11 @@ class Scheduler:
         self.allocator = PageAllocator(num_pages)
         self.prefix = PrefixCache(self.allocator, cfg.page_size, cfg.prefix_caching)
         self.buckets = cfg.token_buckets()
-        self._steps = {n: compile_step(mc, n) for n in sorted({1, max(1, cfg.decode_steps)})}
+        # by (steps per call, full): full=False serves batches of plain-greedy rows (engine_step)
+        self._steps = {(n, full): compile_step(mc, n, full)
+                       for n in sorted({1, max(1, cfg.decode_steps)}) for full in (False, True)}
         self._prev_tokens = jax.numpy.zeros(cfg.max_seqs, jax.numpy.int32)
-        # by whether any row samples (False: all greedy, no sampling filters in the program)
-        self._verify = {s: compile_verify(mc, s) for s in (False, True)} if cfg.max_draft_tokens > 0 else None
+        self._verify = {full: compile_verify(mc, full) for full in (False, True)} if cfg.max_draft_tokens > 0 else None
         self.drafters = {"ngram": NgramDrafter()}
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
@@ -297,11 +298,12 @@ class Scheduler:
     def warmup(self) -> None:
         """Run every (token bucket, steps) program once on an empty batch: no compile later."""
         S = self.cfg.max_seqs
-        shapes = [(T, S, 1) for T in self.buckets]
-        shapes += [(b, b, n) for n in self._steps if n > 1 for b in self.cfg.seq_buckets()]
-        for T, S_b, n in shapes:
+        shapes = [(T, S, 1, full) for T in self.buckets for full in (False, True)]
+        shapes += [(b, b, n, full) for n, full in self._steps if n > 1 for b in self.cfg.seq_buckets()]
+        for T, S_b, n, full in shapes:
             host = empty_batch(T, S_b, self.max_pages)
-            self.pool, out, _ = self._steps[n](self.llm.params, self.pool, to_device(host, 0), self._prev_tokens)
+            step = self._steps[n, full]
+            self.pool, out, _ = step(self.llm.params, self.pool, to_device(host, 0), self._prev_tokens)
             jax.block_until_ready(out.tokens)
         if self._verify is not None:
             K = self.cfg.max_draft_tokens
@@ -492,14 +494,15 @@ class Scheduler:
                 seq.n_sampled += samples
             t += n_in
         host["query_start"][len(plan) + 1:] = t
+        full = not all(seq.req.sampling.plain_greedy for seq, _, _ in plan)
         if speculative:
             batch = to_device(dict(host, **spec), len(plan))
-            verify = self._verify[any(seq.req.sampling.temperature > 0 for seq, _, _ in plan)]
+            verify = self._verify[full]
             self.pool, out, self._prev_tokens = verify(self.llm.params, self.pool, batch, q, self._prev_tokens)
         else:
             batch = to_device(host, len(plan))
-            self.pool, out, self._prev_tokens = self._steps[n_steps](self.llm.params, self.pool, batch,
-                                                                     self._prev_tokens)
+            self.pool, out, self._prev_tokens = self._steps[n_steps, full](self.llm.params, self.pool, batch,
+                                                                           self._prev_tokens)
         for x in jax.tree.leaves(out):
             x.copy_to_host_async()
         self.counters.steps += 1

@@ -133,10 +133,11 @@ class VerifyOutput:
     counts: jax.Array  # [S] int32
 
 
-def verify_step(params, pool: PagePool, packed: Packed, q, prev_tokens, *, config: ModelConfig, sampled: bool):
+def verify_step(params, pool: PagePool, packed: Packed, q, prev_tokens, *, config: ModelConfig, full: bool):
     """One ragged target step whose rows may carry drafts: packed holds the step's buffers and
-    `empty_spec`'s; q [S, K, V] or None (see accept_drafts; `sampled=False`: every row greedy).
-    Rows without drafts (decode, or the end of a prefill) sample one token as `engine_step` does."""
+    `empty_spec`'s; q [S, K, V] or None (see accept_drafts). Rows without drafts (decode, or the
+    end of a prefill) sample one token as `engine_step` does; `full=False` as there (every row
+    plain greedy: no sampling filters, no alternatives)."""
     fields = packed.unpack()
     spec = SpecInputs(**{f: fields.pop(f) for f in SpecInputs.__dataclass_fields__})
     batch = step_batch(fields)
@@ -149,18 +150,22 @@ def verify_step(params, pool: PagePool, packed: Packed, q, prev_tokens, *, confi
     # of position 0 is right for every row that uses only position 0.
     logits = apply_repetition_penalty(logits[0], jnp.repeat(batch.recent, K1, axis=0), jnp.repeat(batch.penalty, K1))
     out, counts = accept_drafts(logits.reshape(S, K1, -1), spec.drafts, spec.num_drafts, q, spec.point_mass,
-                                batch.sampling, batch.seeds, batch.sample_steps, sampled=sampled)
+                                batch.sampling, batch.seeds, batch.sample_steps, sampled=full)
     logp = jax.nn.log_softmax(logits, axis=-1)  # [S * K1, V]
     chosen = jnp.take_along_axis(logp, out.reshape(-1, 1), axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    if full:
+        top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    else:
+        top_ids = jnp.zeros((S * K1, TOP_LOGPROBS), jnp.int32)
+        top_lp = top_ids.astype(jnp.float32)
     t = lambda x: jnp.swapaxes(x.reshape(S, K1, *x.shape[1:]), 0, 1)  # noqa: E731  [S*K1, ...] -> [K1, S, ...]
     result = VerifyOutput(out.T, t(chosen), t(top_ids.astype(jnp.int32)), t(top_lp), counts)
     return cache.pool, result, prev_tokens
 
 
 @functools.lru_cache(maxsize=None)
-def compile_verify(config: ModelConfig, sampled: bool):
-    return jax.jit(functools.partial(verify_step, config=config, sampled=sampled), donate_argnums=(1,))
+def compile_verify(config: ModelConfig, full: bool):
+    return jax.jit(functools.partial(verify_step, config=config, full=full), donate_argnums=(1,))
 
 
 def empty_spec(S: int, K: int) -> dict[str, np.ndarray]:

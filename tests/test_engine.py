@@ -133,6 +133,15 @@ def test_logprobs(engine, reference, smollm_f32):
     ref = log_softmax(logits)
     assert lps[0].logprob == pytest.approx(ref[case["greedy_ids"][0]], abs=1e-4)
     assert [i for i, _ in lps[0].top] == list(np.argsort(-ref)[:5])
+    # A plain greedy row batched with one that asks for alternatives runs in the full program
+    # (the other serves batches of plain greedy rows only): its tokens are the same.
+    outs = [[], []]
+    engine.submit(Request("lp-a", case["input_ids"], SamplingParams(max_tokens=3, logprobs=2)), outs[0].append)
+    other = reference["cases"][1]
+    engine.submit(Request("lp-b", other["input_ids"], SamplingParams(max_tokens=32)), outs[1].append)
+    engine.run_until_idle()
+    assert _tokens(outs[0]) == case["greedy_ids"][:3]
+    assert _tokens(outs[1]) == other["greedy_ids"]
     _assert_all_free(engine)
 
 
@@ -196,8 +205,9 @@ def test_no_compilation_after_warmup(smollm_f32, reference):
     before = e.compiled_programs()  # step programs are shared by engines of the same model
     e.warmup()
     n = e.compiled_programs()
-    # at most every token bucket, plus the multi-step decode program for every decode batch bucket
-    assert 0 < n - before <= len(e.buckets) + len(e.cfg.seq_buckets())
+    # at most every token bucket, plus the multi-step decode program for every decode batch bucket,
+    # each in two variants (plain greedy rows only, and full sampling)
+    assert 0 < n - before <= 2 * (len(e.buckets) + len(e.cfg.seq_buckets()))
     _run(e, [c["input_ids"] for c in reference["cases"]], SamplingParams(max_tokens=20))
     _run(e, [reference["cases"][1]["input_ids"]], SamplingParams(max_tokens=5, temperature=0.5, logprobs=3))
     assert e.compiled_programs() == n

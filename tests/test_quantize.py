@@ -12,7 +12,7 @@ from pallax.kernels_pallas.dispatch import kernel_mode
 from pallax.kernels_pallas.quant_formats import quantize_fp8
 from pallax.model.linear import QuantizedWeight, linear, weight_format
 from pallax.model.quant_weights import Fp8Weight, Int4Weight, Int8Weight
-from pallax.model.quantize import (QUANT_FILE, _layer_taps, awq_search, calibration_batch, load_quantized,
+from pallax.model.quantize import (QUANT_FILE, _layer_taps, awq_search, calibration_batch, load_quantized, stacked,
                                    quantize, save_quantized)
 
 PROSE = [
@@ -97,7 +97,7 @@ def test_awq_beats_rtn_on_held_out_activations(smollm_bf16):
     cos, sin = rope_cos_sin(pos, rope_inv_freq(c))
     x = llm.params["embed"][tokens]
     for i in range(3):
-        p = jax.tree.map(lambda a: a[i], llm.params["layers"])
+        p = jax.tree.map(lambda a: a[i], stacked(llm.params)["layers"])  # an engine may have unstacked them
         x, taps = _layer_taps(p, x, pos, cos, sin, config=c)
     w = p["w_gate"]  # layer 2, [576, 1536]
     acts = np.asarray(taps["mlp_in"], np.float32)
