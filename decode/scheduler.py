@@ -150,7 +150,7 @@ class Scheduler:
         # Per-layer buffers everywhere by default: with stacked layers the pool is carried through
         # the layer scan, and inside the multi-step decode scan XLA copies it every layer (seconds
         # per call on a CPU); on a GPU stacked weights are also copied per layer.
-        unstack = cfg.unstack_layers if cfg.unstack_layers is not None else True
+        self._unstack = unstack = cfg.unstack_layers if cfg.unstack_layers is not None else True
         if unstack:
             llm.params = unstack_layers(llm.params)  # the LLM's other paths run this layout too
         kv_dtype = cfg.kv_dtype or str(llm.params["embed"].dtype)
@@ -244,6 +244,8 @@ class Scheduler:
         with self._lock:
             if self.running or self.waiting:
                 raise RuntimeError("attach_draft_model while requests run")
+            if self._unstack:  # the target's layout, for the same reason (stacked slices are copied)
+                draft_llm.params = unstack_layers(draft_llm.params)
             self.drafters["draft"] = DraftModelDrafter(
                 draft_llm, num_pages=num_pages or self.allocator.num_pages, page_size=self.cfg.page_size,
                 max_pages=self.max_pages, buckets=self.buckets)
