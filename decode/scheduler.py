@@ -36,8 +36,9 @@ import numpy as np
 
 from pallax.model.decoder import unstack_layers
 
-from .engine import PENALTY_WINDOW, compile_step, empty_batch, to_device
-from .speculative import DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_verify, empty_spec
+from .engine import PENALTY_WINDOW, compile_step, empty_batch, pack, to_device
+from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_ngram_loop, compile_verify,
+                          empty_spec)
 from .kv_cache import KV_DTYPES, PageAllocator, create_pool, pages_for_budget
 from .prefix_cache import PrefixCache
 from .requests import (Callback, QueueFull, Request, RequestError, RequestOutput, SamplingParams,
@@ -61,6 +62,9 @@ class EngineConfig:
     unstack_layers: bool | None = None  # per-layer weight and KV buffers (None: yes); see decoder.forward
     max_draft_tokens: int = 0  # K: the most drafts a speculative row may carry; 0: no speculation
     adaptive_draft: bool = True  # k follows each request's running acceptance rate (up to its k)
+    # A lone greedy n-gram request runs up to this many speculation rounds per call on device
+    # (`speculative.ngram_loop`) instead of one host round trip per round; 0: never.
+    spec_rounds: int = 8
 
     def seq_buckets(self) -> list[int]:
         """Batch sizes of pure-decode calls: powers of four up to max_seqs (a batch of 1 reads the
@@ -125,6 +129,7 @@ class _InFlight:
     out: object  # StepOutput (VerifyOutput when speculative) on device
     n_steps: int
     speculative: bool = False
+    loop: bool = False  # an ngram_loop call: out is a LoopOutput
 
 
 @dataclass
@@ -135,6 +140,10 @@ class _Counters:
     preemptions: int = 0
     finished: dict = field(default_factory=dict)
     spec: dict = field(default_factory=dict)  # drafter -> [rows verified, drafts proposed, drafts accepted]
+    spec_loops: int = 0  # ngram_loop calls
+
+
+_LOOP_STOP_IDS = 16  # stop token ids an ngram_loop call checks on device
 
 
 class Scheduler:
@@ -170,6 +179,9 @@ class Scheduler:
         self._prev_tokens = jax.numpy.zeros(cfg.max_seqs, jax.numpy.int32)
         self._verify = {full: compile_verify(mc, full) for full in (False, True)} if cfg.max_draft_tokens > 0 else None
         self.drafters = {"ngram": NgramDrafter()}
+        self._ngram_loop = None
+        if cfg.max_draft_tokens > 0 and cfg.spec_rounds > 0:
+            self._ngram_loop = compile_ngram_loop(mc, cfg.max_draft_tokens, cfg.spec_rounds)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self._by_id: dict[str, Seq] = {}
@@ -267,6 +279,7 @@ class Scheduler:
                 "tokens_out": self.counters.tokens_out,
                 "preemptions": self.counters.preemptions,
                 "finished": dict(self.counters.finished),
+                "spec_device_loops": c.spec_loops,
                 **_spec_stats("spec", [sum(v) for v in zip([0, 0, 0], *c.spec.values())]),
                 **{k: v for name, counts in c.spec.items() for k, v in _spec_stats(f"spec_{name}", counts).items()},
             }
@@ -319,10 +332,14 @@ class Scheduler:
                         jax.block_until_ready(out.tokens)
             for drafter in self.drafters.values():
                 drafter.warmup(S, K)
+            if self._ngram_loop is not None:  # a budget of 0 runs no round
+                self.pool, out = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs([0], [], 0, 0, 0, ()))
+                jax.block_until_ready(out.tokens)
         self._ready = True
 
     def compiled_programs(self) -> int:
         fns = list(self._steps.values()) + list((self._verify or {}).values())
+        fns += [self._ngram_loop] if self._ngram_loop is not None else []
         return sum(f._cache_size() for f in fns)
 
     def has_work(self) -> bool:
@@ -424,6 +441,10 @@ class Scheduler:
         n_steps = cfg.decode_steps if decode_only and cfg.decode_steps > 1 and not speculative else 1
         if n_steps > 1 and any(s.total + n_steps > self.max_context for s in self.running):
             n_steps = 1
+        if speculative and decode_only and len(self.running) == 1 and self._ngram_loop is not None:
+            launched = self._launch_ngram_loop(self.running[0])
+            if launched is not None:
+                return launched
         budget = self.buckets[-1]
         plan: list[tuple[Seq, int, int]] = []  # (seq, tokens to compute, drafts to ask for)
         # Decode rows first (one token each, plus drafts), oldest first; then prefill chunks.
@@ -511,6 +532,40 @@ class Scheduler:
         self.counters.tokens_in += T
         return _InFlight(rows, out, n_steps, speculative)
 
+    def _loop_inputs(self, tokens, pages, pos, k, budget, stop_ids):
+        W = self.drafters["ngram"].window + (self.cfg.spec_rounds + 1) * (self.cfg.max_draft_tokens + 1)
+        hist = np.zeros(W, np.int32)
+        recent = tokens[-self.drafters["ngram"].window:]
+        hist[:len(recent)] = recent
+        page_table = np.zeros(self.max_pages, np.int32)
+        page_table[:len(pages)] = pages
+        stops = np.full(_LOOP_STOP_IDS, -1, np.int32)
+        stop_ids = list(stop_ids)[:_LOOP_STOP_IDS]  # more only cost rounds past a stop; the host still stops
+        stops[:len(stop_ids)] = stop_ids
+        return pack({"hist": hist, "n_hist": np.int32(len(recent)), "page_table": page_table, "pos": np.int32(pos),
+                     "k": np.int32(k), "budget": np.int32(budget), "stop_ids": stops})
+
+    def _launch_ngram_loop(self, seq: Seq) -> _InFlight | None:
+        """Several n-gram speculation rounds in one call for a lone plain-greedy sequence (None:
+        not such a sequence, or no pages: the usual step runs)."""
+        sp, cfg = seq.req.sampling, self.cfg
+        if sp.speculative != "ngram" or not sp.plain_greedy:
+            return None
+        K1 = cfg.max_draft_tokens + 1
+        budget = min(sp.max_tokens - seq.generated, self.max_context - seq.total, cfg.spec_rounds * K1)
+        start = seq.num_computed  # the last token's position: its K/V is computed by the first round
+        if budget < 2 or len(seq.tokens) != seq.total or not self._ensure_pages(seq, start + budget):
+            return None
+        k = min(seq.k if cfg.adaptive_draft else sp.num_draft_tokens, cfg.max_draft_tokens)
+        stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(sorted(self.eos_ids)))
+        packed = self._loop_inputs(seq.tokens, seq.pages, start, k, budget, stops)
+        self.pool, out = self._ngram_loop(self.llm.params, self.pool, packed)
+        for x in jax.tree.leaves(out):
+            x.copy_to_host_async()
+        self.counters.steps += 1
+        self.counters.spec_loops += 1
+        return _InFlight([_Row(seq, 0, -1, seq.gen, [])], out, 1, speculative=True, loop=True)
+
     def _draft_len(self, seq: Seq, room: int) -> int:
         """Drafts to ask for: the request's k (or the adaptive one), within the step's token room,
         the engine's K, what is left of max_tokens and the context."""
@@ -539,6 +594,8 @@ class Scheduler:
 
     # -- results -------------------------------------------------------------------------------
     def _process(self, step: _InFlight) -> None:
+        if step.loop:
+            return self._process_loop(step)
         tokens = np.asarray(step.out.tokens)
         want_lp = any(r.seq.req.sampling.logprobs for r in step.rows)
         if want_lp:
@@ -571,10 +628,37 @@ class Scheduler:
             self._register_full_pages(seq)
             self._emit(seq, new, lps, reason)
 
+    def _process_loop(self, step: _InFlight) -> None:
+        seq = step.rows[0].seq
+        if seq.finished or seq.gen != step.rows[0].gen:
+            return
+        tokens, counts, drafted = (np.asarray(x) for x in (step.out.tokens, step.out.counts, step.out.drafted))
+        new, reason = [], None
+        for r in range(len(counts)):
+            if counts[r] == 0 or reason is not None:
+                break
+            self._count_drafts(seq, int(drafted[r]), int(counts[r]) - 1)
+            for tok in tokens[r, :counts[r]].tolist():
+                seq.tokens.append(tok)
+                new.append(tok)
+                reason = self._finish_reason(seq, tok)
+                if reason is not None:
+                    break
+        seq.num_computed = len(seq.tokens) - 1  # every emitted token's K/V but the last one's
+        seq.n_sampled = seq.generated
+        self.counters.tokens_out += len(new)
+        if seq.first_token is None:
+            seq.first_token = time.monotonic()
+        self._register_full_pages(seq)
+        self._emit(seq, new, [], reason)
+
     def _accepted(self, seq: Seq, drafted: int, accepted: int) -> None:
         """Book a verification: the K/V of rejected drafts is dropped by rolling the computed
         length back to the accepted ones; counters and the adaptive k follow."""
         seq.num_computed -= drafted - accepted
+        self._count_drafts(seq, drafted, accepted)
+
+    def _count_drafts(self, seq: Seq, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return
         counts = self.counters.spec.setdefault(seq.req.sampling.speculative, [0, 0, 0])

