@@ -37,8 +37,8 @@ import numpy as np
 from pallax.model.decoder import unstack_layers
 
 from .engine import PENALTY_WINDOW, compile_step, empty_batch, pack, to_device
-from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_ngram_loop, compile_verify,
-                          empty_spec)
+from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, _k_buckets, adaptive_k, compile_draft_loop,
+                          compile_ngram_loop, compile_verify, empty_spec)
 from .kv_cache import KV_DTYPES, PageAllocator, create_pool, pages_for_budget
 from .prefix_cache import PrefixCache
 from .requests import (Callback, QueueFull, Request, RequestError, RequestOutput, SamplingParams,
@@ -62,8 +62,8 @@ class EngineConfig:
     unstack_layers: bool | None = None  # per-layer weight and KV buffers (None: yes); see decoder.forward
     max_draft_tokens: int = 0  # K: the most drafts a speculative row may carry; 0: no speculation
     adaptive_draft: bool = True  # k follows each request's running acceptance rate (up to its k)
-    # A lone greedy n-gram request runs up to this many speculation rounds per call on device
-    # (`speculative.ngram_loop`) instead of one host round trip per round; 0: never.
+    # A lone greedy speculative request runs up to this many rounds per call on device
+    # (`speculative.ngram_loop`, `draft_loop`) instead of one host round trip per round; 0: never.
     spec_rounds: int = 8
 
     def seq_buckets(self) -> list[int]:
@@ -129,7 +129,8 @@ class _InFlight:
     out: object  # StepOutput (VerifyOutput when speculative) on device
     n_steps: int
     speculative: bool = False
-    loop: bool = False  # an ngram_loop call: out is a LoopOutput
+    loop: bool = False  # an ngram_loop / draft_loop call: out is a LoopOutput
+    draft_computed: object = None  # draft_loop: positions of the draft's K/V now computed (device scalar)
 
 
 @dataclass
@@ -179,7 +180,7 @@ class Scheduler:
         self._prev_tokens = jax.numpy.zeros(cfg.max_seqs, jax.numpy.int32)
         self._verify = {full: compile_verify(mc, full) for full in (False, True)} if cfg.max_draft_tokens > 0 else None
         self.drafters = {"ngram": NgramDrafter()}
-        self._ngram_loop = None
+        self._ngram_loop, self._draft_loops = None, {}
         if cfg.max_draft_tokens > 0 and cfg.spec_rounds > 0:
             self._ngram_loop = compile_ngram_loop(mc, cfg.max_draft_tokens, cfg.spec_rounds)
         self.waiting: deque[Seq] = deque()
@@ -261,6 +262,9 @@ class Scheduler:
             self.drafters["draft"] = DraftModelDrafter(
                 draft_llm, num_pages=num_pages or self.allocator.num_pages, page_size=self.cfg.page_size,
                 max_pages=self.max_pages, buckets=self.buckets)
+            if self.cfg.spec_rounds > 0:  # by k bucket
+                self._draft_loops = {k: compile_draft_loop(self.llm.config, draft_llm.config, k, self.cfg.spec_rounds)
+                                     for k in _k_buckets(self.cfg.max_draft_tokens)}
 
     def stats(self) -> dict:
         c = self.counters
@@ -335,11 +339,16 @@ class Scheduler:
             if self._ngram_loop is not None:  # a budget of 0 runs no round
                 self.pool, out = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs([0], [], 0, 0, 0, ()))
                 jax.block_until_ready(out.tokens)
+            for loop in self._draft_loops.values():
+                d = self.drafters["draft"]
+                self.pool, d.pool, out, _ = loop(self.llm.params, self.pool, d.llm.params, d.pool,
+                                                 self._loop_inputs([0], [], 0, 0, 0, (), draft_pages=[]))
+                jax.block_until_ready(out.tokens)
         self._ready = True
 
     def compiled_programs(self) -> int:
         fns = list(self._steps.values()) + list((self._verify or {}).values())
-        fns += [self._ngram_loop] if self._ngram_loop is not None else []
+        fns += ([self._ngram_loop] if self._ngram_loop is not None else []) + list(self._draft_loops.values())
         return sum(f._cache_size() for f in fns)
 
     def has_work(self) -> bool:
@@ -442,7 +451,7 @@ class Scheduler:
         if n_steps > 1 and any(s.total + n_steps > self.max_context for s in self.running):
             n_steps = 1
         if speculative and decode_only and len(self.running) == 1 and self._ngram_loop is not None:
-            launched = self._launch_ngram_loop(self.running[0])
+            launched = self._launch_spec_loop(self.running[0])
             if launched is not None:
                 return launched
         budget = self.buckets[-1]
@@ -532,39 +541,68 @@ class Scheduler:
         self.counters.tokens_in += T
         return _InFlight(rows, out, n_steps, speculative)
 
-    def _loop_inputs(self, tokens, pages, pos, k, budget, stop_ids):
-        W = self.drafters["ngram"].window + (self.cfg.spec_rounds + 1) * (self.cfg.max_draft_tokens + 1)
-        hist = np.zeros(W, np.int32)
-        recent = tokens[-self.drafters["ngram"].window:]
-        hist[:len(recent)] = recent
-        page_table = np.zeros(self.max_pages, np.int32)
-        page_table[:len(pages)] = pages
-        stops = np.full(_LOOP_STOP_IDS, -1, np.int32)
-        stop_ids = list(stop_ids)[:_LOOP_STOP_IDS]  # more only cost rounds past a stop; the host still stops
-        stops[:len(stop_ids)] = stop_ids
-        return pack({"hist": hist, "n_hist": np.int32(len(recent)), "page_table": page_table, "pos": np.int32(pos),
-                     "k": np.int32(k), "budget": np.int32(budget), "stop_ids": stops})
+    def _loop_inputs(self, tokens, pages, pos, k, budget, stop_ids, draft_pages=None, fill=(False, 0)):
+        def padded(values, n, fill=0):
+            a = np.full(n, fill, np.int32)
+            values = list(values)[:n]
+            a[:len(values)] = values
+            return a
 
-    def _launch_ngram_loop(self, seq: Seq) -> _InFlight | None:
-        """Several n-gram speculation rounds in one call for a lone plain-greedy sequence (None:
-        not such a sequence, or no pages: the usual step runs)."""
+        host = {"last": np.int32(tokens[-1]), "page_table": padded(pages, self.max_pages), "pos": np.int32(pos),
+                "k": np.int32(k), "budget": np.int32(budget),
+                # more stop ids than fit only cost rounds past a stop: the host still stops
+                "stop_ids": padded(stop_ids, _LOOP_STOP_IDS, -1)}
+        if draft_pages is None:  # n-gram: the history the lookup searches, with room for the new tokens
+            window = self.drafters["ngram"].window
+            recent = tokens[-window:]
+            W = window + (self.cfg.spec_rounds + 1) * (self.cfg.max_draft_tokens + 1)
+            host.update(hist=padded(recent, W), n_hist=np.int32(len(recent)))
+        else:
+            host.update(draft_pages=padded(draft_pages, self.max_pages), fill=np.int32(fill[0]), unfed=np.int32(fill[1]))
+        return pack(host)
+
+    def _launch_spec_loop(self, seq: Seq) -> _InFlight | None:
+        """Several speculation rounds in one call for a lone plain-greedy sequence (None: not such
+        a sequence, the draft model has not caught up, or no pages: the usual step runs)."""
         sp, cfg = seq.req.sampling, self.cfg
-        if sp.speculative != "ngram" or not sp.plain_greedy:
+        if sp.speculative not in ("ngram", "draft") or not sp.plain_greedy:
             return None
         K1 = cfg.max_draft_tokens + 1
         budget = min(sp.max_tokens - seq.generated, self.max_context - seq.total, cfg.spec_rounds * K1)
         start = seq.num_computed  # the last token's position: its K/V is computed by the first round
-        if budget < 2 or len(seq.tokens) != seq.total or not self._ensure_pages(seq, start + budget):
+        if budget < 2 or len(seq.tokens) != seq.total:
             return None
         k = min(seq.k if cfg.adaptive_draft else sp.num_draft_tokens, cfg.max_draft_tokens)
         stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(sorted(self.eos_ids)))
-        packed = self._loop_inputs(seq.tokens, seq.pages, start, k, budget, stops)
-        self.pool, out = self._ngram_loop(self.llm.params, self.pool, packed)
+        draft_computed = None
+        if sp.speculative == "draft":
+            drafter = self.drafters.get("draft")
+            if drafter is None or not self._draft_loops:
+                return None
+            st = drafter.sync(seq.req.request_id, seq.tokens)
+            kb = next(b for b in self._draft_loops if b >= k)
+            # caught up on every position before the last token, or all but one (fed with the first
+            # round); further behind, the usual step's drafting catches up
+            fill = st.computed == start - 1
+            if not (st.computed == start or fill) or not drafter.reserve(st, start + budget + kb):
+                return None
+            if not self._ensure_pages(seq, start + budget):
+                return None
+            packed = self._loop_inputs(seq.tokens, seq.pages, start, k, budget, stops, draft_pages=st.pages,
+                                       fill=(fill, seq.tokens[start - 1] if fill else 0))
+            self.pool, drafter.pool, out, draft_computed = self._draft_loops[kb](
+                self.llm.params, self.pool, drafter.llm.params, drafter.pool, packed)
+        else:
+            if not self._ensure_pages(seq, start + budget):
+                return None
+            packed = self._loop_inputs(seq.tokens, seq.pages, start, k, budget, stops)
+            self.pool, out = self._ngram_loop(self.llm.params, self.pool, packed)
         for x in jax.tree.leaves(out):
             x.copy_to_host_async()
         self.counters.steps += 1
         self.counters.spec_loops += 1
-        return _InFlight([_Row(seq, 0, -1, seq.gen, [])], out, 1, speculative=True, loop=True)
+        return _InFlight([_Row(seq, 0, -1, seq.gen, [])], out, 1, speculative=True, loop=True,
+                         draft_computed=draft_computed)
 
     def _draft_len(self, seq: Seq, room: int) -> int:
         """Drafts to ask for: the request's k (or the adaptive one), within the step's token room,
@@ -646,6 +684,10 @@ class Scheduler:
                     break
         seq.num_computed = len(seq.tokens) - 1  # every emitted token's K/V but the last one's
         seq.n_sampled = seq.generated
+        if step.draft_computed is not None:
+            st = self.drafters["draft"].state.get(seq.req.request_id)
+            if st is not None:
+                st.computed, st.fed, st.base = int(step.draft_computed), [], len(seq.tokens)
         self.counters.tokens_out += len(new)
         if seq.first_token is None:
             seq.first_token = time.monotonic()

@@ -28,9 +28,9 @@ Two drafters share one interface (`propose`, `release`):
 The scheduler (`decode/scheduler.py`) verifies with `verify_step` and reads every speculative
 step back before it builds the next one: the next drafts depend on what was accepted. That host
 round trip (building the step, dispatching it, reading it back) costs more than the step itself
-at batch 1, so a lone plain-greedy n-gram request runs `ngram_loop` instead: lookup
-(`ngram_lookup`, the same rule on device), verification and acceptance for several rounds in one
-call, read back once.
+at batch 1, so a lone plain-greedy speculative request runs several rounds in one call, read
+back once: `ngram_loop` (the lookup on device, `ngram_lookup`, by the host drafter's rule) or
+`draft_loop` (k draft-model decode steps, then the target's verification, in the same program).
 """
 
 from __future__ import annotations
@@ -205,27 +205,24 @@ class LoopOutput:
     drafted: jax.Array  # [R] int32: drafts verified in each round
 
 
-def ngram_loop(params, pool: PagePool, packed: Packed, *, config: ModelConfig, K: int, rounds: int):
-    """Up to `rounds` rounds of greedy n-gram speculation for one sequence, without the host:
-    look up drafts in the token history, verify them in one step of K + 1 query tokens, accept the
-    longest prefix that matches the target's argmax plus its correction, append, repeat. Stops
-    after a round that emits a stop token or reaches the budget.
-
-    packed holds: hist [W] (the last tokens, W - rounds * (K + 1) at most, so the new ones fit),
-    n_hist, page_table [max_pages] (pages for every position the rounds may write), pos (the
-    position of the last token, whose K/V is not yet computed), k (drafts per round, <= K),
-    budget (tokens it may emit), stop_ids [NS] (-1 padded)."""
-    f = packed.unpack()
-    hist, page_table, stop_ids = f["hist"], f["page_table"], f["stop_ids"]
+def _greedy_rounds(params, pool: PagePool, f: dict, state, propose, advance, *, config: ModelConfig, K: int,
+                   rounds: int):
+    """The round loop of `ngram_loop` and `draft_loop`: `propose(state, last, pos)` gives drafts
+    [K], how many are real, and the drafter's new state; the target verifies them in one step of
+    K + 1 query tokens; the longest prefix matching its argmax plus its correction is emitted;
+    `advance(state, drafts, emitted [K+1], accepted, count)` updates the drafter. Stops after a
+    round that emits a stop token or reaches the budget. Returns the pool, the state, a
+    LoopOutput and the position of the new last token."""
+    page_table, stop_ids = f["page_table"], f["stop_ids"]
     ps, K1 = pool.page_size, K + 1
     j = jnp.arange(K1)
     out0 = LoopOutput(jnp.zeros((rounds, K1), jnp.int32), jnp.zeros(rounds, jnp.int32), jnp.zeros(rounds, jnp.int32))
 
     def round_(carry):
-        r, pool, hist, n_hist, pos, emitted, done, out = carry
-        drafts, nd = ngram_lookup(hist, n_hist, K)
+        r, pool, state, last, pos, emitted, done, out = carry
+        drafts, nd, state = propose(state, last, pos)
         nd = jnp.clip(jnp.minimum(nd, f["k"]), 0, f["budget"] - emitted - 1)
-        tokens = jnp.concatenate([hist[n_hist - 1][None], drafts])  # the last token, then the drafts
+        tokens = jnp.concatenate([last[None], drafts])  # the last token, then the drafts
         positions = pos + j
         page = page_table[jnp.minimum(positions // ps, page_table.shape[0] - 1)]
         slots = jnp.where(j <= nd, page * ps + positions % ps, -1)
@@ -240,15 +237,97 @@ def ngram_loop(params, pool: PagePool, packed: Packed, *, config: ModelConfig, K
         is_stop = (emit[:, None] == stop_ids[None, :]).any(axis=1) & (j <= a)
         first_stop = jnp.min(jnp.where(is_stop, j, K1))
         c = jnp.minimum(a + 1, first_stop + 1)
-        hist = jax.lax.dynamic_update_slice(hist, jnp.where(j < c, emit, 0), (n_hist,))
+        state = advance(state, drafts, emit, a, c)
         emitted = emitted + c
         done = (first_stop < K1) | (emitted >= f["budget"])
         out = LoopOutput(out.tokens.at[r].set(emit), out.counts.at[r].set(c), out.drafted.at[r].set(nd))
-        return r + 1, cache.pool, hist, n_hist + c, pos + c, emitted, done, out
+        return r + 1, cache.pool, state, emit[c - 1], pos + c, emitted, done, out
 
-    carry = (jnp.int32(0), pool, hist, f["n_hist"], f["pos"], jnp.int32(0), jnp.bool_(False), out0)
+    carry = (jnp.int32(0), pool, state, f["last"], f["pos"], jnp.int32(0), jnp.bool_(False), out0)
     carry = jax.lax.while_loop(lambda c: (c[0] < rounds) & ~c[6] & (c[5] < f["budget"]), round_, carry)
-    return carry[1], carry[7]
+    return carry[1], carry[2], carry[7], carry[4]
+
+
+def ngram_loop(params, pool: PagePool, packed: Packed, *, config: ModelConfig, K: int, rounds: int):
+    """Up to `rounds` rounds of greedy n-gram speculation for one sequence without the host
+    (`_greedy_rounds`), the drafts looked up in the token history on device.
+
+    packed holds: hist [W] (the last tokens, W - (rounds + 1) * (K + 1) at most, so the new ones
+    fit), n_hist, last (hist[n_hist - 1]), page_table [max_pages] (pages for every position the
+    rounds may write), pos (the position of the last token, whose K/V is not yet computed), k
+    (drafts per round, <= K), budget (tokens it may emit), stop_ids [NS] (-1 padded)."""
+    f = packed.unpack()
+
+    def propose(state, last, pos):
+        hist, n_hist = state
+        drafts, nd = ngram_lookup(hist, n_hist, K)
+        return drafts, nd, state
+
+    def advance(state, drafts, emit, a, c):
+        hist, n_hist = state
+        return jax.lax.dynamic_update_slice(hist, jnp.where(jnp.arange(K + 1) < c, emit, 0), (n_hist,)), n_hist + c
+
+    pool, _, out, _ = _greedy_rounds(params, pool, f, (f["hist"], f["n_hist"]), propose, advance, config=config,
+                                     K=K, rounds=rounds)
+    return pool, out
+
+
+def draft_loop(params, pool: PagePool, draft_params, draft_pool: PagePool, packed: Packed, *, config: ModelConfig,
+               draft_config: ModelConfig, k: int, rounds: int):
+    """Up to `rounds` rounds of greedy draft-model speculation for one sequence without the host
+    (`_greedy_rounds`): each round the draft model runs k decode steps in its own pool, then the
+    target verifies. The draft's K/V must be computed for every position before `pos` when it
+    starts. When a round accepts all k drafts, the last draft was never fed to the draft model:
+    the next round's first draft step feeds it along with the new last token (two query tokens).
+
+    packed holds what `ngram_loop`'s does but the history, plus draft_pages [max_pages], and fill
+    and unfed: the draft's K/V is computed up to pos - 1, unfed (the token at pos - 1) goes in with
+    the first round (a previous call's last round accepted every draft). Returns
+    the pools, the LoopOutput and how many positions of the draft's K/V are now computed."""
+    f = packed.unpack()
+    dpt = f["draft_pages"]
+    ps = draft_pool.page_size
+
+    def slot(p, live=True):
+        return jnp.where(live, dpt[jnp.minimum(p // ps, dpt.shape[0] - 1)] * ps + p % ps, -1)
+
+    def draft_step(dpool, tokens, positions, live, n, kv_len):
+        cache = PagedCache(dpool, slot(positions, live), dpt[None], jnp.stack([0, n]).astype(jnp.int32),
+                           kv_len[None], jnp.int32(1))
+        logits, cache = forward(draft_params, tokens[None], positions[None], cache, config=draft_config,
+                                logit_indices=(n - 1)[None, None])
+        return cache.pool, jnp.argmax(logits[0, 0]).astype(jnp.int32)
+
+    def propose(state, last, pos):
+        dpool, unfed, fill = state  # fill: `unfed` (the previous round's last draft) goes in at pos - 1
+        tokens = jnp.where(fill, jnp.stack([unfed, last]), jnp.stack([last, 0]))
+        positions = jnp.where(fill, jnp.stack([pos - 1, pos]), jnp.stack([pos, pos]))
+        dpool, d = draft_step(dpool, tokens, positions, jnp.stack([True, fill]), 1 + fill.astype(jnp.int32), pos + 1)
+
+        def more(carry, i):  # feed d_i at pos + i, get d_{i+1}
+            dpool, d = carry
+            p = (pos + i)[None]
+            dpool, nxt = draft_step(dpool, d[None], p, jnp.bool_(True), jnp.int32(1), pos + i + 1)
+            return (dpool, nxt), nxt
+
+        (dpool, _), rest = jax.lax.scan(more, (dpool, d), jnp.arange(1, k, dtype=jnp.int32))
+        drafts = jnp.concatenate([d[None], rest])
+        return drafts, jnp.int32(k), (dpool, unfed, fill)
+
+    def advance(state, drafts, emit, a, c):
+        dpool, _, _ = state
+        return dpool, drafts[k - 1], a == k
+
+    state = (draft_pool, f["unfed"], f["fill"] != 0)
+    pool, (draft_pool, _, fill), out, pos = _greedy_rounds(params, pool, f, state, propose, advance, config=config,
+                                                           K=k, rounds=rounds)
+    return pool, draft_pool, out, pos - fill.astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def compile_draft_loop(config: ModelConfig, draft_config: ModelConfig, k: int, rounds: int):
+    fn = functools.partial(draft_loop, config=config, draft_config=draft_config, k=k, rounds=rounds)
+    return jax.jit(fn, donate_argnums=(1, 3))
 
 
 @functools.lru_cache(maxsize=None)
@@ -399,25 +478,36 @@ class DraftModelDrafter:
         self.pool, toks, probs = self._fn(k, S_out, K_out, sampled)(self.llm.params, self.pool, packed)
         return toks, probs
 
+    def sync(self, key: str, tokens: list[int]) -> _DraftState:
+        """The request's draft state with `computed` no further than its valid K/V: the drafts fed
+        last time count as far as they were accepted."""
+        st = self.state.setdefault(key, _DraftState())
+        if st.fed:
+            got = tokens[st.base:st.base + len(st.fed)]
+            match = next((i for i, (a, b) in enumerate(zip(st.fed, got)) if a != b), min(len(st.fed), len(got)))
+            st.computed = min(st.computed, st.base + match)
+            st.fed = []
+        st.computed = min(st.computed, len(tokens) - 1)
+        return st
+
+    def reserve(self, st: _DraftState, upto: int) -> bool:
+        """Pages for positions < upto; False when the pool has too few free."""
+        need = -(-upto // self.page_size) - len(st.pages)
+        if need > self.allocator.num_free:
+            return False
+        if need > 0:
+            st.pages += self.allocator.allocate(need)
+        return True
+
     def propose(self, requests: list[DraftRequest], S: int, K: int):
         """Drafts for each request (possibly fewer than asked, or none when out of pages) and
         their probabilities [S, k, V] by target row (None when nothing was drafted)."""
         ps = self.page_size
         todo = []
         for r in requests:
-            st = self.state.setdefault(r.key, _DraftState())
-            if st.fed:  # the drafts fed last time are valid K/V as far as they were accepted
-                got = r.tokens[st.base:st.base + len(st.fed)]
-                match = next((i for i, (a, b) in enumerate(zip(st.fed, got)) if a != b), min(len(st.fed), len(got)))
-                st.computed = min(st.computed, st.base + match)
-                st.fed = []
-            st.computed = min(st.computed, len(r.tokens) - 1)
-            need = -(-(len(r.tokens) + r.k - 1) // ps) - len(st.pages)
-            if need > self.allocator.num_free:
-                continue
-            if need > 0:
-                st.pages += self.allocator.allocate(need)
-            todo.append((r, st))
+            st = self.sync(r.key, r.tokens)
+            if self.reserve(st, len(r.tokens) + r.k - 1):
+                todo.append((r, st))
         drafts: dict[int, list[int]] = {}
         if not todo:
             return [[] for _ in requests], None
