@@ -14,8 +14,10 @@ with speculation on and compares its stats and outputs with the replay.
 `speed` (GPU): batch-1 generation on the engine, plain and speculative, in the same run. With
 random weights of the Qwen2.5-Coder 1.5B / 0.5B shapes (the GGUFs are not on the GPU machine)
 drafts are almost never accepted, so each speculative round yields one token and its time is
-the round's cost: verify(k) [+ draft(k)] + host. The expected speedup for an acceptance
-profile (from `acceptance`) is tokens-per-round(k) x plain-step time / round time(k). With the
+the round's cost: verify(k) [+ draft(k)] + host (a lone greedy request runs
+EngineConfig.spec_rounds rounds per call on device: the host's share is one read-back per call).
+The expected speedup for an acceptance profile (from `acceptance`) is tokens-per-round(k) x
+plain-step time / round time(k). With the
 embedded SmolLM2 (when it loads) it also times real n-gram drafting end to end.
 
     python -m pallax.bench.speculative acceptance --prompts 40 --max-tokens 96 --out acc.json
