@@ -226,3 +226,23 @@ def test_fp8_errors():
         f8.fp8_matmul(q, s, q.T, jnp.ones((1, 16)), w_layout="t")
     with pytest.raises(ValueError, match="block_k=16"):
         f8.BlockSizes(block_k=16)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 64), (64,), (3, 64)])
+def test_single_row_dot_as_two_rows(monkeypatch, shape):
+    """On a GPU `linear` feeds a single row to the dot as two (model.linear.gemm_rows: XLA would
+    rewrite the vector-matrix product into a slow multiply-reduce); the result, and its shape, are
+    the plain product's. The GPU branch is taken here by pretending to be on one."""
+    from pallax.model import linear as lin
+
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (64, 48), jnp.float32)
+    want = np.asarray(x) @ np.asarray(w)
+    seen = []
+    real_pad = jnp.pad
+    monkeypatch.setattr(lin.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(lin.jnp, "pad", lambda a, *args, **kw: seen.append(a.shape) or real_pad(a, *args, **kw))
+    got = lin.linear(x, w)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert seen == ([(1, 64)] if x.size == 64 else [])  # padded exactly when there is one row
