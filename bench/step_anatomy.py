@@ -1,16 +1,18 @@
 """Anatomy of a decode step: the kernels its compiled program launches, and its time.
 
 Batch-1 decode of the Llama-3-8B shape reads 16 GB of weights per token, about 4.8 ms at the
-H100's copy bandwidth, yet a step took 8.4 ms (results/decode_h100.json); the 1.5B and 0.5B Qwen
-shapes behind the speculative bench take about 3 ms where their weights need 1 ms and 0.3 ms.
-What is left is per-kernel cost: launch gaps and kernels too small to fill the chip. For the
-engine's own decode program (one token, one sequence, the program `bench/decode.py` times) this
-prints:
+H100's copy bandwidth; a step once took 8.4 ms (results/decode_h100_run2.json). What is left
+over is per-kernel cost (launch gaps, kernels too small to fill the chip), host time, and
+rewrites by the compiler. For the engine's own pure-decode program (`--batch` sequences,
+`--n-steps` model steps per call; one and one by default, what `bench/decode.py` times at batch
+1) this prints:
 
 - the kernels of the optimized program: every instruction that runs on the device, by kind
   (fusion kinds, custom-call targets such as Pallas/Triton kernels and cuBLAS GEMMs, copies,
   ...), in total and per layer, following while loops and command buffers into their bodies;
 - the step's time over back-to-back calls, host dispatch included (what a batch-1 user sees);
+- with `--profile`, device time by kernel from a profiler trace, and the device's busy time
+  against the wall time (where the host kept it waiting);
 - with `--hlo FILE`, the optimized program's text, to read.
 
 Run it once per XLA_FLAGS variant to compare, e.g. with command buffers (CUDA graphs) off:

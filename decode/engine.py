@@ -149,12 +149,19 @@ def apply_repetition_penalty(logits: jax.Array, recent: jax.Array, penalty: jax.
     return jnp.where(seen & (p != 1.0), penalized, logits)
 
 
+def no_alternatives(n: int) -> tuple[jax.Array, jax.Array]:
+    """Zero top-n logprobs [n, TOP_LOGPROBS] f32 and ids (int32), as `lax.top_k` returns them, for
+    programs that leave the alternatives out (no row asked for them)."""
+    ids = jnp.zeros((n, TOP_LOGPROBS), jnp.int32)
+    return ids.astype(jnp.float32), ids
+
+
 def _sample_rows(logits, batch: StepBatch, sample_steps, full: bool):
     if not full:  # every row plain greedy (SamplingParams.plain_greedy): no sort of the vocabulary
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
-        none = jnp.zeros((logits.shape[0], TOP_LOGPROBS), jnp.int32)
-        return tokens, chosen, none, none.astype(jnp.float32)
+        top_lp, top_ids = no_alternatives(logits.shape[0])
+        return tokens, chosen, top_ids, top_lp
     logits = apply_repetition_penalty(logits, batch.recent, batch.penalty)
     tokens = sample(logits, batch.sampling, row_keys(batch.seeds, sample_steps))
     logp = jax.nn.log_softmax(logits, axis=-1)

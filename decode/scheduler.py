@@ -37,8 +37,8 @@ import numpy as np
 from pallax.model.decoder import unstack_layers
 
 from .engine import PENALTY_WINDOW, compile_step, empty_batch, pack, to_device
-from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, _k_buckets, adaptive_k, compile_draft_loop,
-                          compile_ngram_loop, compile_verify, empty_spec)
+from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_draft_loop,
+                          compile_ngram_loop, compile_verify, empty_spec, k_buckets)
 from .kv_cache import KV_DTYPES, PageAllocator, create_pool, pages_for_budget
 from .prefix_cache import PrefixCache
 from .requests import (Callback, QueueFull, Request, RequestError, RequestOutput, SamplingParams,
@@ -141,10 +141,10 @@ class _Counters:
     preemptions: int = 0
     finished: dict = field(default_factory=dict)
     spec: dict = field(default_factory=dict)  # drafter -> [rows verified, drafts proposed, drafts accepted]
-    spec_loops: int = 0  # ngram_loop calls
+    spec_loops: int = 0  # ngram_loop and draft_loop calls
 
 
-_LOOP_STOP_IDS = 16  # stop token ids an ngram_loop call checks on device
+_LOOP_STOP_IDS = 16  # stop token ids an ngram_loop / draft_loop call checks on device
 
 
 class Scheduler:
@@ -264,7 +264,7 @@ class Scheduler:
                 max_pages=self.max_pages, buckets=self.buckets)
             if self.cfg.spec_rounds > 0:  # by k bucket
                 self._draft_loops = {k: compile_draft_loop(self.llm.config, draft_llm.config, k, self.cfg.spec_rounds)
-                                     for k in _k_buckets(self.cfg.max_draft_tokens)}
+                                     for k in k_buckets(self.cfg.max_draft_tokens)}
 
     def stats(self) -> dict:
         c = self.counters
@@ -339,8 +339,8 @@ class Scheduler:
             if self._ngram_loop is not None:  # a budget of 0 runs no round
                 self.pool, out = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs([0], [], 0, 0, 0, ()))
                 jax.block_until_ready(out.tokens)
+            d = self.drafters.get("draft")
             for loop in self._draft_loops.values():
-                d = self.drafters["draft"]
                 self.pool, d.pool, out, _ = loop(self.llm.params, self.pool, d.llm.params, d.pool,
                                                  self._loop_inputs([0], [], 0, 0, 0, (), draft_pages=[]))
                 jax.block_until_ready(out.tokens)
@@ -574,7 +574,7 @@ class Scheduler:
             return None
         k = min(seq.k if cfg.adaptive_draft else sp.num_draft_tokens, cfg.max_draft_tokens)
         stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(sorted(self.eos_ids)))
-        draft_computed = None
+        drafter = draft_computed = None
         if sp.speculative == "draft":
             drafter = self.drafters.get("draft")
             if drafter is None or not self._draft_loops:
@@ -586,15 +586,14 @@ class Scheduler:
             fill = st.computed == start - 1
             if not (st.computed == start or fill) or not drafter.reserve(st, start + budget + kb):
                 return None
-            if not self._ensure_pages(seq, start + budget):
-                return None
+        if not self._ensure_pages(seq, start + budget):
+            return None
+        if drafter is not None:
             packed = self._loop_inputs(seq.tokens, seq.pages, start, k, budget, stops, draft_pages=st.pages,
                                        fill=(fill, seq.tokens[start - 1] if fill else 0))
             self.pool, drafter.pool, out, draft_computed = self._draft_loops[kb](
                 self.llm.params, self.pool, drafter.llm.params, drafter.pool, packed)
         else:
-            if not self._ensure_pages(seq, start + budget):
-                return None
             packed = self._loop_inputs(seq.tokens, seq.pages, start, k, budget, stops)
             self.pool, out = self._ngram_loop(self.llm.params, self.pool, packed)
         for x in jax.tree.leaves(out):
@@ -660,11 +659,15 @@ class Scheduler:
                     break
             if r.drafts is not None:
                 seq.n_sampled = seq.generated
-            self.counters.tokens_out += len(new)
-            if seq.first_token is None:
-                seq.first_token = time.monotonic()
-            self._register_full_pages(seq)
-            self._emit(seq, new, lps, reason)
+            self._took(seq, new, lps, reason)
+
+    def _took(self, seq: Seq, new: list[int], lps: list[TokenLogprob], reason: str | None) -> None:
+        """Book the tokens a step gave a sequence (already appended) and deliver them."""
+        self.counters.tokens_out += len(new)
+        if seq.first_token is None:
+            seq.first_token = time.monotonic()
+        self._register_full_pages(seq)
+        self._emit(seq, new, lps, reason)
 
     def _process_loop(self, step: _InFlight) -> None:
         seq = step.rows[0].seq
@@ -688,11 +691,7 @@ class Scheduler:
             st = self.drafters["draft"].state.get(seq.req.request_id)
             if st is not None:
                 st.computed, st.fed, st.base = int(step.draft_computed), [], len(seq.tokens)
-        self.counters.tokens_out += len(new)
-        if seq.first_token is None:
-            seq.first_token = time.monotonic()
-        self._register_full_pages(seq)
-        self._emit(seq, new, [], reason)
+        self._took(seq, new, [], reason)
 
     def _accepted(self, seq: Seq, drafted: int, accepted: int) -> None:
         """Book a verification: the K/V of rejected drafts is dropped by rolling the computed

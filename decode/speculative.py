@@ -47,7 +47,8 @@ from flax import struct
 from pallax.model.config import ModelConfig
 from pallax.model.decoder import forward
 
-from .engine import TOP_LOGPROBS, Packed, PagedCache, apply_repetition_penalty, empty_batch, step_batch, to_device
+from .engine import (TOP_LOGPROBS, Packed, PagedCache, apply_repetition_penalty, empty_batch, no_alternatives, step_batch,
+                     to_device)
 from .kv_cache import PageAllocator, PagePool, create_pool
 from .sampling import SamplingArrays, filtered_logits, row_keys, sample
 
@@ -157,11 +158,7 @@ def verify_step(params, pool: PagePool, packed: Packed, q, prev_tokens, *, confi
                                 batch.sampling, batch.seeds, batch.sample_steps, sampled=full)
     logp = jax.nn.log_softmax(logits, axis=-1)  # [S * K1, V]
     chosen = jnp.take_along_axis(logp, out.reshape(-1, 1), axis=-1)[:, 0]
-    if full:
-        top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-    else:
-        top_ids = jnp.zeros((S * K1, TOP_LOGPROBS), jnp.int32)
-        top_lp = top_ids.astype(jnp.float32)
+    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS) if full else no_alternatives(S * K1)
     t = lambda x: jnp.swapaxes(x.reshape(S, K1, *x.shape[1:]), 0, 1)  # noqa: E731  [S*K1, ...] -> [K1, S, ...]
     result = VerifyOutput(out.T, t(chosen), t(top_ids.astype(jnp.int32)), t(top_lp), counts)
     return cache.pool, result, prev_tokens
@@ -265,7 +262,7 @@ def ngram_loop(params, pool: PagePool, packed: Packed, *, config: ModelConfig, K
 
     def advance(state, drafts, emit, a, c):
         hist, n_hist = state
-        return jax.lax.dynamic_update_slice(hist, jnp.where(jnp.arange(K + 1) < c, emit, 0), (n_hist,)), n_hist + c
+        return jax.lax.dynamic_update_slice(hist, emit, (n_hist,)), n_hist + c  # entries past c: never read
 
     pool, _, out, _ = _greedy_rounds(params, pool, f, (f["hist"], f["n_hist"]), propose, advance, config=config,
                                      K=K, rounds=rounds)
@@ -291,7 +288,7 @@ def draft_loop(params, pool: PagePool, draft_params, draft_pool: PagePool, packe
     def slot(p, live=True):
         return jnp.where(live, dpt[jnp.minimum(p // ps, dpt.shape[0] - 1)] * ps + p % ps, -1)
 
-    def draft_step(dpool, tokens, positions, live, n, kv_len):
+    def step(dpool, tokens, positions, live, n, kv_len):  # n query tokens of the draft model
         cache = PagedCache(dpool, slot(positions, live), dpt[None], jnp.stack([0, n]).astype(jnp.int32),
                            kv_len[None], jnp.int32(1))
         logits, cache = forward(draft_params, tokens[None], positions[None], cache, config=draft_config,
@@ -302,12 +299,12 @@ def draft_loop(params, pool: PagePool, draft_params, draft_pool: PagePool, packe
         dpool, unfed, fill = state  # fill: `unfed` (the previous round's last draft) goes in at pos - 1
         tokens = jnp.where(fill, jnp.stack([unfed, last]), jnp.stack([last, 0]))
         positions = jnp.where(fill, jnp.stack([pos - 1, pos]), jnp.stack([pos, pos]))
-        dpool, d = draft_step(dpool, tokens, positions, jnp.stack([True, fill]), 1 + fill.astype(jnp.int32), pos + 1)
+        dpool, d = step(dpool, tokens, positions, jnp.stack([True, fill]), 1 + fill.astype(jnp.int32), pos + 1)
 
         def more(carry, i):  # feed d_i at pos + i, get d_{i+1}
             dpool, d = carry
             p = (pos + i)[None]
-            dpool, nxt = draft_step(dpool, d[None], p, jnp.bool_(True), jnp.int32(1), pos + i + 1)
+            dpool, nxt = step(dpool, d[None], p, jnp.bool_(True), jnp.int32(1), pos + i + 1)
             return (dpool, nxt), nxt
 
         (dpool, _), rest = jax.lax.scan(more, (dpool, d), jnp.arange(1, k, dtype=jnp.int32))
@@ -467,7 +464,7 @@ class DraftModelDrafter:
 
     def warmup(self, S: int, K: int) -> None:
         for T in self.buckets:
-            for k in _k_buckets(K):
+            for k in k_buckets(K):
                 for sampled in (False, True):
                     toks, _ = self._run(empty_batch(T, S, self.max_pages), 0, np.zeros(S, np.int32),
                                         np.full(S, S, np.int32), k, S, K, sampled)
@@ -511,7 +508,7 @@ class DraftModelDrafter:
         drafts: dict[int, list[int]] = {}
         if not todo:
             return [[] for _ in requests], None
-        k = next(b for b in _k_buckets(K) if b >= max(r.k for r, _ in todo))
+        k = next(b for b in k_buckets(K) if b >= max(r.k for r, _ in todo))
         probs = None
         sampled = any(r.sampling.temperature > 0 for r, _ in todo)
         budget = self.buckets[-1]
@@ -553,7 +550,7 @@ class DraftModelDrafter:
         return [drafts.get(r.row, []) for r in requests], probs
 
 
-def _k_buckets(K: int) -> list[int]:
+def k_buckets(K: int) -> list[int]:
     b = [1]
     while b[-1] < K:
         b.append(min(b[-1] * 2, K))
