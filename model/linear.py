@@ -6,10 +6,15 @@ format implements the `QuantizedWeight` protocol: `matmul(x)` (the Pallas kernel
 reference elsewhere) and `dequantize(dtype)`. Model code calls `linear` and never asks which.
 The formats are in `quant_weights.py` (`Int8Weight`, `Int4Weight`, `Fp8Weight`); `quantize.py`
 makes them from a dense model.
+
+`concat_out` / `split_out` join weights that read the same input into one `[in, sum(out)]` weight
+(one GEMM instead of several) and split it back; a format takes part by naming, in `out_axes`,
+the axis of each field that runs over the output channels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol, runtime_checkable
 
 import jax
@@ -68,3 +73,62 @@ def weight_format(w) -> str:
     if isinstance(w, (jax.Array, np.ndarray)):
         return str(w.dtype)
     return w.format
+
+
+def concat_mismatch(ws: list) -> str | None:
+    """Why the weights `[K, N_i]` cannot become one `[K, sum N_i]` weight, or None when they can.
+
+    They must be one format with the same K, dtypes and static fields (group size ...), the same
+    optional fields present (zero points ...), and identical fields that are not per output
+    channel: an AWQ `act_scale` divides x before the GEMM, so one fused GEMM needs one."""
+    a = ws[0]
+    for b in ws[1:]:
+        if weight_format(a) != weight_format(b):
+            return f"formats differ ({weight_format(a)}, {weight_format(b)})"
+        if a.shape[-2] != b.shape[-2]:
+            return f"inputs differ (K = {a.shape[-2]}, {b.shape[-2]})"
+        if isinstance(a, (jax.Array, np.ndarray)):
+            continue
+        if getattr(a, "out_axes", None) is None:
+            return f"{a.format} weights name no out_axes"
+        for f in dataclasses.fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if not f.metadata.get("pytree_node", True):
+                if x != y:
+                    return f"{f.name} differs ({x}, {y})"
+            elif (x is None) != (y is None):
+                return f"{f.name} is present in one weight only"
+            elif x is None:
+                continue
+            elif x.dtype != y.dtype:
+                return f"{f.name} dtypes differ ({x.dtype}, {y.dtype})"
+            elif f.name not in a.out_axes and not bool(jnp.array_equal(x, y)):
+                return f"{f.name} differs (it applies to every output, so it must be identical)"
+    return None
+
+
+def concat_out(ws: list):
+    """Weights `[K, N_i]` of one format -> one `[K, sum N_i]` weight whose `linear` is the
+    concatenation of theirs. Raises ValueError with `concat_mismatch`'s reason."""
+    why = concat_mismatch(ws)
+    if why is not None:
+        raise ValueError(f"cannot concatenate weights along the output axis: {why}")
+    a = ws[0]
+    if isinstance(a, (jax.Array, np.ndarray)):
+        return jnp.concatenate(ws, axis=-1)
+    return a.replace(**{name: jnp.concatenate([getattr(w, name) for w in ws], axis=axis)
+                        for name, axis in a.out_axes.items() if getattr(a, name) is not None})
+
+
+def split_out(w, sizes: list[int]) -> list:
+    """The inverse of `concat_out`: `[K, sum sizes]` -> weights `[K, sizes[i]]` (fields that are not
+    per output channel, like an AWQ `act_scale`, are shared)."""
+    n = w.shape[-1]
+    if sum(sizes) != n:
+        raise ValueError(f"split sizes {sizes} do not add up to the weight's {n} outputs")
+    cuts = np.cumsum(sizes)[:-1].tolist()
+    if isinstance(w, (jax.Array, np.ndarray)):
+        return jnp.split(w, cuts, axis=-1)
+    parts = {name: jnp.split(getattr(w, name), cuts, axis=axis)
+             for name, axis in w.out_axes.items() if getattr(w, name) is not None}
+    return [w.replace(**{name: p[i] for name, p in parts.items()}) for i in range(len(sizes))]

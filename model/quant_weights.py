@@ -2,8 +2,9 @@
 
 Each type is a `flax.struct.dataclass`; every array leaf may carry leading axes (the decoder
 stacks layers as `[L, ...]` and `lax.scan` slices them), and static metadata is a non-pytree
-field. `matmul(x)` works on one unstacked weight: `x [..., K] -> [..., N]`, leading axes of `x`
-flattened to the kernel's M.
+field. `out_axes` names the axis of each field that runs over the output channels (for
+`linear.concat_out`). `matmul(x)` works on one unstacked weight: `x [..., K] -> [..., N]`,
+leading axes of `x` flattened to the kernel's M.
 
     Int8Weight  w_q [K, N] int8, scale [N] f32                    weight-only, per output channel
     Int4Weight  packed [K/2, N] uint8, scales [K/g, N] bf16,      RTN or AWQ, group g along K
@@ -54,6 +55,7 @@ class Int8Weight:
     w_q: jax.Array  # [..., K, N] int8
     scale: jax.Array  # [..., N] f32
     format: ClassVar[str] = "int8"
+    out_axes: ClassVar[dict[str, int]] = {"w_q": -1, "scale": -1}  # see linear.concat_out
 
     @classmethod
     def quantize(cls, w: jax.Array) -> "Int8Weight":
@@ -87,6 +89,7 @@ class Int4Weight:
     act_scale: jax.Array | None = None  # [..., K] f32 (AWQ) or None
     group_size: int = struct.field(pytree_node=False, default=128)
     format: ClassVar[str] = "int4"
+    out_axes: ClassVar[dict[str, int]] = {"packed": -1, "scales": -1, "zeros": -1}  # act_scale: shared
 
     @classmethod
     def quantize(cls, w: jax.Array, group_size: int = 128, *, symmetric: bool = True,
@@ -135,6 +138,7 @@ class Fp8Weight:
     w_q: jax.Array  # [..., N, K] float8_e4m3fn
     scale: jax.Array  # [..., N] f32
     format: ClassVar[str] = "fp8"
+    out_axes: ClassVar[dict[str, int]] = {"w_q": -2, "scale": -1}
 
     @classmethod
     def quantize(cls, w: jax.Array) -> "Fp8Weight":
