@@ -22,6 +22,18 @@ together as long as the mesh axis divides the head count.
       w_down     [L, ffn, dim]            ("layers", "mlp", "embed")
     final_norm [dim]                      ("embed",)
     lm_head    [dim, vocab]               ("embed", "vocab")           (absent when tied)
+
+The serving layout (what the engine runs: `unstack_layers`, then `fuse_projections`) has `layers`
+as a list of per-layer trees without the `L` axis, in which the projections that read the same
+input are concatenated along the output axis, one GEMM each instead of two or three:
+
+      wqkv       [dim, H*hd + 2*KVH*hd]   wq | wk | wv
+      bqkv       [H*hd + 2*KVH*hd]        bq | bk | bv                 (qkv_bias only)
+      w_gate_up  [dim, 2*ffn]             w_gate | w_up
+
+A group whose quantized weights cannot share one GEMM (`linear.concat_mismatch`: e.g. AWQ
+act_scales that differ) stays separate in that layer. Training, scoring and quantizing use the
+stacked, unfused layout (`quantize.stacked` restores it).
 """
 
 from __future__ import annotations
@@ -34,8 +46,8 @@ from jax import lax
 
 from .attention import AttentionCache, NoCache
 from .config import ModelConfig
-from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
-from .linear import linear
+from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu, swiglu_fused
+from .linear import concat_mismatch, concat_out, linear, split_out
 
 Params = dict[str, Any]
 
@@ -139,14 +151,22 @@ def forward(
         x, state = carry
         p, kv, index = scanned
         h = rms_norm(x, p["attn_norm"], c.norm_eps)
-        q = linear(h, p["wq"], p.get("bq")).reshape(B, T, c.n_heads, c.head_dim)
-        k = linear(h, p["wk"], p.get("bk")).reshape(B, T, c.n_kv_heads, c.head_dim)
-        v = linear(h, p["wv"], p.get("bv")).reshape(B, T, c.n_kv_heads, c.head_dim)
+        if "wqkv" in p:
+            qkv = linear(h, p["wqkv"], p.get("bqkv"))  # [B, T, q_dim + 2 kv_dim]
+            q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+        else:
+            q, k, v = (linear(h, p[w], p.get(b)) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+        q = q.reshape(B, T, c.n_heads, c.head_dim)
+        k = k.reshape(B, T, c.n_kv_heads, c.head_dim)
+        v = v.reshape(B, T, c.n_kv_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o, kv, state = cache.attend(kv, q, k, v, positions, segment_ids, state=state, index=index)
         x = x + linear(o.reshape(B, T, c.q_dim), p["wo"])
         h = rms_norm(x, p["mlp_norm"], c.norm_eps)
-        x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
+        if "w_gate_up" in p:
+            x = x + swiglu_fused(h, p["w_gate_up"], p["w_down"])
+        else:
+            x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
         return (x, state), kv
 
     layers = params["layers"]
@@ -180,6 +200,58 @@ def unstack_layers(params: Params) -> Params:
         return params
     n = jax.tree.leaves(layers)[0].shape[0]
     return {**params, "layers": [jax.tree.map(lambda a: a[j], layers) for j in range(n)]}
+
+
+# Fused weight -> the projections it concatenates along the output axis (they read one input).
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def fuse_projections(params: Params) -> Params:
+    """Unstacked parameters (`unstack_layers`) in the fused serving layout (module docstring):
+    per layer `wqkv` (and `bqkv`) and `w_gate_up` replace the projections they concatenate, unless
+    those cannot share one GEMM (`linear.concat_mismatch`), which then stay separate. Fused
+    layers pass through unchanged. Stacked parameters raise ValueError: they keep the layout
+    `param_axes` describes, for training, scoring and quantizing. The unfused weights stay alive
+    while the caller holds them, so the peak adds the fused groups' bytes once."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError("fuse_projections takes unstacked parameters (decoder.unstack_layers); "
+                         "stacked layers keep the unfused layout")
+    return {**params, "layers": [_fuse_layer(p) for p in layers]}
+
+
+def _fuse_layer(p: Params) -> Params:
+    p = dict(p)
+    for fused, names in FUSED.items():
+        if fused in p or concat_mismatch([p[n] for n in names]) is not None:
+            continue
+        p[fused] = concat_out([p.pop(n) for n in names])
+        if fused == "wqkv" and "bq" in p:
+            p["bqkv"] = jnp.concatenate([p.pop(n) for n in ("bq", "bk", "bv")], axis=-1)
+    return p
+
+
+def unfuse_projections(params: Params) -> Params:
+    """The inverse of `fuse_projections` (split sizes from the shapes: `wo` is `[q_dim, dim]`, gate
+    and up are halves); stacked or unfused parameters pass through unchanged."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return params
+    return {**params, "layers": [_unfuse_layer(p) for p in layers]}
+
+
+def _unfuse_layer(p: Params) -> Params:
+    p = dict(p)
+    if "wqkv" in p:
+        q_dim = p["wo"].shape[-2]
+        kv_dim = (p["wqkv"].shape[-1] - q_dim) // 2
+        p["wq"], p["wk"], p["wv"] = split_out(p.pop("wqkv"), [q_dim, kv_dim, kv_dim])
+        if "bqkv" in p:
+            p["bq"], p["bk"], p["bv"] = jnp.split(p.pop("bqkv"), [q_dim, q_dim + kv_dim], axis=-1)
+    if "w_gate_up" in p:
+        ffn = p["w_gate_up"].shape[-1] // 2
+        p["w_gate"], p["w_up"] = split_out(p.pop("w_gate_up"), [ffn, ffn])
+    return p
 
 
 def logits_from_hidden(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:

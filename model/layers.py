@@ -61,3 +61,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def swiglu(x: jax.Array, w_gate, w_up, w_down) -> jax.Array:
     """down(silu(x gate) * (x up)); x [..., D]."""
     return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+
+
+def swiglu_fused(x: jax.Array, w_gate_up, w_down) -> jax.Array:
+    """`swiglu` with gate and up concatenated along the output axis (one GEMM); x [..., D]."""
+    gate, up = jnp.split(linear(x, w_gate_up), 2, axis=-1)  # [..., ffn] each
+    return linear(jax.nn.silu(gate) * up, w_down)

@@ -48,7 +48,7 @@ import numpy as np
 
 from .attention import NoCache
 from .config import ModelConfig, RopeScaling
-from .decoder import Params
+from .decoder import Params, unfuse_projections
 from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
 from .linear import QuantizedWeight, linear
 from .quant_weights import WEIGHT_TYPES, Fp8Weight, Int4Weight, Int8Weight
@@ -159,9 +159,12 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
 
 
 def stacked(params: Params) -> Params:
-    """Parameters with `layers` stacked on a leading axis (undoes `decoder.unstack_layers`)."""
+    """Parameters in the standard layout: `layers` stacked on a leading axis, projections separate
+    (undoes `decoder.unstack_layers` and `decoder.fuse_projections`, as an engine holds them)."""
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
+        # Unfused first: layers may be fused differently (a group stays separate where it cannot share a GEMM).
+        layers = unfuse_projections(params)["layers"]
         return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
     return params
 

@@ -12,7 +12,9 @@ from pallax.api import log_softmax
 
 from pallax.model.attention import DenseCache, attention_reference
 from pallax.model.config import PRESETS, RopeScaling, preset
-from pallax.model.decoder import forward, init_params, param_axes, param_shapes
+from pallax.model.decoder import (forward, fuse_projections, init_params, param_axes, param_shapes, unfuse_projections,
+                                  unstack_layers)
+from pallax.model.quantize import stacked
 from pallax.model.layers import rope_inv_freq
 
 
@@ -145,6 +147,35 @@ def test_cached_decode_equals_full_forward():
     for t in range(7, 12):
         lg, cache = forward(params, tokens[:, t:t + 1], pos[:, t:t + 1], cache, config=c)
         np.testing.assert_allclose(lg[:, 0], full[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_projections_equal_separate(qkv_bias):
+    c = preset("tiny").replace(qkv_bias=qkv_bias)
+    params = init_params(c, jax.random.key(0), jnp.float32)
+    if qkv_bias:  # init_params makes them zero
+        keys = jax.random.split(jax.random.key(3), 3)
+        params["layers"].update({b: 0.1 * jax.random.normal(k, params["layers"][b].shape)
+                                 for b, k in zip(("bq", "bk", "bv"), keys)})
+    unstacked = unstack_layers(params)
+    fused = fuse_projections(unstacked)
+    want_keys = {"attn_norm", "wqkv", "wo", "mlp_norm", "w_gate_up", "w_down"} | ({"bqkv"} if qkv_bias else set())
+    assert all(set(p) == want_keys for p in fused["layers"])
+    assert fused["layers"][0]["wqkv"].shape == (c.dim, c.q_dim + 2 * c.kv_dim)
+    assert fused["layers"][0]["w_gate_up"].shape == (c.dim, 2 * c.ffn_dim)
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, c.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    want, _ = forward(params, tokens, pos, config=c)
+    got, _ = forward(fused, tokens, pos, config=c)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # idempotent; the inverse gives back every leaf; the standard layout back from the serving one
+    assert fuse_projections(fused)["layers"][1]["wqkv"] is fused["layers"][1]["wqkv"]
+    for back, orig in ((unfuse_projections(fused), unstacked), (stacked(fused), params)):
+        assert jax.tree.structure(back) == jax.tree.structure(orig)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(orig)))
+    with pytest.raises(ValueError, match="unstacked"):
+        fuse_projections(params)
+    assert unfuse_projections(params) is params
 
 
 def test_attention_reference_matches_jax_nn():

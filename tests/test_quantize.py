@@ -10,10 +10,12 @@ import pytest
 import pallax
 from pallax.kernels_pallas.dispatch import kernel_mode
 from pallax.kernels_pallas.quant_formats import quantize_fp8
-from pallax.model.linear import QuantizedWeight, linear, weight_format
+from pallax.model.config import preset
+from pallax.model.decoder import forward, fuse_projections, init_params, unfuse_projections, unstack_layers
+from pallax.model.linear import QuantizedWeight, concat_mismatch, concat_out, linear, split_out, weight_format
 from pallax.model.quant_weights import Fp8Weight, Int4Weight, Int8Weight
-from pallax.model.quantize import (QUANT_FILE, _layer_taps, awq_search, calibration_batch, load_quantized, stacked,
-                                   quantize, save_quantized)
+from pallax.model.quantize import (PROJECTIONS, QUANT_FILE, _layer_taps, awq_search, calibration_batch, load_quantized,
+                                   stacked, quantize, save_quantized)
 
 PROSE = [
     "The city council met on Tuesday to discuss the new budget, which includes funding for roads, "
@@ -84,6 +86,91 @@ def test_stacked_weights_run_under_scan():
         for i in range(L):
             one = jax.tree.map(lambda a: a[i], q)
             np.testing.assert_array_equal(np.asarray(ys[i]), np.asarray(linear(x, one)))
+
+
+def _tiny_quantized(make):
+    """The tiny preset's f32 parameters, unstacked, with `make(layer, name, w)` for every projection."""
+    c = preset("tiny")
+    params = unstack_layers(init_params(c, jax.random.key(0), jnp.float32))
+    layers = [{k: make(i, k, v) if k in PROJECTIONS else v for k, v in p.items()} for i, p in enumerate(params["layers"])]
+    return c, {**params, "layers": layers}
+
+
+def _forward_both(c, a, b):
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, c.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    return forward(a, tokens, pos, config=c)[0], forward(b, tokens, pos, config=c)[0]
+
+
+def _same_leaves(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _awq(w, key, group_size=32):
+    return Int4Weight.quantize(w, group_size, act_scale=jnp.exp(_rand(key, (w.shape[0],), 0.5)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_quantized_projections_equal_separate(kind):
+    make = {"int8": Int8Weight.quantize, "fp8": Fp8Weight.quantize,
+            "int4-sym": lambda w: Int4Weight.quantize(w, 32),
+            "int4-asym": lambda w: Int4Weight.quantize(w, 32, symmetric=False),
+            "int4-awq": lambda w: _awq(w, 9)}[kind]  # one act_scale per input width: q/k/v and gate/up share theirs
+    c, params = _tiny_quantized(lambda i, name, w: make(w))
+    fused = fuse_projections(params)
+    for p in fused["layers"]:
+        assert "wqkv" in p and "w_gate_up" in p and not {"wq", "wk", "wv", "w_gate", "w_up"} & set(p)
+        assert type(p["wqkv"]) is type(params["layers"][0]["wq"]) and p["wqkv"].shape == (c.dim, c.q_dim + 2 * c.kv_dim)
+    want, got = _forward_both(c, params, fused)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    _same_leaves(unfuse_projections(fused), params)
+
+
+def test_weights_that_cannot_share_a_gemm_stay_separate():
+    # AWQ scales searched per projection differ: q/k/v in every layer, gate/up in layer 0 only
+    keys = {"wq": 1, "wk": 2, "wv": 2, "w_gate": 3, "w_up": 4, "wo": 5, "w_down": 6}
+    c, params = _tiny_quantized(lambda i, name, w: _awq(w, 3 if i == 1 and name == "w_up" else keys[name]))
+    fused = fuse_projections(params)
+    l0, l1 = fused["layers"]
+    assert {"wq", "wk", "wv", "w_gate", "w_up"} <= set(l0) and not {"wqkv", "w_gate_up"} & set(l0)
+    assert "w_gate_up" in l1 and "wq" in l1  # layers fuse independently
+    want, got = _forward_both(c, params, fused)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    _same_leaves(stacked(fused), stacked(params))  # one layout for every layer again, to stack
+    # formats that differ
+    c, params = _tiny_quantized(lambda i, name, w: Int8Weight.quantize(w) if name == "w_gate" else Int4Weight.quantize(w, 32))
+    fused = fuse_projections(params)
+    assert all("w_gate" in p and "w_up" in p and "wqkv" in p for p in fused["layers"])
+    want, got = _forward_both(c, params, fused)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_concat_out_and_split_out():
+    w = [_rand(i, (64, n), 0.05) for i, n in enumerate((32, 16, 16))]
+    x = _rand(7, (3, 64))
+    for q in ([Int8Weight.quantize(a) for a in w], [Int4Weight.quantize(a, 32, symmetric=False) for a in w],
+              [Fp8Weight.quantize(a) for a in w], [_awq(a, 5) for a in w], w):
+        cat = concat_out(q)
+        assert cat.shape == (64, 64)
+        want = jnp.concatenate([linear(x, a) for a in q], axis=-1)
+        np.testing.assert_allclose(linear(x, cat), want, rtol=1e-5, atol=1e-6)  # the GEMM's blocking may differ
+        _same_leaves(split_out(cat, [32, 16, 16]), q)
+    mismatched = [
+        ([Int8Weight.quantize(w[0]), Fp8Weight.quantize(w[1])], "formats differ"),
+        ([w[0], w[1].astype(jnp.bfloat16)], "formats differ"),
+        ([w[0], _rand(8, (32, 16))], "inputs differ"),
+        ([Int4Weight.quantize(w[0], 32), Int4Weight.quantize(w[1], 64)], "group_size differs"),
+        ([Int4Weight.quantize(w[0], 32), Int4Weight.quantize(w[1], 32, symmetric=False)], "zeros is present in one"),
+        ([Int4Weight.quantize(w[0], 32), _awq(w[1], 5)], "act_scale is present in one"),
+        ([_awq(w[0], 5), _awq(w[1], 6)], "act_scale differs"),
+    ]
+    for ws, why in mismatched:
+        assert why in concat_mismatch(ws)
+        with pytest.raises(ValueError, match=why):
+            concat_out(ws)
+    with pytest.raises(ValueError, match="do not add up"):
+        split_out(w[0], [16, 8])
 
 
 def test_awq_beats_rtn_on_held_out_activations(smollm_bf16):
