@@ -153,6 +153,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n-steps", type=int, default=1, help="model steps per call (the engine's decode_steps)")
     ap.add_argument("--temperature", type=float, default=0.0, help="the row's sampling temperature (0: greedy)")
     ap.add_argument("--steps", type=int, default=50, help="back-to-back steps timed")
+    ap.add_argument("--unfused", action="store_true",
+                    help="separate q/k/v and gate/up GEMMs (EngineConfig.fuse_projections=False)")
     ap.add_argument("--hlo", help="write the optimized program's text here")
     ap.add_argument("--profile", action="store_true",
                     help="also trace the steps: device time by kernel and by XLA op, and the idle time")
@@ -161,10 +163,12 @@ def main(argv=None) -> None:
 
     from pallax.bench.decode import random_llm
     from pallax.model.config import preset
-    from pallax.model.decoder import unstack_layers
+    from pallax.model.decoder import fuse_projections, unstack_layers
 
     llm = random_llm(preset(args.preset))
     llm.params = unstack_layers(llm.params)  # as the engine runs them (EngineConfig.unstack_layers)
+    if not args.unfused:
+        llm.params = fuse_projections(llm.params)  # EngineConfig.fuse_projections
     step, (params, pool, batch, prev) = decode_program(llm, args.batch, args.n_steps, context=args.context,
                                                           temperature=args.temperature)
     compiled = step.lower(params, pool, batch, prev).compile()
@@ -195,6 +199,7 @@ def main(argv=None) -> None:
     L = llm.config.n_layers
     total = sum(census.values())
     rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random bf16", batch=args.batch, n_steps=args.n_steps, context=args.context, temperature=args.temperature,
+                    fused=not args.unfused,
                     step_ms=dt * 1e3, dispatch_ms=dispatch * 1e3, kernels=total, kernels_per_layer=total / L,
                     per_layer_us=dt * 1e6 / L, census=dict(census.most_common()), profile=profile, **environment()))
     for kind, n in census.most_common():

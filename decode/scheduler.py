@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-from pallax.model.decoder import unstack_layers
+from pallax.model.decoder import fuse_projections, unstack_layers
 
 from .engine import PENALTY_WINDOW, compile_step, empty_batch, pack, to_device
 from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_draft_loop,
@@ -60,6 +60,10 @@ class EngineConfig:
     prefix_caching: bool = True
     max_context: int | None = None  # None: the model's context length
     unstack_layers: bool | None = None  # per-layer weight and KV buffers (None: yes); see decoder.forward
+    # With unstacked layers, concatenate q/k/v and gate/up into one weight each (two GEMMs per layer
+    # instead of five; decoder.fuse_projections): batch-1 decode is bound by kernel launches. False
+    # leaves the layout as it is (parameters another engine fused stay fused).
+    fuse_projections: bool = True
     max_draft_tokens: int = 0  # K: the most drafts a speculative row may carry; 0: no speculation
     adaptive_draft: bool = True  # k follows each request's running acceptance rate (up to its k)
     # A lone greedy speculative request runs up to this many rounds per call on device
@@ -163,6 +167,8 @@ class Scheduler:
         self._unstack = unstack = cfg.unstack_layers if cfg.unstack_layers is not None else True
         if unstack:
             llm.params = unstack_layers(llm.params)  # the LLM's other paths run this layout too
+            if cfg.fuse_projections:
+                llm.params = fuse_projections(llm.params)
         kv_dtype = cfg.kv_dtype or str(llm.params["embed"].dtype)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
@@ -257,8 +263,10 @@ class Scheduler:
         with self._lock:
             if self.running or self.waiting:
                 raise RuntimeError("attach_draft_model while requests run")
-            if self._unstack:  # the target's layout, for the same reason (stacked slices are copied)
+            if self._unstack:  # the target's layout, for the same reasons (stacked slices are copied)
                 draft_llm.params = unstack_layers(draft_llm.params)
+                if self.cfg.fuse_projections:
+                    draft_llm.params = fuse_projections(draft_llm.params)
             self.drafters["draft"] = DraftModelDrafter(
                 draft_llm, num_pages=num_pages or self.allocator.num_pages, page_size=self.cfg.page_size,
                 max_pages=self.max_pages, buckets=self.buckets)

@@ -40,6 +40,14 @@ def engine(smollm_f32):
     _assert_all_free(e)
 
 
+def test_engine_serves_the_fused_layout(engine, smollm_f32):
+    from pallax.model.quantize import PROJECTIONS, stacked
+
+    layers = smollm_f32.params["layers"]  # the engine holds the LLM's parameters in its layout
+    assert isinstance(layers, list) and all("wqkv" in p and "w_gate_up" in p and "wq" not in p for p in layers)
+    assert set(PROJECTIONS) <= set(stacked(smollm_f32.params)["layers"])  # what quantize and save read
+
+
 def test_concurrent(engine, reference):
     """All cases at once (each alone runs in tests/test_model.py through `generate`)."""
     cases = reference["cases"]
