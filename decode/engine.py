@@ -34,6 +34,10 @@ from .sampling import SamplingArrays, row_keys, sample
 
 TOP_LOGPROBS = 20  # alternatives computed per sampled token (requests take up to this many)
 PENALTY_WINDOW = 256  # repetition penalty looks at this many most recent tokens
+# Every program runs at least two token rows (at batch 1 the second is dead padding): on a GPU
+# `linear.gemm_rows` gives a one-row GEMM a second row anyway, with a pad kernel per projection
+# input (about 1.3 us each, four per layer; bench/step_anatomy.py), while a dead row costs nothing.
+MIN_ROWS = 2
 
 
 @struct.dataclass

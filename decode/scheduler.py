@@ -36,7 +36,7 @@ import numpy as np
 
 from pallax.model.decoder import fuse_projections, unstack_layers
 
-from .engine import PENALTY_WINDOW, compile_step, empty_batch, pack, to_device
+from .engine import MIN_ROWS, PENALTY_WINDOW, compile_step, empty_batch, pack, to_device
 from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_draft_loop,
                           compile_ngram_loop, compile_verify, empty_spec, k_buckets)
 from .kv_cache import KV_DTYPES, PageAllocator, create_pool, pages_for_budget
@@ -72,15 +72,16 @@ class EngineConfig:
 
     def seq_buckets(self) -> list[int]:
         """Batch sizes of pure-decode calls: powers of four up to max_seqs (a batch of 1 reads the
-        weights once without 63 padded rows' worth of compute)."""
+        weights once without 63 padded rows' worth of compute), none below MIN_ROWS."""
         b = [1]
         while b[-1] * 4 < self.max_seqs:
             b.append(b[-1] * 4)
-        return sorted(set(b + [self.max_seqs]))
+        return sorted({max(MIN_ROWS, n) for n in b + [self.max_seqs]})
 
     def token_buckets(self) -> list[int]:
-        b = [self.max_seqs] + [t for t in (16, 64, 128, 256, 1024, 4096) if self.max_seqs < t < self.token_budget]
-        return sorted(set(b + [max(self.token_budget, self.max_seqs)]))
+        least = max(MIN_ROWS, self.max_seqs)
+        b = [least] + [t for t in (16, 64, 128, 256, 1024, 4096) if least < t < self.token_budget]
+        return sorted(set(b + [max(self.token_budget, least)]))
 
 
 class Seq:
@@ -183,7 +184,7 @@ class Scheduler:
         # by (steps per call, full): full=False serves batches of plain-greedy rows (engine_step)
         self._steps = {(n, full): compile_step(mc, n, full)
                        for n in sorted({1, max(1, cfg.decode_steps)}) for full in (False, True)}
-        self._prev_tokens = jax.numpy.zeros(cfg.max_seqs, jax.numpy.int32)
+        self._prev_tokens = jax.numpy.zeros(max(cfg.seq_buckets()), jax.numpy.int32)
         self._verify = {full: compile_verify(mc, full) for full in (False, True)} if cfg.max_draft_tokens > 0 else None
         self.drafters = {"ngram": NgramDrafter()}
         self._ngram_loop, self._draft_loops = None, {}

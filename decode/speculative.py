@@ -301,10 +301,10 @@ def draft_loop(params, pool: PagePool, draft_params, draft_pool: PagePool, packe
         positions = jnp.where(fill, jnp.stack([pos - 1, pos]), jnp.stack([pos, pos]))
         dpool, d = step(dpool, tokens, positions, jnp.stack([True, fill]), 1 + fill.astype(jnp.int32), pos + 1)
 
-        def more(carry, i):  # feed d_i at pos + i, get d_{i+1}
+        def more(carry, i):  # feed d_i at pos + i, get d_{i+1} (a dead second row: engine.MIN_ROWS)
             dpool, d = carry
-            p = (pos + i)[None]
-            dpool, nxt = step(dpool, d[None], p, jnp.bool_(True), jnp.int32(1), pos + i + 1)
+            p = jnp.stack([pos + i, pos + i])
+            dpool, nxt = step(dpool, jnp.stack([d, 0]), p, jnp.array([True, False]), jnp.int32(1), pos + i + 1)
             return (dpool, nxt), nxt
 
         (dpool, _), rest = jax.lax.scan(more, (dpool, d), jnp.arange(1, k, dtype=jnp.int32))

@@ -115,6 +115,20 @@ def test_chunked_prefill_small_budget(smollm_f32, reference):
     _assert_all_free(e)
 
 
+def test_one_sequence_engine_runs_two_rows(smollm_f32, reference):
+    """max_seqs=1: every program still runs MIN_ROWS rows (the second dead), outputs exact."""
+    from pallax.decode.engine import MIN_ROWS
+
+    cfg = EngineConfig(max_seqs=1, token_budget=16, num_pages=64, decode_steps=3)
+    assert min(cfg.seq_buckets()) == min(cfg.token_buckets()) == MIN_ROWS == 2
+    e = smollm_f32.engine(cfg)
+    cases = reference["cases"][:2]
+    outs = _run(e, [c["input_ids"] for c in cases])
+    for case, o in zip(cases, outs):
+        assert _tokens(o) == case["greedy_ids"]
+    _assert_all_free(e)
+
+
 def test_stop_strings_tokens_and_max_tokens(engine, reference, smollm_f32):
     case = reference["cases"][3]  # "1, 2, 3, 4, 5," -> " 6, 7, 8, ..."
     full = smollm_f32.tokenizer.decode(case["greedy_ids"])
