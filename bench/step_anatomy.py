@@ -125,14 +125,15 @@ def decode_program(llm, batch: int = 1, n_steps: int = 1, page_size: int = 16, c
                    temperature: float = 0.0):
     """The engine's pure-decode program (`batch` sequences at `context`, `n_steps` model steps per
     call), its arguments, and the jitted function."""
-    from pallax.decode.engine import compile_step, empty_batch, to_device
+    from pallax.decode.engine import MIN_ROWS, compile_step, empty_batch, to_device
     from pallax.decode.kv_cache import create_pool
 
     c = llm.config
     pages = -(-(context + n_steps) // page_size)  # per sequence
     per_layer = isinstance(llm.params["layers"], (list, tuple))
     pool = create_pool(c, batch * pages + 1, page_size, "bfloat16", per_layer=per_layer)
-    host = empty_batch(batch, batch, pages)
+    rows = max(batch, MIN_ROWS)  # as the engine pads a batch of one
+    host = empty_batch(rows, rows, pages)
     for b in range(batch):  # sequence b owns pages b * pages ... in order
         host["positions"][b] = context
         host["slots"][b] = b * pages * page_size + context
@@ -141,7 +142,7 @@ def decode_program(llm, batch: int = 1, n_steps: int = 1, page_size: int = 16, c
         host["kv_lens"][b] = context + 1
         host["temperature"][b] = temperature
     step = compile_step(c, n_steps, full=temperature > 0)
-    args = (llm.params, pool, to_device(host, batch), jax.numpy.zeros(batch, jax.numpy.int32))
+    args = (llm.params, pool, to_device(host, batch), jax.numpy.zeros(rows, jax.numpy.int32))
     return step, args
 
 
