@@ -140,16 +140,21 @@ def check_against_engine(target, draft, prompts, ys, args) -> list[dict]:
 
 
 # -- speed (GPU) --------------------------------------------------------------------------------
-def _tokens_per_s(llm, prompt, max_tokens, repeats=3, draft=None, **spec) -> float:
-    from pallax.decode.requests import Request, SamplingParams
+def _engine(llm, draft=None):
+    """A batch-1 engine serving plain and speculative requests alike. Not warmed up: each
+    measurement's first, discarded run compiles the programs it needs, and only those."""
     from pallax.decode.scheduler import EngineConfig
 
-    # batch 1: one sequence bucket and two token buckets keep warm-up compilation short
     eng = llm.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=64, decode_steps=4, max_draft_tokens=8,
                                   adaptive_draft=False))
     if draft is not None:
         eng.attach_draft_model(draft, num_pages=64)
-    eng.warmup()
+    return eng
+
+
+def _tokens_per_s(eng, prompt, max_tokens, repeats=3, **spec) -> float:
+    from pallax.decode.requests import Request, SamplingParams
+
     best = 0.0
     for r in range(repeats + 1):  # the first run is discarded
         got = []
@@ -164,9 +169,18 @@ def _tokens_per_s(llm, prompt, max_tokens, repeats=3, draft=None, **spec) -> flo
     return best
 
 
-def speed(args) -> list[dict]:
+def speed(args, out=None) -> list[dict]:
+    """Plain and speculative batch-1 speed on one engine (records are also appended to `out` as
+    they come)."""
     from pallax.bench.decode import random_llm
     from pallax.model.config import preset
+
+    def record(r):
+        emit(r)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        records.append(r)
 
     acc = {}
     if args.acceptance:
@@ -178,21 +192,21 @@ def speed(args) -> list[dict]:
     # a repeating prompt: the lookup always finds k tokens to propose (random weights reject them)
     prompt = list(range(100, 164)) * 4
     records = []
-    plain = _tokens_per_s(target, prompt, args.max_tokens)
-    records.append(emit(dict(bench="speculative_speed", model=model, mode="plain", batch=1,
-                             tokens_per_s=plain, **environment())))
+    eng = _engine(target, draft)
+    plain = _tokens_per_s(eng, prompt, args.max_tokens)
+    record(dict(bench="speculative_speed", model=model, mode="plain", batch=1, tokens_per_s=plain, **environment()))
     for name in ("ngram", "draft"):
         for k in args.k:
-            tps = _tokens_per_s(target, prompt, args.max_tokens, draft=draft if name == "draft" else None,
-                                speculative=name, num_draft_tokens=k)
+            tps = _tokens_per_s(eng, prompt, args.max_tokens, speculative=name, num_draft_tokens=k)
             per_round = acc.get((name, k))
-            records.append(emit(dict(
+            record(dict(
                 bench="speculative_speed", model=model, mode=name, k=k, batch=1, tokens_per_s=tps,
                 round_s=1 / tps, plain_step_s=1 / plain, round_cost_in_plain_steps=plain / tps,
                 tokens_per_target_step_cpu=per_round,
-                expected_speedup=None if per_round is None else per_round * tps / plain, **environment())))
+                expected_speedup=None if per_round is None else per_round * tps / plain, **environment()))
     if not args.skip_smollm:
-        records += smollm_end_to_end(args)
+        for r in smollm_end_to_end(args):
+            record(r)
     return records
 
 
@@ -206,13 +220,14 @@ def smollm_end_to_end(args) -> list[dict]:
         print(f"SmolLM2 end-to-end skipped: {e}", file=sys.stderr)
         return []
     out = []
+    eng = _engine(llm)
     for prompt in humaneval_prompts(None, 3):
         ids = list(llm.tokenizer.encode(prompt))
-        plain = _tokens_per_s(llm, ids, args.max_tokens)
+        plain = _tokens_per_s(eng, ids, args.max_tokens)
         for k in args.k:
-            tps = _tokens_per_s(llm, ids, args.max_tokens, speculative="ngram", num_draft_tokens=k)
-            out.append(emit(dict(bench="speculative_end_to_end", model="smollm2-135m bf16", mode="ngram", k=k,
-                                 plain_tokens_per_s=plain, tokens_per_s=tps, speedup=tps / plain, **environment())))
+            tps = _tokens_per_s(eng, ids, args.max_tokens, speculative="ngram", num_draft_tokens=k)
+            out.append(dict(bench="speculative_end_to_end", model="smollm2-135m bf16", mode="ngram", k=k,
+                            plain_tokens_per_s=plain, tokens_per_s=tps, speedup=tps / plain, **environment()))
     return out
 
 
@@ -232,11 +247,13 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-smollm", action="store_true", help="speed: no SmolLM2 end-to-end run")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    records = acceptance(args) if args.mode == "acceptance" else speed(args)
+    if args.out:
+        Path(args.out).write_text("")
+    records = acceptance(args) if args.mode == "acceptance" else speed(args, out=args.out)
     cols = ["bench", "drafter", "mode", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
             "tokens_per_s", "expected_speedup", "speedup"]
     print(table(records, [c for c in cols if any(c in r for r in records)]))
-    if args.out:
+    if args.out and args.mode == "acceptance":
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
