@@ -60,6 +60,12 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
+    """Static bound on the query blocks of a batch: sum_s ceil(q_len_s / block_q) <=
+    (T + S * (block_q - 1)) // block_q, and never more than one per token."""
+    return min(num_tokens, (num_tokens + num_seqs * (block_q - 1)) // block_q)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes and launch parameters.
@@ -104,7 +110,9 @@ class BlockSizes:
             # About 2 programs per SM of an H100 (132 SMs) for long sequences; tuned on the
             # decode benchmark (bench/attention_decode.py): B=1 best at 32 splits, B=16 at 2,
             # B=64 at 1 (H=32, KVH=8).
-            items = min(num_tokens, num_seqs) * num_kv_heads
+            # Counted in work items, not sequences: a prefill chunk of one sequence already
+            # has T / block_q of them.
+            items = _work_items(num_tokens, num_seqs, block_q) * num_kv_heads
             splits = _pow2(max(1, -(-256 // items)))
         splits = max(1, min(splits, -(-max_kv // block_kv)))
         return block_q, block_kv, splits
@@ -212,7 +220,7 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
         num_tokens=t, num_seqs=s, group=group, num_kv_heads=kvh, max_kv=max_pages * page_size,
         kv_itemsize=jnp.dtype(k_pages.dtype).itemsize)
     rows = max(16, _pow2(block_q * group))
-    work = min(t, -(-t // block_q) + s) if block_q > 1 else t
+    work = _work_items(t, s, block_q)
     quantized = k_scales is not None
 
     n_rows = num_pages * page_size * kvh
