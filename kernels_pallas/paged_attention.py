@@ -27,8 +27,11 @@ tokens of one sequence), one kv head, and one of `kv_splits` slices of the kv ra
   head's page contiguous (4 KiB instead of 16 x 256 B) for no gain in transaction width;
 - flash-decoding: the kv range of a work item (up to its last query token) is cut into
   `kv_splits` equal runs of `block_kv` blocks, sized from the actual length at run time; each
-  program writes its normalized partial output and log-sum-exp, and a small jnp epilogue
-  combines them. With `kv_splits == 1` the kernel writes the final output directly.
+  program writes its normalized partial output and log-sum-exp, and a second small kernel
+  (`_combine_kernel`, one program per (token, head) row) merges them and writes q.dtype rows
+  `[work, KVH, block_q * G, D]`: for a decode batch that is `[T, H, D]` already, so the step
+  is the two kernels and a free reshape. With `kv_splits == 1` the attention kernel writes the
+  final output directly.
 
 int8 / float8_e4m3fn K/V carry per-token-per-head f32 scales `[P, page_size, KVH]`; the value is
 `x.astype(f32) * scale`. Scores are scaled after the `q @ k` product and `p` before `p @ v`, so
@@ -58,6 +61,12 @@ _QUANT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _work_items(num_tokens: int, num_seqs: int, block_q: int) -> int:
+    """Static bound on the query blocks of a batch: sum_s ceil(q_len_s / block_q) <=
+    (T + S * (block_q - 1)) // block_q, and never more than one per token."""
+    return min(num_tokens, (num_tokens + num_seqs * (block_q - 1)) // block_q)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +113,9 @@ class BlockSizes:
             # About 2 programs per SM of an H100 (132 SMs) for long sequences; tuned on the
             # decode benchmark (bench/attention_decode.py): B=1 best at 32 splits, B=16 at 2,
             # B=64 at 1 (H=32, KVH=8).
-            items = min(num_tokens, num_seqs) * num_kv_heads
+            # Counted in work items, not sequences: a prefill chunk of one sequence already
+            # has T / block_q of them.
+            items = _work_items(num_tokens, num_seqs, block_q) * num_kv_heads
             splits = _pow2(max(1, -(-256 // items)))
         splits = max(1, min(splits, -(-max_kv // block_kv)))
         return block_q, block_kv, splits
@@ -201,6 +212,64 @@ def _kernel(
         lse_ref[...] = m + jnp.log2(l_safe)        # base 2; _MASK where the slice was empty
 
 
+# Partials of one (token, head) row held in registers per combine step: [chunk, D] f32.
+_COMBINE_ELEMS = 4096
+
+
+def _combine_kernel(
+    o_part_ref,  # [K, D] f32: the K splits' normalized outputs for one (token, head) row
+    lse_ref,     # [K] f32: their base-2 log-sum-exp; _MASK where a split was empty
+    o_ref,       # [D]
+    *, splits: int, chunk: int,
+):
+    """out = sum_k 2^(lse_k - m) o_k / sum_k 2^(lse_k - m), online over chunks of splits.
+
+    A row whose splits were all empty has lse == _MASK and o == 0 everywhere: weights 1, out 0.
+    """
+    def body(c, carry):
+        acc, m, l = carry
+        k = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        live = k < splits
+        k = jnp.minimum(k, splits - 1)                 # chunk is a power of two; splits may not be
+        lse = lse_ref[k]                               # [chunk]
+        o = o_part_ref[k, :]                           # [chunk, D]
+        m_new = jnp.maximum(m, jnp.max(lse))
+        alpha = jnp.exp2(m - m_new)
+        wgt = jnp.where(live, jnp.exp2(lse - m_new), 0.0)
+        return acc * alpha + jnp.sum(wgt[:, None] * o, axis=0), m_new, l * alpha + jnp.sum(wgt)
+
+    acc = jnp.zeros(o_ref.shape, jnp.float32)
+    m = jnp.full((), _MASK, jnp.float32)
+    l = jnp.zeros((), jnp.float32)
+    acc, m, l = lax.fori_loop(0, -(-splits // chunk), body, (acc, m, l))
+    o_ref[...] = (acc / l).astype(o_ref.dtype)
+
+
+def _combine(o_part, lse, *, real_rows, out_dtype, interpret, chunk=None):
+    """Merge the kv splits: o_part [K, W, KVH, rows, D] f32, lse [K, W, KVH, rows] f32 ->
+    [W, KVH, real_rows, D] out_dtype. Only the first `real_rows` rows are read (the rest pad
+    `rows` to a power of two for the tensor cores). One program per (work, kv head, row), so a
+    B=1 decode step still spreads over H programs; each reads K rows of D contiguous floats."""
+    splits, work, kvh, _, d = o_part.shape
+    if chunk is None:
+        chunk = min(_pow2(splits), max(1, _COMBINE_ELEMS // d))
+    compiler_params = None
+    if not interpret:
+        # Not the attention kernel's BlockSizes: a program holds at most _COMBINE_ELEMS floats.
+        from jax.experimental.pallas import triton as plgpu
+        compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, splits=splits, chunk=chunk),
+        grid=(work, kvh, real_rows),
+        in_specs=[pl.BlockSpec((splits, None, None, None, d), lambda w, h, r: (0, w, h, r, 0)),
+                  pl.BlockSpec((splits, None, None, None), lambda w, h, r: (0, w, h, r))],
+        out_specs=pl.BlockSpec((None, None, None, d), lambda w, h, r: (w, h, r, 0)),
+        out_shape=jax.ShapeDtypeStruct((work, kvh, real_rows, d), out_dtype),
+        interpret=interpret, compiler_params=compiler_params,
+        name=f"paged_attention_combine_s{splits}",
+    )(o_part, lse)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
 def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_lens, num_seqs,
                             k_scales, v_scales, *, sm_scale, block_sizes, interpret):
@@ -212,7 +281,7 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
         num_tokens=t, num_seqs=s, group=group, num_kv_heads=kvh, max_kv=max_pages * page_size,
         kv_itemsize=jnp.dtype(k_pages.dtype).itemsize)
     rows = max(16, _pow2(block_q * group))
-    work = min(t, -(-t // block_q) + s) if block_q > 1 else t
+    work = _work_items(t, s, block_q)
     quantized = k_scales is not None
 
     n_rows = num_pages * page_size * kvh
@@ -251,19 +320,15 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
     )(*inputs)
 
     if splits == 1:
-        out = outs[0].astype(jnp.float32)                      # [W, KVH, rows, D]
+        out = outs[0][:, :, : block_q * group]                 # [W, KVH, bq * G, D]
     else:
-        # Only the first block_q * G rows are (token, head) pairs: combine just those.
-        o_part = outs[0][:, :, :, : block_q * group]           # [K, W, KVH, bq * G, D]
-        lse = outs[1][:, :, :, : block_q * group]              # [K, W, KVH, bq * G]
-        lse_max = jnp.max(lse, axis=0)
-        wgt = jnp.exp2(lse - lse_max[None])
-        out = jnp.sum(wgt[..., None] * o_part, axis=0) / jnp.sum(wgt, axis=0)[..., None]
-
-    out = out[:, :, : block_q * group].reshape(work, kvh, block_q, group, d)
+        out = _combine(*outs, real_rows=block_q * group, out_dtype=q.dtype,
+                       interpret=interpret)                    # [W, KVH, bq * G, D]
     if block_q == 1:
-        # Work item w is token w; padding tokens were written as zeros by the kernel.
-        return out.reshape(t, num_heads, d).astype(q.dtype)
+        # Work item w is token w (padding tokens come out as zeros): [T, KVH, G, D] is
+        # [T, H, D] already.
+        return out.reshape(t, num_heads, d)
+    out = out.reshape(work, kvh, block_q, group, d)
     # Map each token to (work item, row) of its sequence's query block.
     tok = jnp.arange(t, dtype=jnp.int32)
     live = jnp.arange(s) < num_seqs
@@ -278,7 +343,7 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
     gathered = out[w_of_t, :, jnp.clip(local % block_q, 0, block_q - 1)]   # [T, KVH, G, D]
     valid = (seq < num_seqs) & (tok < query_start[jnp.minimum(num_seqs, s)])
     gathered = jnp.where(valid[:, None, None, None], gathered, 0)
-    return gathered.reshape(t, num_heads, d).astype(q.dtype)
+    return gathered.reshape(t, num_heads, d)
 
 
 def _check(q, k_pages, v_pages, page_table, query_start, kv_lens, k_scales, v_scales):

@@ -1,4 +1,5 @@
-"""Ragged paged attention: reference vs a float64 numpy formulation, kernel (interpret) vs reference."""
+"""Ragged paged attention: reference vs float64 numpy, kernels (interpret) vs reference, and
+the Triton lowering of both kernels (attention, split combine) on an abstract H100."""
 
 import math
 import zlib
@@ -129,6 +130,20 @@ KERNEL_CASES = {
                                              kv_heads=1, kv_dtype=jnp.int8,
                                              dtype=jnp.bfloat16),
                                         None, 2e-2),
+    # Split decode (block_q 1) through the combine kernel: kv 3 and 17 leave splits empty.
+    "decode_bf16_gqa4_splits_empty": (dict(q_lens=[1, 1, 1, 1], kv_lens=[100, 3, 64, 17],
+                                           heads=8, kv_heads=2, pad_seqs=2, pad_tokens=2,
+                                           dtype=jnp.bfloat16),
+                                      BlockSizes(block_kv=16, kv_splits=4), 2e-2),
+    "decode_f32_gqa7_splits5": (dict(q_lens=[1, 1, 1], kv_lens=[45, 80, 9], heads=14,
+                                     kv_heads=2, pad_seqs=1, pad_tokens=1),
+                                BlockSizes(block_kv=16, kv_splits=5), 1e-5),
+    "decode_int8_gqa4_splits": (dict(q_lens=[1, 1], kv_lens=[70, 5], heads=8, kv_heads=2,
+                                     kv_dtype=jnp.int8, pad_seqs=1, pad_tokens=1),
+                                BlockSizes(block_kv=16, kv_splits=4), 1e-5),
+    "verify_f32_gqa7_blockq2_splits": (dict(q_lens=[3, 1, 5], kv_lens=[30, 50, 12], heads=14,
+                                            kv_heads=2, pad_tokens=2),
+                                       BlockSizes(block_q=2, block_kv=16, kv_splits=3), 1e-5),
 }
 
 
@@ -142,6 +157,99 @@ def test_kernel_matches_reference(name):
     assert rel_err(out, ref) < tol
     n_real = int(case["query_start"][int(case["num_seqs"])])
     assert np.all(np.asarray(out[n_real:], np.float32) == 0), "padding rows must be zero"
+
+
+def combine_numpy(o_part, lse, real_rows):
+    """The flash-decoding merge in float64: weights 2^(lse_k - max_k lse_k)."""
+    o_part = np.asarray(o_part, np.float64)[:, :, :, :real_rows]
+    lse = np.asarray(lse, np.float64)[:, :, :, :real_rows]
+    wgt = np.exp2(lse - lse.max(axis=0, keepdims=True))
+    return (wgt[..., None] * o_part).sum(axis=0) / wgt.sum(axis=0)[..., None]
+
+
+@pytest.mark.parametrize("splits,chunk,real_rows", [(6, 4, 3), (8, None, 4), (5, 1, 16)])
+def test_combine_kernel(splits, chunk, real_rows):
+    rng = np.random.default_rng(splits)
+    work, kvh, rows, d = 3, 2, 16, 32
+    o_part = rng.standard_normal((splits, work, kvh, rows, d)).astype(np.float32)
+    lse = rng.uniform(-6, 6, (splits, work, kvh, rows)).astype(np.float32)
+    empty = rng.random((splits, work, kvh, rows)) < 0.3      # what the kernel writes for an
+    empty[:, 1, 0] = True                                    # empty split; one row all empty
+    lse[empty] = pa._MASK
+    o_part[empty] = 0
+    out = pa._combine(jnp.asarray(o_part), jnp.asarray(lse), real_rows=real_rows,
+                      out_dtype=jnp.float32, interpret=True, chunk=chunk)
+    assert out.shape == (work, kvh, real_rows, d)
+    want = combine_numpy(o_part, lse, real_rows)
+    assert rel_err(out, want) < 1e-6
+    assert np.all(np.asarray(out[1, 0]) == 0), "a row with every split empty must be zero"
+
+
+def _top_level_primitives(fn, *args):
+    (outer,) = jax.make_jaxpr(fn)(*args).jaxpr.eqns       # the jitted wrapper
+    return outer.params["jaxpr"].jaxpr.eqns
+
+
+def test_split_decode_is_two_kernels_and_a_reshape():
+    """With block_q 1 the combine kernel writes [T, H, D]: nothing runs after it but a
+    reshape (a bitcast), also for a group that is not a power of two."""
+    for heads in (8, 14):
+        case = make_case(9, q_lens=[1, 1], kv_lens=[70, 20], heads=heads, kv_heads=2,
+                         dtype=jnp.bfloat16)
+        eqns = _top_level_primitives(
+            lambda *a: pa._paged_attention_kernel(
+                *a, None, None, sm_scale=0.1, block_sizes=BlockSizes(block_kv=16, kv_splits=4),
+                interpret=False),
+            *(case[n] for n in ("q", "k_pages", "v_pages", "page_table", "query_start",
+                                "kv_lens", "num_seqs")))
+        names = [e.primitive.name for e in eqns]
+        calls = [i for i, n in enumerate(names) if n == "pallas_call"]
+        assert len(calls) == 2, names
+        assert set(names) == {"pallas_call", "reshape"}, names
+        assert eqns[calls[1]].params["name"].startswith("paged_attention_combine")
+
+
+@pytest.mark.parametrize("q_lens,block_q", [([1, 1, 1], 1), ([1, 4, 1, 9], 16), ([5, 5], 2)])
+def test_kernels_lower_to_triton(q_lens, block_q):
+    """Lowers the attention and combine kernels for CUDA against an abstract H100 (no GPU
+    needed): Triton accepts the block shapes, indexing and loops of both."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        pytest.skip("this jax has no AbstractDevice to lower for a GPU without one")
+    case = make_case(10, q_lens=q_lens, kv_lens=[70, 20, 33, 9][: len(q_lens)], heads=14,
+                     kv_heads=2, dtype=jnp.bfloat16, head_dim=64)
+    args = [case[n] for n in ("q", "k_pages", "v_pages", "page_table", "query_start",
+                              "kv_lens", "num_seqs")]
+    fn = jax.jit(lambda *a: pa._paged_attention_kernel(
+        *a, None, None, sm_scale=0.125, block_sizes=BlockSizes(block_q=block_q, block_kv=16,
+                                                                kv_splits=3), interpret=False))
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                         platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert f'name = "paged_attention_bq{block_q}_bkv16_s3"' in text
+    assert 'name = "paged_attention_combine_s3"' in text
+
+
+def test_work_items_bound():
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        block_q = int(rng.integers(1, 20))
+        q_lens = rng.integers(0, 40, int(rng.integers(1, 9)))
+        t = int(q_lens.sum()) + int(rng.integers(0, 5))
+        need = int(sum(-(-q // block_q) for q in q_lens))
+        assert need <= pa._work_items(max(t, 1), len(q_lens), block_q) <= max(t, 1)
+
+
+def test_default_splits_count_work_items():
+    """A one-sequence prefill chunk has T / block_q work items: no kv splits on top."""
+    bs = BlockSizes()
+    prefill = bs.resolve(num_tokens=512, num_seqs=1, group=4, num_kv_heads=8, max_kv=32768,
+                         kv_itemsize=2)
+    decode = bs.resolve(num_tokens=1, num_seqs=1, group=4, num_kv_heads=8, max_kv=32768,
+                        kv_itemsize=2)
+    assert prefill == (16, 64, 1)
+    assert decode == (1, 64, 32)
 
 
 def test_kernel_float8_kv():
