@@ -129,10 +129,10 @@ def hf_baseline(batch: int, new: int = 64) -> dict:
 
 
 # -- ours ------------------------------------------------------------------------------------------
-def make_engine(llm, max_seqs: int, decode_steps: int):
+def make_engine(llm, max_seqs: int, decode_steps: int, num_pages: int | None = None):
     from pallax.decode.scheduler import EngineConfig
 
-    pages = None if jax.default_backend() == "gpu" else 2048  # a CPU does not report free memory
+    pages = num_pages or (None if jax.default_backend() == "gpu" else 2048)  # a CPU reports no free memory
     engine = llm.engine(EngineConfig(max_seqs=max_seqs, token_budget=2048, decode_steps=decode_steps,
                                      num_pages=pages, memory_fraction=0.8, max_queue=4096,
                                      prefix_caching=False))

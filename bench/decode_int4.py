@@ -30,7 +30,9 @@ def main(argv=None) -> int:
     q = quantize(llm, "int4", group_size=args.group)
     records = []
     for name, model in ((f"int4-g{args.group}", q), ("bf16", llm)):
-        engine, warm = make_engine(model, max_seqs=1, decode_steps=8)
+        # A pool for one sequence (not a fraction of free memory, which the first engine's
+        # buffers may still hold when the second starts).
+        engine, warm = make_engine(model, max_seqs=1, decode_steps=8, num_pages=1024)
         records.append(emit({**env, "case": "decode-batch1", "weights": name, "warmup_s": warm, **ours_batch(engine, 1)}))
         del engine
     records.append(emit({**env, "case": "int4-speedup", "ratio": records[0]["tok_s"] / records[1]["tok_s"]}))
