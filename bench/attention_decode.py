@@ -162,7 +162,7 @@ def sweep(copy_bw: float) -> list[dict]:
     """Time a grid of block sizes (B=1 bf16 over kv splits; int8 at every batch)."""
     env = environment()
     grid = [(1, 32768, jnp.bfloat16, splits, bkv, warps, stages)
-            for splits in (32, 48, 64)
+            for splits in (24, 32, 48, 64)
             for bkv, warps, stages in ((64, 4, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3))]
     grid += [(b, c, jnp.int8, None, bkv, 4, stages) for b, c in SHAPES
              for bkv, stages in ((64, 2), (128, 2), (128, 3))]

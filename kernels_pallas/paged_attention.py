@@ -104,18 +104,22 @@ class BlockSizes:
     def resolve(self, *, num_tokens: int, num_seqs: int, group: int, num_kv_heads: int,
                 max_kv: int, kv_itemsize: int) -> tuple[int, int, int]:
         """(block_q, block_kv, kv_splits) for a static batch shape."""
-        block_kv = self.block_kv or (128 if kv_itemsize == 1 else 64)
         block_q = self.block_q
         if block_q is None:
             block_q = 1 if num_tokens <= num_seqs else max(1, 64 // group)
+        # Counted in work items, not sequences: a prefill chunk of one sequence already has
+        # T / block_q of them.
+        items = _work_items(num_tokens, num_seqs, block_q) * num_kv_heads
+        # 16-bit K/V: 128 positions per block when the kv range is split (few programs, each
+        # streaming a long run), 64 otherwise; measured on an H100 (bench/results/
+        # attention_decode_h100_configs.json: B=1 ctx 32k and B=16 ctx 4k faster at 128, B=64
+        # ctx 2k at 64). 8-bit K/V: 128 everywhere.
+        block_kv = self.block_kv or (128 if kv_itemsize == 1 or items < 256 else 64)
         splits = self.kv_splits
         if splits is None:
             # About 2 programs per SM of an H100 (132 SMs) for long sequences; tuned on the
             # decode benchmark (bench/attention_decode.py): B=1 best at 32 splits, B=16 at 2,
             # B=64 at 1 (H=32, KVH=8).
-            # Counted in work items, not sequences: a prefill chunk of one sequence already
-            # has T / block_q of them.
-            items = _work_items(num_tokens, num_seqs, block_q) * num_kv_heads
             splits = _pow2(max(1, -(-256 // items)))
         splits = max(1, min(splits, -(-max_kv // block_kv)))
         return block_q, block_kv, splits

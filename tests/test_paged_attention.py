@@ -248,8 +248,10 @@ def test_default_splits_count_work_items():
                          kv_itemsize=2)
     decode = bs.resolve(num_tokens=1, num_seqs=1, group=4, num_kv_heads=8, max_kv=32768,
                         kv_itemsize=2)
+    wide = bs.resolve(num_tokens=64, num_seqs=64, group=4, num_kv_heads=8, max_kv=2048, kv_itemsize=2)
     assert prefill == (16, 64, 1)
-    assert decode == (1, 64, 32)
+    assert decode == (1, 128, 32)  # split kv ranges stream 128 positions per block
+    assert wide == (1, 64, 1)
 
 
 def test_kernel_float8_kv():
