@@ -6,7 +6,10 @@ full context, pages of each sequence a random permutation of the pool):
 the same on an int8 pool with per-token-per-head f32 scales, and a baseline in the same run: plain
 XLA attention (einsum, softmax, einsum) over a contiguous bf16 cache of the same size. Each
 record: KV bytes read (K and V once, scales included), device time, GB/s, and the fraction of
-`hbm_copy_bandwidth()` measured in the same run.
+`hbm_copy_bandwidth()` measured in the same run; on a GPU also the time in the call's own kernels
+from a profiler trace (`kernel_us`, `frac_copy_kernels`), without the timing loop's per-iteration
+work. (For the XLA baseline the two differ the other way: inside the loop XLA hoists its
+relayout of the loop-invariant K/V out of the loop, a single call cannot.)
 
     python3 -m pallax.bench.attention_decode [--sweep] [--out FILE]
 
@@ -25,14 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallax.bench.common import device_time, emit, environment, hbm_copy_bandwidth, table
+from pallax.bench.common import device_time, emit, environment, hbm_copy_bandwidth, kernel_profile, table
 from pallax.kernels_pallas.paged_attention import (BlockSizes, paged_attention,
                                                    paged_attention_reference)
 
 H, KVH, D, PAGE = 32, 8, 128, 16
 SHAPES = ((1, 32768), (16, 4096), (64, 2048))
 COLUMNS = ["name", "batch", "ctx", "kv_dtype", "config", "kv_bytes", "time_us", "gbps",
-           "frac_copy"]
+           "frac_copy", "kernel_us", "frac_copy_kernels"]
 
 
 def decode_inputs(batch, ctx, kv_dtype=jnp.bfloat16, seed=0):
@@ -121,16 +124,29 @@ def _dense_decode(q, k, v, lens):
     return o.reshape(b, H, d).astype(q.dtype)
 
 
-def _record(name, batch, ctx, kv_dtype, config, nbytes, seconds, copy_bw, env):
+def _record(name, batch, ctx, kv_dtype, config, nbytes, seconds, copy_bw, env, busy=None):
     gbps = nbytes / seconds / 1e9
-    return dict(env, name=name, batch=batch, ctx=ctx, kv_dtype=jnp.dtype(kv_dtype).name,
-                config=config, kv_bytes=nbytes, time_us=seconds * 1e6, gbps=gbps,
-                frac_copy=gbps * 1e9 / copy_bw, copy_gbps=copy_bw / 1e9)
+    rec = dict(env, name=name, batch=batch, ctx=ctx, kv_dtype=jnp.dtype(kv_dtype).name,
+               config=config, kv_bytes=nbytes, time_us=seconds * 1e6, gbps=gbps,
+               frac_copy=gbps * 1e9 / copy_bw, copy_gbps=copy_bw / 1e9)
+    if busy is not None:
+        rec.update(kernel_us=busy * 1e6, frac_copy_kernels=nbytes / busy / copy_bw)
+    return rec
 
 
 def _time_kernel(args, scales, bs):
     fn = jax.jit(lambda *a: paged_attention(*a, **scales, block_sizes=bs))
     return device_time(fn, *args)
+
+
+def _kernel_time(fn, *args, calls: int = 100) -> float | None:
+    """Seconds per call that the device spends in the call's kernels (profiler trace: the union
+    of their intervals), without the timing loop's own per-iteration work, which `device_time`
+    counts (a few microseconds: next to a 50 us call, several percent). None off a GPU."""
+    if jax.default_backend() != "gpu":
+        return None
+    jax.block_until_ready(fn(*args))
+    return kernel_profile(lambda: jax.block_until_ready(fn(*args)), calls)["busy_us"] * 1e-6
 
 
 def cases(block_sizes: BlockSizes | None = None, copy_bw: float | None = None) -> list[dict]:
@@ -143,8 +159,10 @@ def cases(block_sizes: BlockSizes | None = None, copy_bw: float | None = None) -
         for kv_dtype in (jnp.bfloat16, jnp.int8):
             args, scales = decode_inputs(batch, ctx, kv_dtype)
             t = _time_kernel(args, scales, block_sizes)
+            fn = jax.jit(lambda *a, sc=scales: paged_attention(*a, **sc, block_sizes=block_sizes))
+            busy = _kernel_time(fn, *args)
             records.append(_record("paged_pallas", batch, ctx, kv_dtype, config,
-                                   kv_bytes(batch, ctx, kv_dtype), t, copy_bw, env))
+                                   kv_bytes(batch, ctx, kv_dtype), t, copy_bw, env, busy))
             del args, scales
         kq, kk, kv = jax.random.split(jax.random.key(1), 3)
         q = jax.random.normal(kq, (batch, H, D), jnp.bfloat16)
@@ -152,8 +170,9 @@ def cases(block_sizes: BlockSizes | None = None, copy_bw: float | None = None) -
         v = jax.random.normal(kv, (batch, ctx, KVH, D), jnp.bfloat16)
         lens = jnp.full((batch,), ctx, jnp.int32)
         t = device_time(jax.jit(_dense_decode), q, k, v, lens)
+        busy = _kernel_time(jax.jit(_dense_decode), q, k, v, lens)
         records.append(_record("dense_xla", batch, ctx, jnp.bfloat16, "einsum-softmax-einsum",
-                               kv_bytes(batch, ctx, jnp.bfloat16), t, copy_bw, env))
+                               kv_bytes(batch, ctx, jnp.bfloat16), t, copy_bw, env, busy))
         del k, v
     return records
 
