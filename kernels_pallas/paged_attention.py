@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallax.kernels_pallas import dispatch
 
@@ -106,7 +107,9 @@ class BlockSizes:
         """(block_q, block_kv, kv_splits) for a static batch shape."""
         block_q = self.block_q
         if block_q is None:
-            block_q = 1 if num_tokens <= num_seqs else max(1, 64 // group)
+            # One token per work item for decode batches, and for a lone token beside a dead
+            # padding row (the engine's two-row minimum): a query block would only add rows.
+            block_q = 1 if num_tokens <= max(num_seqs, 2) else max(1, 64 // group)
         # Counted in work items, not sequences: a prefill chunk of one sequence already has
         # T / block_q of them.
         items = _work_items(num_tokens, num_seqs, block_q) * num_kv_heads
@@ -228,14 +231,27 @@ def _combine_kernel(
 ):
     """out = sum_k 2^(lse_k - m) o_k / sum_k 2^(lse_k - m), online over chunks of splits.
 
-    A row whose splits were all empty has lse == _MASK and o == 0 everywhere: weights 1, out 0.
+    Only the splits with keys for this row are read. They are a prefix: split k covers a run of
+    kv blocks starting at k * per_split, and a row sees the keys up to its own position, so
+    the empty splits (lse == _MASK) are the last ones. The split count is static (from the page
+    table's width), so in a long-context engine a short sequence leaves most of them empty.
+    A row with no keys (padding) is 0.
     """
+    n_chunks = -(-splits // chunk)
+
+    def count(c, n):
+        k = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        lse = lse_ref[jnp.minimum(k, splits - 1)]     # chunk is a power of two; splits may not be
+        return n + jnp.sum(((k < splits) & (lse > _MASK)).astype(jnp.int32))
+
+    n_live = lax.fori_loop(0, n_chunks, count, jnp.int32(0))
+
     def body(c, carry):
         acc, m, l = carry
         k = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        live = k < splits
-        k = jnp.minimum(k, splits - 1)                 # chunk is a power of two; splits may not be
-        lse = lse_ref[k]                               # [chunk]
+        live = k < n_live
+        k = jnp.minimum(k, splits - 1)
+        lse = jnp.where(live, lse_ref[k], _MASK)       # [chunk]
         o = o_part_ref[k, :]                           # [chunk, D]
         m_new = jnp.maximum(m, jnp.max(lse))
         alpha = jnp.exp2(m - m_new)
@@ -245,8 +261,8 @@ def _combine_kernel(
     acc = jnp.zeros(o_ref.shape, jnp.float32)
     m = jnp.full((), _MASK, jnp.float32)
     l = jnp.zeros((), jnp.float32)
-    acc, m, l = lax.fori_loop(0, -(-splits // chunk), body, (acc, m, l))
-    o_ref[...] = (acc / l).astype(o_ref.dtype)
+    acc, m, l = lax.fori_loop(0, (n_live + chunk - 1) // chunk, body, (acc, m, l))
+    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)  # every split empty: 0
 
 
 def _combine(o_part, lse, *, real_rows, out_dtype, interpret, chunk=None):
@@ -260,7 +276,6 @@ def _combine(o_part, lse, *, real_rows, out_dtype, interpret, chunk=None):
     compiler_params = None
     if not interpret:
         # Not the attention kernel's BlockSizes: a program holds at most _COMBINE_ELEMS floats.
-        from jax.experimental.pallas import triton as plgpu
         compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
     return pl.pallas_call(
         functools.partial(_combine_kernel, splits=splits, chunk=chunk),
@@ -314,7 +329,6 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
         compute_dtype=q.dtype if jnp.issubdtype(q.dtype, jnp.floating) else jnp.float32)
     compiler_params = None
     if not interpret:
-        from jax.experimental.pallas import triton as plgpu
         compiler_params = plgpu.CompilerParams(num_warps=block_sizes.num_warps,
                                                num_stages=block_sizes.num_stages)
     outs = pl.pallas_call(

@@ -173,8 +173,11 @@ def test_combine_kernel(splits, chunk, real_rows):
     work, kvh, rows, d = 3, 2, 16, 32
     o_part = rng.standard_normal((splits, work, kvh, rows, d)).astype(np.float32)
     lse = rng.uniform(-6, 6, (splits, work, kvh, rows)).astype(np.float32)
-    empty = rng.random((splits, work, kvh, rows)) < 0.3      # what the kernel writes for an
-    empty[:, 1, 0] = True                                    # empty split; one row all empty
+    # What the kernel writes for a split with no keys for a row; those are the last splits
+    # (a row sees the kv positions up to its own), some rows have all, one row none.
+    n_live = rng.integers(0, splits + 1, (work, kvh, rows))
+    n_live[1, 0] = 0
+    empty = np.arange(splits)[:, None, None, None] >= n_live[None]
     lse[empty] = pa._MASK
     o_part[empty] = 0
     out = pa._combine(jnp.asarray(o_part), jnp.asarray(lse), real_rows=real_rows,
@@ -252,6 +255,8 @@ def test_default_splits_count_work_items():
     assert prefill == (16, 64, 1)
     assert decode == (1, 128, 32)  # split kv ranges stream 128 positions per block
     assert wide == (1, 64, 1)
+    lone = bs.resolve(num_tokens=2, num_seqs=1, group=7, num_kv_heads=2, max_kv=32768, kv_itemsize=2)
+    assert lone[0] == 1  # a token beside a dead padding row (engine.MIN_ROWS) is not a query block
 
 
 def test_kernel_float8_kv():
