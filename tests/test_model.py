@@ -105,20 +105,22 @@ def test_sampling_is_reproducible_and_seeded(smollm_f32):
     assert k1.token_ids == g.token_ids
 
 
-def test_bf16_agrees_with_f32(smollm_f32, smollm_bf16, reference):
-    """bf16 weights and activations follow the f32 greedy path; report where they part."""
-    diverged = {}
+def test_bf16_agrees_with_f32(smollm_bf16, reference):
+    """bf16 weights and activations follow the reference's f32 greedy path: teacher-forced on it,
+    the bf16 argmax is the reference token wherever the reference's choice is clear; it may differ
+    only at near-ties of the f32 logits (where greedy generation may then part ways)."""
+    misses = []
     for case in reference["cases"]:
-        a = smollm_f32.generate(case["input_ids"], max_tokens=32)[0].token_ids
-        b = smollm_bf16.generate(case["input_ids"], max_tokens=32)[0].token_ids
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if n is not None:
-            diverged[case["prompt"] if isinstance(case["prompt"], str) else "chat"] = n
-        # The first tokens agree everywhere; later ones may part where two logits nearly tie.
-        assert a[:4] == b[:4], case["prompt"]
-    print("bf16 divergence positions:", diverged or "none")
-    assert len(diverged) <= 2, diverged
-
+        ids, y = list(case["input_ids"]), list(case["greedy_ids"])
+        b16 = smollm_bf16.logits(ids + y[:-1])[len(ids) - 1:]  # [len(y), vocab]
+        got = b16.argmax(axis=-1)
+        for i in np.flatnonzero(got != np.asarray(y)):
+            # how far bf16 prefers its token over the reference's, in its own logits
+            misses.append(float(b16[i, got[i]] - b16[i, y[i]]))
+    total = sum(len(c["greedy_ids"]) for c in reference["cases"])
+    print(f"bf16 argmax differs at {len(misses)} of {total} positions, by {misses}")
+    assert len(misses) <= 0.05 * total, misses
+    assert all(m < 0.5 for m in misses), misses
 
 # -- tiny preset: structure and cache consistency ------------------------------------------------
 
