@@ -11,11 +11,15 @@ output head only with `quantize_head`):
 - ``int4``: round-to-nearest, group ``group_size`` along K, symmetric or asymmetric (`Int4Weight`).
 - ``int4-awq``: activation-aware scaling (Lin et al. 2023, "AWQ"): per input channel
   ``s = mean|x|^alpha`` over calibration activations, ``alpha`` grid-searched in [0, 1) to minimize
-  the layer's output error ``|| x W - (x / s) Q(diag(s) W) ||^2`` on those activations; the
-  weight stores ``Q(diag(s) W)`` and ``s``, and its `matmul` divides x by s (the decoder is a pure
-  function with no op to fold ``1/s`` into, and each projection gets its own ``s``). ``alpha = 0``
-  (``s = 1``) is plain RTN, so the search never does worse than RTN on the calibration set. AWQ's
-  weight clipping search is not done.
+  the output error ``|| x W - (x / s) Q(diag(s) W) ||^2`` on those activations; the weight stores
+  ``Q(diag(s) W)`` and ``s``, and its `matmul` divides x by s (the decoder is a pure function with
+  no op to fold ``1/s`` into). The projections that read one input (wq, wk, wv; w_gate, w_up)
+  share one ``s``, as in the AWQ reference implementation, so that they can still be served as one
+  GEMM (`decoder.fuse_projections`); it is searched with W their concatenation along the output
+  axis, the error taken over all their outputs together (the reference measures it at the output
+  of the attention / MLP block instead). ``alpha = 0`` (``s = 1``) is plain RTN, so the search
+  never does worse than RTN on the calibration set, per group of projections. AWQ's weight
+  clipping search is not done.
 - ``fp8``: e4m3 weights per output channel, activations quantized per token at run time
   (`Fp8Weight`). With ``calibration`` the weights are rounded with error compensation (Frantar
   et al. 2022, "GPTQ"): input channels are rounded one at a time, and each rounding error is
@@ -56,9 +60,10 @@ from pallax.kernels_pallas.quant_formats import FP8_MAX, dequantize_int4, quanti
 
 FORMATS = ("int8", "int4", "int4-awq", "fp8")
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-# The activation each projection reads (AWQ statistics are per input).
+# The activation each projection reads (AWQ statistics and scales are per input).
 _INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "attn_out",
              "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "mlp_act"}
+_READERS = {i: tuple(n for n in PROJECTIONS if _INPUT_OF[n] == i) for i in _INPUT_OF.values()}
 CALIB_SEQS, CALIB_LEN = 128, 64
 AWQ_GRID = 20  # alpha in {0, 1/20, ..., 19/20}, as in the AWQ reference implementation
 AWQ_SEARCH_TOKENS = 512  # calibration tokens (random subset) on which the output error is measured
@@ -117,16 +122,19 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
         if progress:
             progress(done, total)
 
-    def quantize_one(w, stats=None):
+    def awq_scale(ws, stats):  # one s for the weights [K, N_i] that read one input
+        x_mean, x_search = stats
+        w = ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=1)
+        return awq_search(x_search, x_mean, w, group_size=group_size, symmetric=symmetric)[0]
+
+    def quantize_one(w, stats=None, act_scale=None):
         if format == "int8":
             return _q_int8(w)
         if format == "fp8":
             return _q_fp8(w) if stats is None else gptq_fp8(w, stats)
-        if format == "int4":
-            return _q_int4(w, group_size=group_size, symmetric=symmetric)
-        x_mean, x_search = stats
-        s, _ = awq_search(x_search, x_mean, w, group_size=group_size, symmetric=symmetric)
-        return _q_int4(w, s, group_size=group_size, symmetric=symmetric)
+        if format == "int4-awq" and act_scale is None:
+            act_scale = awq_scale([w], stats)
+        return _q_int4(w, act_scale, group_size=group_size, symmetric=symmetric)
 
     new_layers = {k: v for k, v in params["layers"].items() if k not in PROJECTIONS}
     per_layer: dict[str, list] = {name: [] for name in PROJECTIONS}
@@ -143,8 +151,13 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
         if calibrated:
             x, taps = _layer_taps(p, x, positions, cos, sin, config=config)
             stats = {k: stat(v) for k, v in taps.items()}
+        shared = {}  # int4-awq: input -> the s searched over all the projections that read it
         for name in PROJECTIONS:
-            per_layer[name].append(quantize_one(p[name], stats[_INPUT_OF[name]] if calibrated else None))
+            inp = _INPUT_OF[name]
+            if format == "int4-awq" and inp not in shared:
+                shared[inp] = awq_scale([p[n] for n in _READERS[inp]], stats[inp])
+            s = shared.get(inp)
+            per_layer[name].append(quantize_one(p[name], stats[inp] if calibrated else None, s))
             tick()
     for name in PROJECTIONS:
         new_layers[name] = jax.tree.map(lambda *a: jnp.stack(a), *per_layer[name])
@@ -236,7 +249,8 @@ def _act_stats(acts, pick):
 
 @functools.partial(jax.jit, static_argnames=("group_size", "symmetric", "n_grid"))
 def awq_search(x, x_mean, w, *, group_size: int, symmetric: bool = True, n_grid: int = AWQ_GRID):
-    """AWQ scale search for one projection.
+    """AWQ scale search for one projection, or for several that read one input (their weights
+    concatenated along the output axis).
 
     x [n, K] calibration activations, x_mean [K] mean |x| per input channel, w [K, N].
     Returns (s [K] f32, errors [n_grid]): ``s = x_mean^alpha`` normalized so that
