@@ -13,7 +13,8 @@ rewrites by the compiler. For the engine's own pure-decode program (`--batch` se
 - the step's time over back-to-back calls, host dispatch included (what a batch-1 user sees);
 - with `--profile`, device time by kernel from a profiler trace, and the device's busy time
   against the wall time (where the host kept it waiting);
-- with `--hlo FILE`, the optimized program's text, to read.
+- with `--hlo FILE`, the optimized program's text, to read;
+- with `--quantize int4` (or int8, fp8), the same for quantized random weights.
 
 Run it once per XLA_FLAGS variant to compare, e.g. with command buffers (CUDA graphs) off:
 
@@ -154,6 +155,9 @@ def main(argv=None) -> None:
     ap.add_argument("--n-steps", type=int, default=1, help="model steps per call (the engine's decode_steps)")
     ap.add_argument("--temperature", type=float, default=0.0, help="the row's sampling temperature (0: greedy)")
     ap.add_argument("--steps", type=int, default=50, help="back-to-back steps timed")
+    ap.add_argument("--quantize", choices=["int8", "int4", "fp8"],
+                    help="the random weights in this format, as `pallax quantize` makes them")
+    ap.add_argument("--group", type=int, default=128, help="int4 group size")
     ap.add_argument("--unfused", action="store_true",
                     help="separate q/k/v and gate/up GEMMs (EngineConfig.fuse_projections=False)")
     ap.add_argument("--hlo", help="write the optimized program's text here")
@@ -167,6 +171,10 @@ def main(argv=None) -> None:
     from pallax.model.decoder import fuse_projections, unstack_layers
 
     llm = random_llm(preset(args.preset))
+    if args.quantize:
+        from pallax.model.quantize import quantize
+
+        llm = quantize(llm, args.quantize, group_size=args.group)
     llm.params = unstack_layers(llm.params)  # as the engine runs them (EngineConfig.unstack_layers)
     if not args.unfused:
         llm.params = fuse_projections(llm.params)  # EngineConfig.fuse_projections
@@ -199,8 +207,8 @@ def main(argv=None) -> None:
         profile = kernel_profile(run, args.steps)
     L = llm.config.n_layers
     total = sum(census.values())
-    rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random bf16", batch=args.batch, n_steps=args.n_steps, context=args.context, temperature=args.temperature,
-                    fused=not args.unfused,
+    rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random {args.quantize or 'bf16'}", batch=args.batch, n_steps=args.n_steps, context=args.context, temperature=args.temperature,
+                    fused=not args.unfused, weights=args.quantize or "bfloat16",
                     step_ms=dt * 1e3, dispatch_ms=dispatch * 1e3, kernels=total, kernels_per_layer=total / L,
                     per_layer_us=dt * 1e6 / L, census=dict(census.most_common()), profile=profile, **environment()))
     for kind, n in census.most_common():
