@@ -134,9 +134,12 @@ def _record(name, batch, ctx, kv_dtype, config, nbytes, seconds, copy_bw, env, b
     return rec
 
 
+def _paged(scales, bs):
+    return jax.jit(lambda *a: paged_attention(*a, **scales, block_sizes=bs))
+
+
 def _time_kernel(args, scales, bs):
-    fn = jax.jit(lambda *a: paged_attention(*a, **scales, block_sizes=bs))
-    return device_time(fn, *args)
+    return device_time(_paged(scales, bs), *args)
 
 
 def _kernel_time(fn, *args, calls: int = 100) -> float | None:
@@ -158,9 +161,8 @@ def cases(block_sizes: BlockSizes | None = None, copy_bw: float | None = None) -
     for batch, ctx in SHAPES:
         for kv_dtype in (jnp.bfloat16, jnp.int8):
             args, scales = decode_inputs(batch, ctx, kv_dtype)
-            t = _time_kernel(args, scales, block_sizes)
-            fn = jax.jit(lambda *a, sc=scales: paged_attention(*a, **sc, block_sizes=block_sizes))
-            busy = _kernel_time(fn, *args)
+            fn = _paged(scales, block_sizes)
+            t, busy = device_time(fn, *args), _kernel_time(fn, *args)
             records.append(_record("paged_pallas", batch, ctx, kv_dtype, config,
                                    kv_bytes(batch, ctx, kv_dtype), t, copy_bw, env, busy))
             del args, scales
@@ -169,8 +171,8 @@ def cases(block_sizes: BlockSizes | None = None, copy_bw: float | None = None) -
         k = jax.random.normal(kk, (batch, ctx, KVH, D), jnp.bfloat16)
         v = jax.random.normal(kv, (batch, ctx, KVH, D), jnp.bfloat16)
         lens = jnp.full((batch,), ctx, jnp.int32)
-        t = device_time(jax.jit(_dense_decode), q, k, v, lens)
-        busy = _kernel_time(jax.jit(_dense_decode), q, k, v, lens)
+        dense = jax.jit(_dense_decode)
+        t, busy = device_time(dense, q, k, v, lens), _kernel_time(dense, q, k, v, lens)
         records.append(_record("dense_xla", batch, ctx, jnp.bfloat16, "einsum-softmax-einsum",
                                kv_bytes(batch, ctx, jnp.bfloat16), t, copy_bw, env, busy))
         del k, v

@@ -167,9 +167,7 @@ class Scheduler:
         # per call on a CPU); on a GPU stacked weights are also copied per layer.
         self._unstack = unstack = cfg.unstack_layers if cfg.unstack_layers is not None else True
         if unstack:
-            llm.params = unstack_layers(llm.params)  # the LLM's other paths run this layout too
-            if cfg.fuse_projections:
-                llm.params = fuse_projections(llm.params)
+            llm.params = self._serving_layout(llm.params)  # the LLM's other paths run this layout too
         kv_dtype = cfg.kv_dtype or str(llm.params["embed"].dtype)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
@@ -203,6 +201,11 @@ class Scheduler:
         self._accepting = True
         self._ready = False
         self.counters = _Counters()
+
+    def _serving_layout(self, params):
+        """Per-layer buffers, with the projections that read one input fused when configured."""
+        params = unstack_layers(params)
+        return fuse_projections(params) if self.cfg.fuse_projections else params
 
     # -- Engine protocol -------------------------------------------------------------------------
     @property
@@ -265,9 +268,7 @@ class Scheduler:
             if self.running or self.waiting:
                 raise RuntimeError("attach_draft_model while requests run")
             if self._unstack:  # the target's layout, for the same reasons (stacked slices are copied)
-                draft_llm.params = unstack_layers(draft_llm.params)
-                if self.cfg.fuse_projections:
-                    draft_llm.params = fuse_projections(draft_llm.params)
+                draft_llm.params = self._serving_layout(draft_llm.params)
             self.drafters["draft"] = DraftModelDrafter(
                 draft_llm, num_pages=num_pages or self.allocator.num_pages, page_size=self.cfg.page_size,
                 max_pages=self.max_pages, buckets=self.buckets)
