@@ -33,25 +33,39 @@ import numpy as np
 from pallax.bench.common import device_time, emit, environment, table
 from pallax.kernels_pallas.flash_attention import (
     BlockSizes, flash_attention, flash_attention_reference)
+from pallax.kernels_pallas.flash_attention_mgpu import BlockSizes as MgpuBlocks
 
 FLOP_NOTE = "causal fwd = 4*B*H*T*S*D/2; bwd = 2.5 x fwd; bwd time = t(fwd+bwd) - t(fwd)"
 
-# (block_q, block_k, num_warps, num_stages)
+# Triton forward: (block_q, block_k, num_warps, num_stages)
 FWD_SWEEP = {
-    "small": [(128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 3)],
+    "small": [(128, 128, 8, 3), (128, 64, 8, 3)],
     "full": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
              (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
     "bwd": [(128, 128, 8, 3)],
 }
-# (block_q_dq, block_k_dq, block_q_dkv, block_k_dkv, num_warps_bwd, num_stages_bwd)
-BWD_SWEEP = {
-    "small": [(64, 64, 64, 64, 4, 2), (128, 32, 32, 128, 4, 3), (64, 64, 64, 128, 4, 3),
-              (128, 64, 64, 128, 8, 3)],
-    "full": [(64, 64, 64, 64, 4, 2), (128, 64, 64, 128, 8, 2), (128, 32, 32, 128, 4, 3),
-             (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3), (64, 32, 32, 64, 4, 3)],
-    "bwd": [(64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (64, 64, 64, 64, 8, 2),
-            (128, 64, 64, 64, 8, 2)],
+# Hopper (Mosaic GPU) forward: (block_kv, num_stages)
+MGPU_SWEEP = {
+    "small": [(128, 2), (128, 3), (64, 2), (64, 4), (192, 2)],
+    "full": [(128, 2), (128, 3), (128, 4), (64, 2), (64, 3), (64, 4), (192, 2), (256, 2)],
+    "bwd": [(128, 2)],
 }
+# (block_q_dq, block_k_dq, block_q_dkv, block_k_dkv, warps_dq, stages_dq, warps_dkv, stages_dkv)
+BWD_SWEEP = {
+    "small": [(64, 64, 64, 64, 4, 2, 4, 2), (64, 64, 64, 128, 4, 2, 8, 2),
+              (128, 64, 64, 64, 8, 2, 4, 2), (64, 64, 64, 64, 4, 3, 4, 2),
+              (64, 64, 64, 64, 4, 2, 4, 3)],
+    "full": [(64, 64, 64, 64, 4, 2, 4, 2), (64, 64, 64, 128, 4, 2, 8, 2),
+             (64, 64, 64, 128, 4, 2, 8, 3), (64, 64, 128, 64, 4, 2, 8, 2),
+             (128, 64, 64, 64, 8, 2, 4, 2), (128, 64, 64, 64, 8, 3, 4, 2),
+             (64, 128, 64, 64, 4, 2, 4, 2), (64, 64, 64, 64, 4, 3, 4, 2),
+             (64, 64, 64, 64, 4, 2, 4, 3), (32, 64, 64, 64, 4, 2, 4, 2),
+             (64, 64, 32, 64, 4, 2, 4, 2)],
+}
+# Backward tuning: the leading configs of "full", the first repeated last (drift).
+BWD_SWEEP["bwd"] = [(64, 64, 64, 64, 4, 2, 4, 2), (128, 64, 64, 64, 8, 3, 4, 2),
+                    (128, 64, 64, 64, 4, 3, 4, 2), (128, 32, 64, 64, 8, 3, 4, 2),
+                    (128, 64, 64, 64, 8, 3, 4, 2), (64, 64, 64, 64, 4, 2, 4, 2)]
 
 
 def _rel(a, b) -> float:
@@ -60,12 +74,16 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _check(fn, q, k, v, do, ref):
-    """Relative errors (out, dq, dk, dv) of fn against the f32 reference on batch row 0."""
+def _check(fn, q, k, v, do, ref, grads=True):
+    """Relative errors (out, dq, dk, dv; nan where not asked) of fn against the f32 reference on
+    batch row 0."""
     args = (q[:1], k[:1], v[:1])
+    ref_out, ref_grads = ref
+    if not grads:
+        err = _rel(fn(*args), ref_out)
+        return [err] + [float("nan")] * 3, not np.isfinite(err)
     out, vjp = jax.vjp(fn, *args)
     grads = vjp(do[:1])
-    ref_out, ref_grads = ref
     errs = [_rel(out, ref_out)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
     bad = any(not np.isfinite(e) for e in errs)
     return errs, bad
@@ -93,7 +111,7 @@ def prefill_cases(sweep: str = "small", shape=(4, 4096, 32, 8, 128)) -> list[dic
     def measure(name, config, fn, fwd=True, bwd=True, fwd_ms=None):
         recs = []
         try:
-            errs, bad = _check(fn, q, k, v, do, ref)
+            errs, bad = _check(fn, q, k, v, do, ref, grads=bwd)
             err = dict(err_out=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3], nonfinite=bad)
             t_fwd = device_time(fn, q, k, v) if fwd or fwd_ms is None else fwd_ms / 1e3
             if fwd:
@@ -123,40 +141,55 @@ def prefill_cases(sweep: str = "small", shape=(4, 4096, 32, 8, 128)) -> list[dic
             q, k, v, is_causal=True, implementation=impl)
         records += measure(f"jax.nn.{impl}", "", fn)
 
-    # Forward sweep: forward only.
+    # Forward sweep (forward only): the Triton kernel, then the Hopper kernel.
     best_fwd = None
-    for bq, bk, w, st in FWD_SWEEP[sweep]:
-        bs = BlockSizes(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
-        fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
-        recs = measure("pallas_triton", f"fwd bq={bq} bk={bk} w={w} s={st}", fn, bwd=False)
-        records += recs
+
+    def consider(bs, recs):
+        nonlocal best_fwd
+        records.extend(recs)
         for r in recs:
             if r["direction"] == "fwd" and not r["nonfinite"] and r["err_out"] < 2e-2:
                 if best_fwd is None or r["ms"] < best_fwd[1]["ms"]:
                     best_fwd = (bs, r)
+
+    for bq, bk, w, st in FWD_SWEEP[sweep]:
+        bs = BlockSizes(block_q=bq, block_k=bk, num_warps=w, num_stages=st, fwd_impl="triton")
+        fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
+        consider(bs, measure("pallas_triton", f"fwd bq={bq} bk={bk} w={w} s={st}", fn, bwd=False))
+    for bkv, st in MGPU_SWEEP[sweep]:
+        bs = BlockSizes(fwd_impl="mgpu", mgpu=MgpuBlocks(block_kv=bkv, num_stages=st))
+        fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
+        consider(bs, measure("pallas_mgpu", f"fwd bkv={bkv} stages={st}", fn, bwd=False))
     fwd_bs = best_fwd[0] if best_fwd else BlockSizes()
 
-    # Backward sweep on top of the best forward.
-    for bq, bk, bq2, bk2, w, st in BWD_SWEEP[sweep]:
-        bs = BlockSizes(block_q=fwd_bs.block_q, block_k=fwd_bs.block_k, num_warps=fwd_bs.num_warps,
-                        num_stages=fwd_bs.num_stages, block_q_dq=bq, block_k_dq=bk,
-                        block_q_dkv=bq2, block_k_dkv=bk2, num_warps_bwd=w, num_stages_bwd=st)
+    # Backward sweep (Triton kernels) on top of the best forward: bwd = t(fwd + bwd) - t(best fwd).
+    for bq, bk, bq2, bk2, w, st, w2, st2 in BWD_SWEEP[sweep]:
+        bs = dataclasses.replace(
+            fwd_bs, block_q_dq=bq, block_k_dq=bk, block_q_dkv=bq2, block_k_dkv=bk2,
+            num_warps_bwd=w, num_stages_bwd=st, num_warps_dkv=w2, num_stages_dkv=st2)
         fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
         records += measure(
-            "pallas_triton", f"bwd dq=({bq},{bk}) dkv=({bq2},{bk2}) w={w} s={st}", fn, fwd=False,
-            fwd_ms=best_fwd[1]["ms"] if best_fwd else None)
+            "pallas_triton", f"bwd dq=({bq},{bk}) w={w} s={st} dkv=({bq2},{bk2}) w={w2} s={st2}",
+            fn, fwd=False, fwd_ms=best_fwd[1]["ms"] if best_fwd else None)
 
-    # float16: JAX's Hopper forward (Mosaic GPU, wgmma/TMA; its tiles are f16 only) and ours.
-    if sweep == "bwd":  # backward tuning only
-        q = k = v = do = None
-    else:
+    # float16: ours (both forwards) and JAX's own Hopper op (its tiles are staged in f16 only).
+    if sweep != "bwd":
         q, k, v, do = (x.astype(jnp.float16) for x in (q, k, v, do))
-    base["dtype"] = "float16"
-    f16_variants = [("pallas_mgpu_fwd", dataclasses.replace(fwd_bs, fwd_impl="mgpu")),
-                    ("pallas_triton", fwd_bs)]
-    for name, bs in [] if sweep == "bwd" else f16_variants:
-        fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
-        records += measure(name, f"float16 fwd_impl={bs.fwd_impl}", fn, bwd=False)
+        base["dtype"] = "float16"
+        for name, bs in [("pallas_mgpu", dataclasses.replace(fwd_bs, fwd_impl="mgpu")),
+                         ("pallas_triton", dataclasses.replace(fwd_bs, fwd_impl="triton"))]:
+            fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
+            records += measure(name, "float16", fn, bwd=False)
+        try:
+            from jax.experimental.pallas.ops.gpu import attention_mgpu
+            config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                                 causal=True)
+            scale = 1 / np.sqrt(q.shape[-1])
+            fn = lambda q, k, v: attention_mgpu.attention(  # noqa: E731
+                (q * scale).astype(q.dtype), k, v, config)
+            records += measure("jax.pallas.attention_mgpu", "float16", fn, bwd=False)
+        except ImportError as e:
+            print(f"jax attention_mgpu skipped: {e}", file=sys.stderr)
 
     # Ratios against cuDNN (bf16), per direction.
     cudnn = {r["direction"]: r["tflops"] for r in records

@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas import dispatch, flash_attention_mgpu
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite start of the running max
@@ -85,25 +85,35 @@ class BlockSizes:
     block_k_dkv: int = 64
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
-    # "triton": the Pallas Triton forward above. "mgpu": JAX's Hopper (wgmma/TMA, warp-specialized)
-    # Mosaic GPU forward from `jax.experimental.pallas.ops.gpu.attention_mgpu`, used where it applies
-    # (GPU, float16 only: that kernel stages tiles in f16; D % 64 == 0, no segment ids, T == S if causal, aligned lengths), else triton.
-    # The backward is always the Triton kernels here (they read the same base-2 log-sum-exp).
-    fwd_impl: str = "triton"
+    # The dk/dv kernel's launch parameters where they differ from the dq kernel's (None: the same).
+    num_warps_dkv: int | None = None
+    num_stages_dkv: int | None = None
+    # Forward implementation. "mgpu": the Hopper kernel of `flash_attention_mgpu` (wgmma, TMA,
+    # warp-specialized ping-pong; tiles `mgpu`), used where it applies (bf16/f16, head_dim 64 or
+    # 128, no segment ids, T % 128 == 0, S % mgpu.block_kv == 0, S >= T if causal), in interpret
+    # mode too; "triton": the Pallas Triton forward above; "auto": "mgpu" on a Hopper GPU where it
+    # applies, else "triton". The backward is always the Triton kernels here (both forwards save
+    # the same base-2 log-sum-exp).
+    fwd_impl: str = "auto"
+    mgpu: flash_attention_mgpu.BlockSizes = flash_attention_mgpu.BlockSizes()
 
     def __post_init__(self):
-        if self.fwd_impl not in ("triton", "mgpu"):
-            raise ValueError(f"fwd_impl={self.fwd_impl!r} must be 'triton' or 'mgpu'")
+        if self.fwd_impl not in ("auto", "triton", "mgpu"):
+            raise ValueError(f"fwd_impl={self.fwd_impl!r} must be 'auto', 'triton' or 'mgpu'")
         for name in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):
             b = getattr(self, name)
             if not isinstance(b, int) or not _is_pow2(b) or b < 16:
                 raise ValueError(f"{name}={b!r} must be a power of two >= 16")
-        for name in ("num_warps", "num_warps_bwd"):
+        for name in ("num_warps", "num_warps_bwd", "num_warps_dkv"):
             w = getattr(self, name)
+            if w is None and name == "num_warps_dkv":
+                continue
             if w not in _WARPS:
                 raise ValueError(f"{name}={w!r} must be one of {_WARPS}")
-        for name in ("num_stages", "num_stages_bwd"):
+        for name in ("num_stages", "num_stages_bwd", "num_stages_dkv"):
             s = getattr(self, name)
+            if s is None and name == "num_stages_dkv":
+                continue
             if not isinstance(s, int) or s < 1:
                 raise ValueError(f"{name}={s!r} must be a positive int")
 
@@ -129,6 +139,7 @@ class _Static:
     t: int  # query length before padding
     s: int  # key length before padding
     d: int  # head dim before padding
+    mgpu_fwd: bool = False  # forward through flash_attention_mgpu (no padding: shapes qualify)
 
     @property
     def t_pad(self) -> int:
@@ -252,11 +263,12 @@ def _dq_kernel(
     k_ref,  # [Sp, Dp]
     v_ref,  # [Sp, Dp]
     do_ref,  # [block_q_dq, Dp]
+    o_ref,  # [block_q_dq, Dp], the forward's output
     lse_ref,  # [block_q_dq] f32
-    delta_ref,  # [block_q_dq] f32, rowsum(out * dout)
     q_seg_ref,  # [block_q_dq] int32, or None
     kv_seg_ref,  # [Sp] int32, or None
     dq_ref,  # [block_q_dq, Dp]
+    delta_ref,  # [block_q_dq] f32 out: rowsum(out * dout), for the dk/dv kernel
     *,
     st: _Static,
     num_q_blocks: int,
@@ -268,7 +280,9 @@ def _dq_kernel(
     scale2 = st.sm_scale * LOG2E
 
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+    lse = lse_ref[...]
+    delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+    delta_ref[...] = delta
     q_pos = r0 + jnp.arange(block_q)
     q_seg = q_seg_ref[...] if has_seg else None
     check_kv = (not st.causal) and st.s != st.s_pad
@@ -388,33 +402,13 @@ def _params(warps: int, stages: int):
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
-_MGPU_BLOCK_Q, _MGPU_BLOCK_KV = 64, 128
-
-
-def _mgpu_applies(q, k, q_seg, st: _Static) -> bool:
-    T, S, D = q.shape[1], k.shape[1], q.shape[3]
-    return (st.blocks.fwd_impl == "mgpu" and not st.interpret and q_seg is None
-            and q.dtype == jnp.float16 and D % 64 == 0
-            and (T == S or not st.causal) and T % (2 * _MGPU_BLOCK_Q) == 0
-            and S % _MGPU_BLOCK_KV == 0 and (T, S, D) == (st.t_pad, st.s_pad, st.d_pad))
-
-
-def _forward_mgpu(q, k, v, st: _Static):
-    from jax.experimental.pallas.ops.gpu import attention_mgpu  # Hopper only; imported lazily
-
-    config = attention_mgpu.TuningConfig(
-        block_q=_MGPU_BLOCK_Q, block_kv=_MGPU_BLOCK_KV, max_concurrent_steps=2, causal=st.causal)
-    # That kernel has no softmax scale: fold it into q (one rounding of q to its dtype).
-    q = (q.astype(jnp.float32) * st.sm_scale).astype(q.dtype)
-    out, (lse,) = attention_mgpu._attention_forward(q, k, v, config, save_residuals=True)
-    return out, lse  # lse: [B, H, T] base 2, as ours
-
-
 @functools.partial(jax.jit, static_argnames=("st",))
 def _forward(q, k, v, q_seg, kv_seg, st: _Static):
     """Padded out [B, Tp, H, Dp] and lse [B, H, Tp] (base 2)."""
-    if _mgpu_applies(q, k, q_seg, st):
-        return _forward_mgpu(q, k, v, st)
+    if st.mgpu_fwd:
+        return flash_attention_mgpu.flash_attention_mgpu(
+            q, k, v, causal=st.causal, sm_scale=st.sm_scale, blocks=st.blocks.mgpu,
+            interpret=st.interpret)
     B, T, H, D = q.shape
     KVH = k.shape[2]
     group = H // KVH
@@ -460,14 +454,14 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, st: _Static):
     do = _pad(_pad(do, 1, st.t_pad), 3, st.d_pad)  # zero rows: padded queries add nothing
     Tp, Sp, Dp = st.t_pad, st.s_pad, st.d_pad
     has_seg = q_seg is not None
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
     b = st.blocks
     params = _params(b.num_warps_bwd, b.num_stages_bwd)
+    params_dkv = _params(b.num_warps_dkv or b.num_warps_bwd, b.num_stages_dkv or b.num_stages_bwd)
 
     bq = b.block_q_dq
     nq = Tp // bq
     rev = lambda i: nq - 1 - i  # noqa: E731
-    dq = pl.pallas_call(
+    dq, delta = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, num_q_blocks=nq),
         grid=(H, nq, B),
         in_specs=[
@@ -475,17 +469,19 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, st: _Static):
             pl.BlockSpec((None, Sp, None, Dp), lambda h, i, b: (b, 0, h // group, 0)),
             pl.BlockSpec((None, Sp, None, Dp), lambda h, i, b: (b, 0, h // group, 0)),
             pl.BlockSpec((None, bq, None, Dp), lambda h, i, b: (b, rev(i), h, 0)),
-            pl.BlockSpec((None, None, bq), lambda h, i, b: (b, h, rev(i))),
+            pl.BlockSpec((None, bq, None, Dp), lambda h, i, b: (b, rev(i), h, 0)),
             pl.BlockSpec((None, None, bq), lambda h, i, b: (b, h, rev(i))),
             pl.BlockSpec((None, bq), lambda h, i, b: (b, rev(i))) if has_seg else None,
             pl.BlockSpec((None, Sp), lambda h, i, b: (b, 0)) if has_seg else None,
         ],
-        out_specs=pl.BlockSpec((None, bq, None, Dp), lambda h, i, b: (b, rev(i), h, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=[pl.BlockSpec((None, bq, None, Dp), lambda h, i, b: (b, rev(i), h, 0)),
+                   pl.BlockSpec((None, None, bq), lambda h, i, b: (b, h, rev(i)))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
         compiler_params=params,
         interpret=st.interpret,
         name="flash_attention_dq",
-    )(q, k, v, do, lse, delta, q_seg, kv_seg)
+    )(q, k, v, do, out, lse, q_seg, kv_seg)
 
     bk = b.block_k_dkv
     nk = Sp // bk
@@ -507,7 +503,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, st: _Static):
             pl.BlockSpec((None, bk, None, Dp), lambda h, j, b: (b, j, h, 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=params,
+        compiler_params=params_dkv,
         interpret=st.interpret,
         name="flash_attention_dkv",
     )(q, k, v, do, lse, delta, q_seg, kv_seg)
@@ -576,6 +572,26 @@ def _check(q, k, v, segment_ids):
     return B, T, H, D, S, KVH, q_seg, kv_seg
 
 
+_F32_BLOCKS = BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=2)
+
+
+def _on_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
+def _use_mgpu(q, k, has_seg: bool, st: _Static, mode: str) -> bool:
+    impl = st.blocks.fwd_impl
+    if impl == "triton" or (st.t, st.s, st.d) != (st.t_pad, st.s_pad, st.d_pad):
+        return False
+    if not flash_attention_mgpu.applies(q, k, causal=st.causal, has_segments=has_seg,
+                                        blocks=st.blocks.mgpu):
+        return False
+    if mode == "interpret":
+        return impl == "mgpu"  # "auto" interprets the Triton kernel
+    return _on_hopper()
+
+
 def flash_attention(q, k, v, *, causal: bool = True, sm_scale: float | None = None,
                     segment_ids=None, block_sizes: BlockSizes | None = None,
                     interpret: bool = False):
@@ -593,9 +609,13 @@ def flash_attention(q, k, v, *, causal: bool = True, sm_scale: float | None = No
         return flash_attention_reference(
             q, k, v, causal=causal, sm_scale=sm_scale,
             segment_ids=None if q_seg is None else (q_seg, kv_seg))
-    blocks = (block_sizes or BlockSizes()).clamped(T, S)
+    if block_sizes is None:
+        # f32 tiles are twice the bytes: 128x128 blocks with 3 stages overflow shared memory.
+        block_sizes = _F32_BLOCKS if q.dtype == jnp.float32 and D > 64 else BlockSizes()
+    blocks = block_sizes.clamped(T, S)
     st = _Static(causal=bool(causal), sm_scale=sm_scale, blocks=blocks,
                  interpret=(mode == "interpret"), t=T, s=S, d=D)
+    st = dataclasses.replace(st, mgpu_fwd=_use_mgpu(q, k, q_seg is not None, st, mode))
     return _flash(q, k, v, q_seg, kv_seg, st)
 
 

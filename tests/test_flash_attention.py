@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas import dispatch, flash_attention_mgpu
 from pallax.kernels_pallas.flash_attention import (
-    BlockSizes, flash_attention, flash_attention_reference)
+    BlockSizes, _Static, _use_mgpu, flash_attention, flash_attention_reference)
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16,
                    block_q_dkv=16, block_k_dkv=16)
@@ -202,6 +202,81 @@ class TestKernelBackward:
         for a, b in zip(g, rg):
             assert a.dtype == jnp.bfloat16
             assert _rel(a, b) < 2e-2
+
+
+def _lse_reference(q, k, causal):
+    """[B, H, T] base-2 log-sum-exp of the scaled scores, in float64."""
+    q, k = (np.asarray(x, np.float64) for x in (q, k))
+    B, T, H, D = q.shape
+    S, KVH = k.shape[1], k.shape[2]
+    s = np.einsum("bthd,bshd->bhts", q, np.repeat(k, H // KVH, axis=2)) / math.sqrt(D)
+    if causal:
+        s = np.where(np.arange(T)[:, None] + S - T >= np.arange(S)[None, :], s, -np.inf)
+    m = s.max(-1)
+    return (m + np.log(np.exp(s - m[..., None]).sum(-1))) / math.log(2)
+
+
+class TestHopperForward:
+    """The Mosaic GPU forward (flash_attention_mgpu) through Pallas's GPU interpreter: the same
+    barriers, TMA ring, ping-pong and causal epilogue as on the GPU."""
+
+    @pytest.mark.parametrize(
+        "B,T,S,H,KVH,D,causal,block_kv",
+        [
+            (1, 256, 256, 4, 2, 64, True, 64),  # two CTAs per head, consumers with unequal tiles
+            (2, 128, 384, 4, 1, 128, True, 128),  # S > T: end-aligned diagonal, GQA 4
+            (1, 256, 256, 2, 2, 64, False, 128),  # non-causal
+            (1, 128, 512, 8, 1, 64, True, 64),  # GQA 8, ring of 2 slots reused 8 times
+        ],
+    )
+    def test_matches_reference(self, B, T, S, H, KVH, D, causal, block_kv):
+        q, k, v, _ = _inputs(B, T, S, H, KVH, D, jnp.bfloat16)
+        out, lse = flash_attention_mgpu.flash_attention_mgpu(
+            q, k, v, causal=causal, sm_scale=1 / math.sqrt(D),
+            blocks=flash_attention_mgpu.BlockSizes(block_kv=block_kv), interpret=True)
+        assert out.dtype == jnp.bfloat16 and lse.shape == (B, H, T)
+        want = _numpy_attention(q, k, v, causal, 1 / math.sqrt(D))
+        assert _rel(out, want) < 1e-2
+        np.testing.assert_allclose(lse, _lse_reference(q, k, causal), rtol=1e-4, atol=1e-3)
+
+    def test_grads_through_triton_backward(self):
+        """Its residuals (out, base-2 lse) drive the Triton backward unchanged."""
+        q, k, v, do = _inputs(1, 128, 128, 4, 2, 64, jnp.float16)
+        bs = BlockSizes(fwd_impl="mgpu", mgpu=flash_attention_mgpu.BlockSizes(block_kv=64))
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        loss = lambda f: lambda q, k, v: jnp.sum(f32(f(q, k, v)) * f32(do))  # noqa: E731
+        g = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, block_sizes=bs, interpret=True)),
+                     argnums=(0, 1, 2))(q, k, v)
+        rg = jax.grad(loss(lambda q, k, v: flash_attention_reference(f32(q), f32(k), f32(v))),
+                      argnums=(0, 1, 2))(q, k, v)
+        for name, a, b in zip("qkv", g, rg):
+            assert _rel(a, b) < 1e-2, f"d{name}: {_rel(a, b)}"
+
+    @pytest.mark.parametrize("T,S,D,seg,impl,want", [
+        (128, 128, 64, False, "mgpu", True),
+        (128, 128, 64, False, "auto", False),  # "auto" interprets the Triton kernel
+        (128, 128, 64, True, "mgpu", False),  # segment ids
+        (100, 100, 64, False, "mgpu", False),  # T not a multiple of 128
+        (256, 128, 64, False, "mgpu", False),  # causal with T > S
+        (128, 128, 96, False, "mgpu", False),  # head_dim
+        (128, 128, 64, False, "triton", False),
+    ])
+    def test_applies_only_where_it_can(self, T, S, D, seg, impl, want):
+        q = jnp.zeros((1, T, 4, D), jnp.bfloat16)
+        k = jnp.zeros((1, S, 2, D), jnp.bfloat16)
+        blocks = BlockSizes(fwd_impl=impl).clamped(T, S)
+        st = _Static(causal=True, sm_scale=0.1, blocks=blocks, interpret=True, t=T, s=S, d=D)
+        assert _use_mgpu(q, k, seg, st, "interpret") is want
+        assert not _use_mgpu(q, k, seg, st, "pallas")  # not on a Hopper GPU here
+
+    def test_validation(self):
+        with pytest.raises(ValueError, match="block_kv"):
+            flash_attention_mgpu.BlockSizes(block_kv=96)
+        with pytest.raises(ValueError, match="num_stages"):
+            flash_attention_mgpu.BlockSizes(num_stages=1)
+        q = jnp.zeros((1, 100, 2, 64), jnp.bfloat16)
+        with pytest.raises(ValueError, match="T % 128"):
+            flash_attention_mgpu.flash_attention_mgpu(q, q, q, causal=True, sm_scale=0.1)
 
 
 class TestValidation:
