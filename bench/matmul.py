@@ -6,9 +6,10 @@
 2. Correctness on the device: every kernel against its reference (fresh random data, odd M).
 3. Decode shapes ``[K, N]`` = 4096x14336 and 14336x4096 at M = 1, 4, 16, 64: bf16 XLA dot vs
    int4 g128 (ours, block sizes tuned in the run: the best is reported) vs int8 (ours: Pallas
-   kernel and XLA convert-in-dot). Each timed call reads ``COPIES`` different weight sets in turn
-   (summing the outputs) so the packed int4 weights (29 MB) cannot sit in the 50 MB L2; times
-   are per matmul. GB/s counts the packed weight bytes only (not scales or activations).
+   kernel and XLA convert-in-dot), and on Hopper the Mosaic GPU int4 kernel on the same weights
+   in its own layout (`int4-g128-hopper`). Each timed call reads ``COPIES`` different weight
+   sets in turn (summing the outputs) so the packed int4 weights (29 MB) cannot sit in the
+   50 MB L2; times are per matmul. GB/s counts the packed weight bytes only (not scales or activations).
 4. FP8 at M = N = K = 8192: ours (layouts and tiles tuned) vs bf16 XLA vs XLA's fp8 dot.
 
 Prints JSON records (one a line), writes them to ``--out``, and ends with a table.
@@ -29,6 +30,7 @@ from pallax.bench.common import device_time, emit, environment, hbm_copy_bandwid
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas import fp8_matmul as f8
 from pallax.kernels_pallas import int4_matmul as i4
+from pallax.kernels_pallas import int4_matmul_mgpu as i4h
 from pallax.kernels_pallas import int8_matmul as i8
 from pallax.kernels_pallas.quant_formats import quantize_fp8, quantize_int4, quantize_int8
 
@@ -121,6 +123,10 @@ def bench_decode(records, copy_bw, smoke, deadline):
             ws_int4 += list(quantize_int4(w, GROUP)[:2])
             ws_int8 += list(quantize_int8(w))
         packed_bytes = k * n // 2
+        ws_hopper = []  # the Hopper kernel's layout of the same int4 weights
+        if not smoke and dispatch.on_hopper():
+            for c in range(copies):
+                ws_hopper += list(i4h.to_hopper_layout(*ws_int4[2 * c:2 * c + 2]))
         ranked_dot = [i4.BlockSizes.default(16, k, n, GROUP)]
         best8_dot = i8.BlockSizes.default(16, k, n)
         for m in ms:
@@ -168,6 +174,10 @@ def bench_decode(records, copy_bw, smoke, deadline):
                                  "block_sizes": repr(best), "configs_tried": len(tried),
                                  "all_us": {repr(b): v * 1e6 for b, v in tried.items()}}))
 
+            if ws_hopper:
+                records.append(emit(_int4_hopper(base, x, ws_int4, ws_hopper, copies, t_bf16,
+                                                 packed_bytes, copy_bw)))
+
             t8 = {}
             t8["xla"] = device_time(_summed(lambda x, w, s: i8.int8_matmul(x, w, s, impl="xla"),
                                             copies), x, *ws_int8) / copies
@@ -191,6 +201,33 @@ def bench_decode(records, copy_bw, smoke, deadline):
                                      "speedup": t_bf16 / tt, "weight_GBps": k * n / tt / 1e9,
                                      "frac_copy_bw": k * n / tt / copy_bw,
                                      "block_sizes": repr(best8) if impl == "pallas" else ""}))
+
+
+HOPPER_INT4 = [i4h.BlockSizes(), i4h.BlockSizes(tile_k=256, num_stages=4, consumers=4),
+               i4h.BlockSizes(tile_k=512, num_stages=4)]
+
+
+def _int4_hopper(base, x, ws_int4, ws_hopper, copies, t_bf16, packed_bytes, copy_bw):
+    """The Mosaic GPU int4 kernel (swapped operands, wgmma on in-register upcasts) on the same
+    weights: a few tilings, the best reported."""
+    k, n, m = base["k"], base["n"], base["m"]
+    tried = {}
+    for bs in HOPPER_INT4:
+        if not i4h.applies(m, k, n, GROUP, bs):
+            continue
+        fn = lambda x, w, s, bs=bs: i4h.int4_matmul_mgpu(x, w, s, group_size=GROUP, blocks=bs)  # noqa: E731
+        tried[bs] = device_time(_summed(fn, copies), x, *ws_hopper) / copies
+        print(f"  int4-hopper k={k} n={n} m={m} {bs}: {tried[bs] * 1e6:.2f} us", flush=True)
+    if not tried:
+        return {**base, "kind": "int4-g128-hopper", "error": "no tiling applies"}
+    best = min(tried, key=tried.get)
+    t = tried[best]
+    y = i4h.int4_matmul_mgpu(x, *ws_hopper[:2], group_size=GROUP, blocks=best)
+    err = _rel(y, i4.int4_matmul_reference(x, *ws_int4[:2], group_size=GROUP))
+    return {**base, "kind": "int4-g128-hopper", "us": t * 1e6, "rel_err": err,
+            "speedup": t_bf16 / t, "weight_GBps": packed_bytes / t / 1e9,
+            "frac_copy_bw": packed_bytes / t / copy_bw, "block_sizes": repr(best),
+            "all_us": {repr(b): v * 1e6 for b, v in tried.items()}}
 
 
 def bench_fp8(records, smoke, deadline):

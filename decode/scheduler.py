@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
+from pallax.kernels_pallas import dispatch
 from pallax.model.decoder import fuse_projections, unstack_layers
+from pallax.model.quant_weights import hopper_layout
 
 from .engine import MIN_ROWS, PENALTY_WINDOW, compile_step, empty_batch, pack, to_device
 from .speculative import (DraftModelDrafter, DraftRequest, NgramDrafter, adaptive_k, compile_draft_loop,
@@ -205,7 +207,11 @@ class Scheduler:
     def _serving_layout(self, params):
         """Per-layer buffers, with the projections that read one input fused when configured."""
         params = unstack_layers(params)
-        return fuse_projections(params) if self.cfg.fuse_projections else params
+        if self.cfg.fuse_projections:
+            params = fuse_projections(params)
+        if dispatch.resolve() == "pallas" and dispatch.on_hopper():
+            params = hopper_layout(params)  # symmetric int4: the Hopper kernel's layout
+        return params
 
     # -- Engine protocol -------------------------------------------------------------------------
     @property

@@ -46,3 +46,10 @@ def resolve() -> str:
     if _mode != "auto":
         return _mode
     return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (H100/H200: compute capability 9.0), where the
+    Mosaic GPU kernels (wgmma, TMA) run."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"

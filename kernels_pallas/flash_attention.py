@@ -575,11 +575,6 @@ def _check(q, k, v, segment_ids):
 _F32_BLOCKS = BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=2)
 
 
-def _on_hopper() -> bool:
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
-
-
 def _use_mgpu(q, k, has_seg: bool, st: _Static, mode: str) -> bool:
     impl = st.blocks.fwd_impl
     if impl == "triton" or (st.t, st.s, st.d) != (st.t_pad, st.s_pad, st.d_pad):
@@ -589,7 +584,7 @@ def _use_mgpu(q, k, has_seg: bool, st: _Static, mode: str) -> bool:
         return False
     if mode == "interpret":
         return impl == "mgpu"  # "auto" interprets the Triton kernel
-    return _on_hopper()
+    return dispatch.on_hopper()
 
 
 def flash_attention(q, k, v, *, causal: bool = True, sm_scale: float | None = None,

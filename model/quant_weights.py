@@ -10,6 +10,8 @@ leading axes of `x` flattened to the kernel's M.
     Int4Weight  packed [K/2, N] uint8, scales [K/g, N] bf16,      RTN or AWQ, group g along K
                 zeros [K/g, N] uint8 | None, act_scale [K] | None
     Fp8Weight   w_q [N, K] float8_e4m3fn, scale [N] f32           W8A8, activations per token
+    Int4HopperWeight  w_t [N, K] int4, scales [K/g, N] f32,      symmetric int4 in the layout of
+                act_scale [K] | None                              the Hopper kernel (serving only)
 
 Which implementation runs (`kernels_pallas.dispatch`): on GPU the Pallas kernel, except fp8 (see
 `FP8_IMPL`); elsewhere the pure-jnp reference (or the kernel in interpret mode when asked).
@@ -26,6 +28,7 @@ from jax import lax
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas.fp8_matmul import fp8_linear, fp8_matmul_reference
+from pallax.kernels_pallas import int4_matmul_mgpu
 from pallax.kernels_pallas.int4_matmul import int4_matmul
 from pallax.kernels_pallas.int8_matmul import int8_matmul
 from pallax.kernels_pallas.quant_formats import (check_group_size, dequantize_int4, quantize_fp8,
@@ -125,6 +128,87 @@ class Int4Weight:
         if self.act_scale is not None:
             w = w / self.act_scale.astype(jnp.float32)[..., :, None]
         return w.astype(dtype)
+
+
+@struct.dataclass
+class Int4HopperWeight:
+    """A symmetric `Int4Weight` in the layout of the Hopper (Mosaic GPU) kernel
+    (`int4_matmul_mgpu`: codes `q - 8` as `[N, K]` int4, K contiguous per output channel).
+
+    The serving form on H100/H200 (`hopper_layout`); quantizing and saving keep `Int4Weight`.
+    Decode-sized M runs the kernel; larger M (prefill chunks) and shapes it does not take
+    dequantize to x's dtype and run one XLA dot.
+    """
+
+    w_t: jax.Array  # [..., N, K] int4
+    scales: jax.Array  # [..., K // g, N] f32
+    act_scale: jax.Array | None = None  # [..., K] f32 (AWQ) or None
+    group_size: int = struct.field(pytree_node=False, default=128)
+    format: ClassVar[str] = "int4-hopper"
+    out_axes: ClassVar[dict[str, int]] = {"w_t": -2, "scales": -1}  # act_scale: shared
+
+    @classmethod
+    def from_int4(cls, w: Int4Weight) -> "Int4HopperWeight":
+        w_t, scales = int4_matmul_mgpu.to_hopper_layout(w.packed, w.scales, w.zeros)
+        return cls(w_t=w_t, scales=scales, act_scale=w.act_scale, group_size=w.group_size)
+
+    def to_int4(self) -> Int4Weight:
+        """Back to the portable packing (lossless: scales were bf16 before `from_int4`)."""
+        q = (jnp.swapaxes(self.w_t, -1, -2).astype(jnp.int8) + 8).astype(jnp.uint8)  # [..., K, N]
+        packed = q[..., 0::2, :] | (q[..., 1::2, :] << 4)
+        return Int4Weight(packed=packed, scales=self.scales.astype(jnp.bfloat16),
+                          act_scale=self.act_scale, group_size=self.group_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.w_t.shape[-1], self.w_t.shape[-2])
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        k, n = self.shape
+        x2 = _flat(x, k)
+        if self.act_scale is not None:
+            x2 = (x2.astype(jnp.float32) / self.act_scale.astype(jnp.float32)).astype(x.dtype)
+        mode = dispatch.resolve()
+        if mode != "reference" and int4_matmul_mgpu.applies(x2.shape[0], k, n, self.group_size):
+            y = int4_matmul_mgpu.int4_matmul_mgpu(x2, self.w_t, self.scales,
+                                                  group_size=self.group_size,
+                                                  interpret=mode == "interpret")
+        else:
+            w = self._dense(jnp.float32).astype(x2.dtype)
+            y = gemm_rows(lambda a: jnp.dot(a, w, preferred_element_type=jnp.float32), x2)
+            y = y.astype(x.dtype)
+        return _unflat(y, x)
+
+    def _dense(self, dtype) -> jax.Array:
+        w = jnp.swapaxes(self.w_t.astype(jnp.float32), -1, -2)  # [..., K, N]
+        s = jnp.repeat(self.scales.astype(jnp.float32), self.group_size, axis=-2)
+        return (w * s).astype(dtype)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        w = self._dense(jnp.float32)
+        if self.act_scale is not None:
+            w = w / self.act_scale.astype(jnp.float32)[..., :, None]
+        return w.astype(dtype)
+
+
+def hopper_layout(params):
+    """`params` with every symmetric `Int4Weight` the Hopper kernel can take (N % 128, K % 512,
+    g 64 or 128) as an `Int4HopperWeight`; everything else unchanged."""
+    def convert(w):
+        if not isinstance(w, Int4Weight) or w.zeros is not None or w.packed.ndim != 2:
+            return w
+        k, n = w.shape
+        if not int4_matmul_mgpu.applies(1, k, n, w.group_size):
+            return w
+        return Int4HopperWeight.from_int4(w)
+
+    return jax.tree.map(convert, params, is_leaf=lambda w: isinstance(w, Int4Weight))
+
+
+def portable_layout(params):
+    """The inverse of `hopper_layout`."""
+    return jax.tree.map(lambda w: w.to_int4() if isinstance(w, Int4HopperWeight) else w, params,
+                        is_leaf=lambda w: isinstance(w, Int4HopperWeight))
 
 
 @struct.dataclass

@@ -55,7 +55,7 @@ from .config import ModelConfig, RopeScaling
 from .decoder import Params, unfuse_projections
 from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
 from .linear import QuantizedWeight, linear
-from .quant_weights import WEIGHT_TYPES, Fp8Weight, Int4Weight, Int8Weight
+from .quant_weights import WEIGHT_TYPES, Fp8Weight, Int4Weight, Int8Weight, portable_layout
 from pallax.kernels_pallas.quant_formats import FP8_MAX, dequantize_int4, quantize_int4
 
 FORMATS = ("int8", "int4", "int4-awq", "fp8")
@@ -172,8 +172,10 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
 
 
 def stacked(params: Params) -> Params:
-    """Parameters in the standard layout: `layers` stacked on a leading axis, projections separate
-    (undoes `decoder.unstack_layers` and `decoder.fuse_projections`, as an engine holds them)."""
+    """Parameters in the standard layout: `layers` stacked on a leading axis, projections separate,
+    int4 in the portable packing (undoes `decoder.unstack_layers`, `decoder.fuse_projections` and
+    `quant_weights.hopper_layout`, as an engine holds them)."""
+    params = portable_layout(params)
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         # Unfused first: layers may be fused differently (a group stays separate where it cannot share a GEMM).
