@@ -27,10 +27,15 @@ backward recomputes probabilities from it: one kernel for dq (per query block) a
 repeated heads). Sequence lengths that are not multiples of the block sizes are padded (and the
 padding masked); head dims that are not a power of two (or < 16) are zero-padded.
 
+On Hopper GPUs the forward is `flash_attention_mgpu` (Mosaic GPU: TMA, wgmma, ping-pong
+warpgroups) wherever it applies (`BlockSizes.fwd_impl`); this Triton forward covers the rest.
+The dq kernel also computes `delta = rowsum(out * dout)` for the dk/dv kernel.
+
 Measured on one H100 (bench/results/attention_prefill_h100*.json; B=4, T=S=4096, H=32, KVH=8,
-D=128, bf16, causal): forward 405 TFLOP/s = 0.83x cuDNN, backward 345 TFLOP/s = 0.78x cuDNN (the
-backward does 7 matmuls per tile pair against the 5 counted: dq is a separate kernel, no atomics).
-With float16 inputs `BlockSizes(fwd_impl="mgpu")` runs JAX's Hopper forward (463 TFLOP/s there).
+D=128, bf16, causal): forward 488-505 TFLOP/s = 1.02-1.04x cuDNN (Mosaic GPU; the Triton forward
+here 396-408 TFLOP/s = 0.83x), backward 343-350 TFLOP/s = 0.78-0.80x cuDNN (it does 7 matmuls per
+tile pair against the 5 counted: dq is a separate kernel, no atomics; per matmul it runs as fast
+as the forward).
 
 `flash_attention` honours `dispatch.resolve()`: the compiled kernel on GPU, the pure-jnp
 `flash_attention_reference` elsewhere, the kernel through the Pallas interpreter when asked
