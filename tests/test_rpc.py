@@ -261,7 +261,9 @@ def test_queue_bound_gives_resource_exhausted_with_retry_hint():
                     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
                     assert dict(e.trailing_metadata())["retry-after-ms"] == "250"
                     exhausted += 1
-            assert ok >= 3 and exhausted >= 1 and ok + exhausted == 10
+            # At least the waiting room is admitted; a third request gets the running slot only
+            # if the engine's loop has moved the first out of the queue before it arrives.
+            assert ok >= 2 and exhausted >= 1 and ok + exhausted == 10
             assert c.generate("ok", max_tokens=3).text == "oko"
             assert wait_pages_free(c).pages_free == 1024
     finally:
