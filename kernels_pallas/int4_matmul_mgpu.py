@@ -7,14 +7,16 @@ channel; `scales: [K // g, N] f32`), built once by `to_hopper_layout` from the p
 `[K // 2, N]` packing. It is swapped-operand: the kernel computes `y^T = W^T x^T`, so the weights
 are wgmma's A operand and the few activation rows (M, padded to a multiple of 8) its N dimension.
 
-One CTA owns 128 output channels and one of `splits` runs of K, with three warpgroups:
-- a producer streams `[128, tile_k]` int4 weight tiles, the matching `[M_pad, tile_k]`
-  activation tile and the `[tile_k // g, 128]` scales into a ring of `num_stages` slots with TMA;
-- two consumers, 64 channels each, load each group's `[64, g]` int4 tile from shared memory
+One CTA owns `64 * consumers` output channels (128 by default) and one of `splits` runs of K:
+- a producer warpgroup streams `[rows, tile_k]` int4 weight tiles, the matching
+  `[M_pad, tile_k]` activation tile and the `[tile_k // g, rows]` scales into a ring of
+  `num_stages` slots with TMA;
+- consumer warpgroups, 64 channels each, load each group's `[64, g]` int4 tile from shared memory
   straight into the wgmma operand registers (Mosaic GPU's int4 -> bf16 upcast: a few integer ops
   per 8 values, no conversion instructions), run `[64, g] @ [g, M_pad]` on the tensor cores into a
   fresh f32 accumulator per group, and fold it into the running sum with the group's scale
-  (`acc += partial * s`; exact: the codes are small integers in bf16).
+  (`acc += partial * s`; exact: the codes are small integers in bf16). A step's groups are all
+  issued before any is awaited, so converting one overlaps the tensor cores' work on another.
 The per-split f32 partials `[splits, N, M_pad]` are summed (and transposed) by one small XLA fusion.
 
 `interpret=True` runs the kernel in Pallas's GPU interpret mode on a CPU, with the dequantized
