@@ -53,3 +53,17 @@ def on_hopper() -> bool:
     Mosaic GPU kernels (wgmma, TMA) run."""
     dev = jax.devices()[0]
     return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
+# Shared memory a Mosaic GPU kernel may plan for per CTA on Hopper: the 232448 bytes there, less
+# what Mosaic GPU adds to the buffers it is given (alignment, reduction scratch: a flash-attention
+# forward counted at 230 KB needed 232568 bytes in all).
+MGPU_SMEM_BYTES = 232448 - 4096
+
+
+def mgpu_interpret(interpret: bool):
+    """The `interpret=` value of `plgpu.kernel`: Pallas's GPU interpreter when asked, else None."""
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()

@@ -45,6 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallax.kernels_pallas import dispatch
+
 LOG2E = math.log2(math.e)
 _DTYPES = (jnp.bfloat16, jnp.float16)
 # Registers per thread: the consumers take what the producer gives up (2 x 128 x 232 + 128 x 40
@@ -71,11 +73,6 @@ class BlockSizes:
             raise ValueError(f"num_stages={self.num_stages} must be >= 2")
 
 
-# Per CTA on Hopper (232448 bytes), less what Mosaic GPU adds (alignment, reduction scratch:
-# bkv=128 with 3 stages, 230 KB by the count below, needs 232568 in all).
-_SMEM_BYTES = 232448 - 4096
-
-
 def smem_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2) -> int:
     """Shared memory of one CTA: Q/O tiles, the K/V ring, the lse rows and the barriers."""
     tiles = (2 * blocks.block_q + 2 * blocks.num_stages * blocks.block_kv) * head_dim * itemsize
@@ -88,7 +85,7 @@ def applies(q, k, *, causal: bool, has_segments: bool, blocks: BlockSizes = Bloc
     S = k.shape[1]
     return (q.dtype in _DTYPES and D in _HEAD_DIMS and not has_segments
             and T % (2 * blocks.block_q) == 0 and S % blocks.block_kv == 0
-            and (S >= T or not causal) and smem_bytes(blocks, D) <= _SMEM_BYTES)
+            and (S >= T or not causal) and smem_bytes(blocks, D) <= dispatch.MGPU_SMEM_BYTES)
 
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, causal: bool, sm_scale: float,
@@ -276,15 +273,13 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, sm_scale: float,
     if not applies(q, k, causal=causal, has_segments=False, blocks=blocks):
         raise ValueError(
             f"flash_attention_mgpu needs bf16/f16, head_dim in {_HEAD_DIMS}, T % {2 * blocks.block_q}"
-            f" == 0, S % {blocks.block_kv} == 0, S >= T if causal and at most {_SMEM_BYTES} bytes"
-            f" of shared memory ({smem_bytes(blocks, D)} for {blocks}); got {q.dtype},"
+            f" == 0, S % {blocks.block_kv} == 0, S >= T if causal and at most"
+            f" {dispatch.MGPU_SMEM_BYTES} bytes of shared memory ({smem_bytes(blocks, D)} for"
+            f" {blocks}); got {q.dtype},"
             f" {q.shape=}, {k.shape=}, {causal=}")
     if k.shape != v.shape or k.dtype != q.dtype or v.dtype != q.dtype or H % KVH:
         raise ValueError(f"k/v must match each other and q: {q.shape=} {q.dtype}, {k.shape=}"
                          f" {k.dtype}, {v.shape=} {v.dtype}")
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        interpret = InterpretGPUParams()
     kernel = plgpu.kernel(
         functools.partial(_kernel, causal=causal, sm_scale=sm_scale, blocks=blocks,
                           in_place=not interpret),
@@ -295,6 +290,6 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, sm_scale: float,
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret or None,
+        interpret=dispatch.mgpu_interpret(interpret),
     )
     return kernel(q, k, v)

@@ -40,11 +40,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas._matmul_common import round_up
 from pallax.kernels_pallas.quant_formats import dequantize_int4
 
 _ROWS = 64  # output channels per consumer warpgroup (one wgmma M tile)
 _MAX_M = 64
-_SMEM_BYTES = 232448 - 4096
 _PRODUCER_REGS = 40
 
 
@@ -90,14 +91,10 @@ def smem_bytes(blocks: BlockSizes, m_pad: int, group_size: int) -> int:
 
 def applies(m: int, k: int, n: int, group_size: int, blocks: BlockSizes = BlockSizes()) -> bool:
     """Whether the kernel handles this shape (decode sizes; else use the Triton kernel)."""
-    m_pad = _round_up(max(m, 1), 8)
+    m_pad = round_up(max(m, 1), 8)
     return (1 <= m <= _MAX_M and group_size in (64, 128) and blocks.tile_k % group_size == 0
             and n % blocks.rows == 0 and k % blocks.tile_k == 0
-            and smem_bytes(blocks, m_pad, group_size) <= _SMEM_BYTES)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+            and smem_bytes(blocks, m_pad, group_size) <= dispatch.MGPU_SMEM_BYTES)
 
 
 def default_splits(k: int, n: int, tile_k: int, num_sms: int = 132, rows: int = 2 * _ROWS) -> int:
@@ -234,15 +231,12 @@ def int4_matmul_mgpu(x, w_t, scales, *, group_size: int, blocks: BlockSizes = Bl
             f"int4_matmul_mgpu needs 1 <= M <= {_MAX_M}, g in (64, 128) dividing tile_k,"
             f" N % 128 == 0, K % tile_k == 0 and the ring in shared memory; got {x.shape=},"
             f" {N=}, {group_size=}, {blocks}")
-    m_pad = _round_up(M, 8)
+    m_pad = round_up(M, 8)
     splits = blocks.splits or default_splits(K, N, blocks.tile_k, num_sms, blocks.rows)
     steps = K // blocks.tile_k
     if steps % splits:
         raise ValueError(f"splits={splits} must divide the {steps} steps of K")
     xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - M), (0, 0)))
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        interpret = InterpretGPUParams()
     kernel = plgpu.kernel(
         functools.partial(_kernel, group_size=group_size, blocks=blocks, steps=steps // splits,
                           in_place=not interpret),
@@ -251,7 +245,7 @@ def int4_matmul_mgpu(x, w_t, scales, *, group_size: int, blocks: BlockSizes = Bl
         grid_names=("n", "split"),
         num_threads=blocks.consumers + 1,
         thread_name="wg",
-        interpret=interpret or None,
+        interpret=dispatch.mgpu_interpret(interpret),
     )
     part = kernel(xp, w_t, scales.astype(jnp.float32))
     return part.sum(axis=0)[:, :M].T.astype(x.dtype)
