@@ -40,7 +40,7 @@ class QuantizedWeight(Protocol):
 def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """y = x @ w (+ bias); x [..., in], w [in, out] or a quantized weight -> [..., out]."""
     if isinstance(w, (jax.Array, np.ndarray)):
-        y = _dense(x, w.astype(x.dtype))
+        y = dense_matmul(x, w.astype(x.dtype))
     elif isinstance(w, QuantizedWeight):
         y = w.matmul(x)
     else:
@@ -50,7 +50,7 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     return y
 
 
-def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
+def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [in, out] with f32 accumulation."""
     dot = lambda a: jnp.einsum("ki,io->ko", a, w, preferred_element_type=jnp.float32)  # noqa: E731
     y = gemm_rows(dot, x.reshape(-1, x.shape[-1]))

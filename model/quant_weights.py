@@ -33,7 +33,7 @@ from pallax.kernels_pallas.int4_matmul import int4_matmul
 from pallax.kernels_pallas.int8_matmul import int8_matmul
 from pallax.kernels_pallas.quant_formats import (check_group_size, dequantize_int4, quantize_fp8,
                                                  quantize_int4, quantize_int8)
-from pallax.model.linear import gemm_rows
+from pallax.model.linear import dense_matmul, gemm_rows
 
 # The fp8 path on GPU: XLA's own e4m3 x e4m3 dot (cuBLASLt on Hopper FP8 tensor cores) or our
 # Pallas kernel. Measured on an H100 at M = N = K = 8192 (bench/results/matmul_h100.json): bf16
@@ -174,18 +174,16 @@ class Int4HopperWeight:
                                                   group_size=self.group_size,
                                                   interpret=mode == "interpret")
         else:
-            w = self._dense(jnp.float32).astype(x2.dtype)
-            y = gemm_rows(lambda a: jnp.dot(a, w, preferred_element_type=jnp.float32), x2)
-            y = y.astype(x.dtype)
+            y = dense_matmul(x2, self._scaled_codes().astype(x2.dtype))
         return _unflat(y, x)
 
-    def _dense(self, dtype) -> jax.Array:
-        w = jnp.swapaxes(self.w_t.astype(jnp.float32), -1, -2)  # [..., K, N]
-        s = jnp.repeat(self.scales.astype(jnp.float32), self.group_size, axis=-2)
-        return (w * s).astype(dtype)
+    def _scaled_codes(self) -> jax.Array:
+        """`q * s` as f32 `[..., K, N]` (the stored weight, AWQ scale still in)."""
+        w = jnp.swapaxes(self.w_t.astype(jnp.float32), -1, -2)
+        return w * jnp.repeat(self.scales.astype(jnp.float32), self.group_size, axis=-2)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        w = self._dense(jnp.float32)
+        w = self._scaled_codes()
         if self.act_scale is not None:
             w = w / self.act_scale.astype(jnp.float32)[..., :, None]
         return w.astype(dtype)
