@@ -75,6 +75,11 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def _ours(bs: BlockSizes):
+    """Our causal flash attention with these block sizes, as a function of (q, k, v)."""
+    return lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=bs)
+
+
 def _check(fn, q, k, v, do, ref, grads=True):
     """Relative errors (out, dq, dk, dv; nan where not asked) of fn against the f32 reference on
     batch row 0."""
@@ -155,14 +160,13 @@ def prefill_cases(sweep: str = "small", shape=(4, 4096, 32, 8, 128)) -> list[dic
 
     for bq, bk, w, st in FWD_SWEEP[sweep]:
         bs = BlockSizes(block_q=bq, block_k=bk, num_warps=w, num_stages=st, fwd_impl="triton")
-        fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
-        consider(bs, measure("pallas_triton", f"fwd bq={bq} bk={bk} w={w} s={st}", fn, bwd=False))
+        consider(bs, measure("pallas_triton", f"fwd bq={bq} bk={bk} w={w} s={st}", _ours(bs),
+                             bwd=False))
     for bkv, st in MGPU_SWEEP[sweep]:
         bs = BlockSizes(fwd_impl="mgpu", mgpu=MgpuBlocks(block_kv=bkv, num_stages=st))
         if not mgpu_applies(q, k, causal=True, has_segments=False, blocks=bs.mgpu):
             continue  # flash_attention would run the Triton forward: not this kernel's number
-        fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
-        consider(bs, measure("pallas_mgpu", f"fwd bkv={bkv} stages={st}", fn, bwd=False))
+        consider(bs, measure("pallas_mgpu", f"fwd bkv={bkv} stages={st}", _ours(bs), bwd=False))
     fwd_bs = best_fwd[0] if best_fwd else BlockSizes()
 
     # Backward sweep (Triton kernels) on top of the best forward: bwd = t(fwd + bwd) - t(best fwd).
@@ -170,10 +174,9 @@ def prefill_cases(sweep: str = "small", shape=(4, 4096, 32, 8, 128)) -> list[dic
         bs = dataclasses.replace(
             fwd_bs, block_q_dq=bq, block_k_dq=bk, block_q_dkv=bq2, block_k_dkv=bk2,
             num_warps_bwd=w, num_stages_bwd=st, num_warps_dkv=w2, num_stages_dkv=st2)
-        fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
         records += measure(
             "pallas_triton", f"bwd dq=({bq},{bk}) w={w} s={st} dkv=({bq2},{bk2}) w={w2} s={st2}",
-            fn, fwd=False, fwd_ms=best_fwd[1]["ms"] if best_fwd else None)
+            _ours(bs), fwd=False, fwd_ms=best_fwd[1]["ms"] if best_fwd else None)
 
     # float16: ours (both forwards) and JAX's own Hopper op (its tiles are staged in f16 only).
     if sweep != "bwd":
@@ -181,8 +184,7 @@ def prefill_cases(sweep: str = "small", shape=(4, 4096, 32, 8, 128)) -> list[dic
         base["dtype"] = "float16"
         for name, bs in [("pallas_mgpu", dataclasses.replace(fwd_bs, fwd_impl="mgpu")),
                          ("pallas_triton", dataclasses.replace(fwd_bs, fwd_impl="triton"))]:
-            fn = lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs)  # noqa: E731
-            records += measure(name, "float16", fn, bwd=False)
+            records += measure(name, "float16", _ours(bs), bwd=False)
         try:
             from jax.experimental.pallas.ops.gpu import attention_mgpu
             config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
