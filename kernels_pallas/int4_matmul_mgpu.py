@@ -36,6 +36,19 @@ limit: a persistent stream-K schedule (132 CTAs, each streaming an equal run of 
 units and adding its partial sums with TMA reductions) and weights stored with each [128, 512] tile
 as 32 KB of contiguous bytes both measured within 4% of this kernel. What is left is the ~4 us the
 consumers add on top of the ring.
+
+That time is not the per-step wgmma wait. Two pipelines that never wait on the step just issued
+measured slower (profiler kernel time, the four shapes with M = 1 and 16; this kernel 15.6-17.5 us):
+- the scale folded into the A operand (`a = upcast(q) * s` in bf16), every group and step
+  accumulating into one f32 accumulator, and each slot released one step late, after
+  `wgmma_wait(groups of this step)`: 17.0-19.1 us, 1.4-1.9 us slower at tile_k 512, and no better
+  at tile_k 256 with 6 stages or when releasing after the next step's first group. Without the
+  scale multiply (wrong numbers, timing only) still 16.6-18.6 us: the multiply costs 0.3-0.9 us
+  (one bf16x2 op per two weights on top of the conversion's three), the new schedule the rest;
+- per-group partial accumulators kept as now, each group's partial folded in (with its scale) once
+  the next step's wgmma on it is issued (`wgmma_wait(groups - 1)`), slots released a step late:
+  16.4-16.8 us at M = 1, 29-31 us at M = 16 (tile_k 512; its registers overflow), 16.4-18.2 us at
+  tile_k 256.
 """
 
 from __future__ import annotations
