@@ -35,6 +35,8 @@ from pallax.kernels_pallas.flash_attention import (
     BlockSizes, flash_attention, flash_attention_reference)
 from pallax.kernels_pallas.flash_attention_mgpu import BlockSizes as MgpuBlocks
 from pallax.kernels_pallas.flash_attention_mgpu import applies as mgpu_applies
+from pallax.kernels_pallas.flash_attention_mgpu_bwd import BwdBlockSizes as MgpuBwdBlocks
+from pallax.kernels_pallas.flash_attention_mgpu_bwd import applies as mgpu_bwd_applies
 
 FLOP_NOTE = "causal fwd = 4*B*H*T*S*D/2; bwd = 2.5 x fwd; bwd time = t(fwd+bwd) - t(fwd)"
 
@@ -51,6 +53,8 @@ MGPU_SWEEP = {
     "full": [(128, 2), (64, 2), (64, 3), (64, 4), (256, 2)],
     "bwd": [(128, 2)],
 }
+# Hopper (Mosaic GPU) backward: num_stages
+MGPU_BWD_SWEEP = {"small": [2], "full": [2], "bwd": [2, 2]}
 # (block_q_dq, block_k_dq, block_q_dkv, block_k_dkv, warps_dq, stages_dq, warps_dkv, stages_dkv)
 BWD_SWEEP = {
     "small": [(64, 64, 64, 64, 4, 2, 4, 2), (64, 64, 64, 128, 4, 2, 8, 2),
@@ -169,14 +173,22 @@ def prefill_cases(sweep: str = "small", shape=(4, 4096, 32, 8, 128)) -> list[dic
         consider(bs, measure("pallas_mgpu", f"fwd bkv={bkv} stages={st}", _ours(bs), bwd=False))
     fwd_bs = best_fwd[0] if best_fwd else BlockSizes()
 
-    # Backward sweep (Triton kernels) on top of the best forward: bwd = t(fwd + bwd) - t(best fwd).
+    # Backward on top of the best forward: bwd = t(fwd + bwd) - t(best fwd). The Hopper kernel,
+    # then the Triton kernels' sweep.
+    fwd_ms = best_fwd[1]["ms"] if best_fwd else None
+    for st in MGPU_BWD_SWEEP[sweep]:
+        bs = dataclasses.replace(fwd_bs, bwd_impl="mgpu", mgpu_bwd=MgpuBwdBlocks(num_stages=st))
+        if mgpu_bwd_applies(q, k, causal=True, has_segments=False, blocks=bs.mgpu_bwd):
+            records += measure("pallas_mgpu", f"bwd stages={st}", _ours(bs), fwd=False,
+                               fwd_ms=fwd_ms)
     for bq, bk, bq2, bk2, w, st, w2, st2 in BWD_SWEEP[sweep]:
         bs = dataclasses.replace(
             fwd_bs, block_q_dq=bq, block_k_dq=bk, block_q_dkv=bq2, block_k_dkv=bk2,
-            num_warps_bwd=w, num_stages_bwd=st, num_warps_dkv=w2, num_stages_dkv=st2)
+            num_warps_bwd=w, num_stages_bwd=st, num_warps_dkv=w2, num_stages_dkv=st2,
+            bwd_impl="triton")
         records += measure(
             "pallas_triton", f"bwd dq=({bq},{bk}) w={w} s={st} dkv=({bq2},{bk2}) w={w2} s={st2}",
-            _ours(bs), fwd=False, fwd_ms=best_fwd[1]["ms"] if best_fwd else None)
+            _ours(bs), fwd=False, fwd_ms=fwd_ms)
 
     # float16: ours (both forwards) and JAX's own Hopper op (its tiles are staged in f16 only).
     if sweep != "bwd":

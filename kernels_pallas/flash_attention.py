@@ -29,6 +29,8 @@ padding masked); head dims that are not a power of two (or < 16) are zero-padded
 
 On Hopper GPUs the forward is `flash_attention_mgpu` (Mosaic GPU: TMA, wgmma, ping-pong
 warpgroups) wherever it applies (`BlockSizes.fwd_impl`); this Triton forward covers the rest.
+`flash_attention_mgpu_bwd` is a one-kernel Hopper backward (dq reduce-added in f32), chosen only
+on request (`BlockSizes.bwd_impl="mgpu"`): it measures slower than the Triton backward here.
 The dq kernel also computes `delta = rowsum(out * dout)` for the dk/dv kernel.
 
 Measured on one H100 (bench/results/attention_prefill_h100*.json; B=4, T=S=4096, H=32, KVH=8,
@@ -55,7 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallax.kernels_pallas import dispatch, flash_attention_mgpu
+from pallax.kernels_pallas import dispatch, flash_attention_mgpu, flash_attention_mgpu_bwd
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite start of the running max
@@ -97,14 +99,22 @@ class BlockSizes:
     # warp-specialized ping-pong; tiles `mgpu`), used where it applies (bf16/f16, head_dim 64 or
     # 128, no segment ids, T % 128 == 0, S % mgpu.block_kv == 0, S >= T if causal), in interpret
     # mode too; "triton": the Pallas Triton forward above; "auto": "mgpu" on a Hopper GPU where it
-    # applies, else "triton". The backward is always the Triton kernels here (both forwards save
-    # the same base-2 log-sum-exp).
+    # applies, else "triton".
     fwd_impl: str = "auto"
     mgpu: flash_attention_mgpu.BlockSizes = flash_attention_mgpu.BlockSizes()
+    # Backward implementation: "triton" the dq and dk/dv kernels above; "mgpu" the Hopper kernel
+    # of `flash_attention_mgpu_bwd` (one kernel, dq reduce-added in f32; bf16/f16, head_dim 128,
+    # no segment ids, T % 64 == 0, S % 128 == 0, S >= T if causal), where it applies; "auto" is
+    # "triton" (the Hopper kernel measures slower: see its docstring). Either consumes either
+    # forward's residuals (both save the same base-2 log-sum-exp).
+    bwd_impl: str = "auto"
+    mgpu_bwd: flash_attention_mgpu_bwd.BwdBlockSizes = flash_attention_mgpu_bwd.BwdBlockSizes()
 
     def __post_init__(self):
-        if self.fwd_impl not in ("auto", "triton", "mgpu"):
-            raise ValueError(f"fwd_impl={self.fwd_impl!r} must be 'auto', 'triton' or 'mgpu'")
+        for name in ("fwd_impl", "bwd_impl"):
+            if getattr(self, name) not in ("auto", "triton", "mgpu"):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} must be 'auto', 'triton' or 'mgpu'")
         for name in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):
             b = getattr(self, name)
             if not isinstance(b, int) or not _is_pow2(b) or b < 16:
@@ -145,6 +155,7 @@ class _Static:
     s: int  # key length before padding
     d: int  # head dim before padding
     mgpu_fwd: bool = False  # forward through flash_attention_mgpu (no padding: shapes qualify)
+    mgpu_bwd: bool = False  # backward through flash_attention_mgpu_bwd (likewise)
 
     @property
     def t_pad(self) -> int:
@@ -528,7 +539,12 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, st: _Static):
 
 def _flash_bwd(st: _Static, res, do):
     q, k, v, q_seg, kv_seg, out, lse = res
-    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, do, st)
+    if st.mgpu_bwd:  # no padding anywhere (the shapes qualify)
+        dq, dk, dv = flash_attention_mgpu_bwd.flash_attention_mgpu_bwd(
+            q, k, v, out, lse, do, causal=st.causal, sm_scale=st.sm_scale,
+            blocks=st.blocks.mgpu_bwd, interpret=st.interpret)
+    else:
+        dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, do, st)
     return dq, dk, dv, None, None
 
 
@@ -580,12 +596,17 @@ def _check(q, k, v, segment_ids):
 _F32_BLOCKS = BlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=2)
 
 
-def _use_mgpu(q, k, has_seg: bool, st: _Static, mode: str) -> bool:
-    impl = st.blocks.fwd_impl
-    if impl == "triton" or (st.t, st.s, st.d) != (st.t_pad, st.s_pad, st.d_pad):
-        return False
-    if not flash_attention_mgpu.applies(q, k, causal=st.causal, has_segments=has_seg,
-                                        blocks=st.blocks.mgpu):
+def _use_mgpu(q, k, has_seg: bool, st: _Static, mode: str, direction: str = "fwd") -> bool:
+    """Whether the forward (or backward) runs the Hopper kernel."""
+    if direction == "fwd":
+        impl, applies = st.blocks.fwd_impl, flash_attention_mgpu.applies(
+            q, k, causal=st.causal, has_segments=has_seg, blocks=st.blocks.mgpu)
+    else:
+        impl, applies = st.blocks.bwd_impl, flash_attention_mgpu_bwd.applies(
+            q, k, causal=st.causal, has_segments=has_seg, blocks=st.blocks.mgpu_bwd)
+    if direction == "bwd" and impl == "auto":
+        return False  # the Triton backward is the faster one on the H100
+    if impl == "triton" or (st.t, st.s, st.d) != (st.t_pad, st.s_pad, st.d_pad) or not applies:
         return False
     if mode == "interpret":
         return impl == "mgpu"  # "auto" interprets the Triton kernel
@@ -615,7 +636,9 @@ def flash_attention(q, k, v, *, causal: bool = True, sm_scale: float | None = No
     blocks = block_sizes.clamped(T, S)
     st = _Static(causal=bool(causal), sm_scale=sm_scale, blocks=blocks,
                  interpret=(mode == "interpret"), t=T, s=S, d=D)
-    st = dataclasses.replace(st, mgpu_fwd=_use_mgpu(q, k, q_seg is not None, st, mode))
+    has_seg = q_seg is not None
+    st = dataclasses.replace(st, mgpu_fwd=_use_mgpu(q, k, has_seg, st, mode),
+                             mgpu_bwd=_use_mgpu(q, k, has_seg, st, mode, "bwd"))
     return _flash(q, k, v, q_seg, kv_seg, st)
 
 

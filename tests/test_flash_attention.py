@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallax.kernels_pallas import dispatch, flash_attention_mgpu
+from pallax.kernels_pallas import dispatch, flash_attention_mgpu, flash_attention_mgpu_bwd
 from pallax.kernels_pallas.flash_attention import (
     BlockSizes, _Static, _use_mgpu, flash_attention, flash_attention_reference)
 
@@ -277,6 +277,77 @@ class TestHopperForward:
         q = jnp.zeros((1, 100, 2, 64), jnp.bfloat16)
         with pytest.raises(ValueError, match="T % 128"):
             flash_attention_mgpu.flash_attention_mgpu(q, q, q, causal=True, sm_scale=0.1)
+
+
+class TestHopperBackward:
+    """The Mosaic GPU backward (flash_attention_mgpu_bwd) through Pallas's GPU interpreter: the
+    same key-tile schedule, q/do ring, ds^T hand-over between the consumers and causal masks as on
+    the GPU (the dq shares are summed outside the kernel there: no reduce-add)."""
+
+    @staticmethod
+    def _grads_reference(q, k, v, do, causal):
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        ref = lambda q, k, v: flash_attention_reference(q, k, v, causal=causal)  # noqa: E731
+        return jax.vjp(ref, f32(q), f32(k), f32(v))[1](f32(do))
+
+    @pytest.mark.parametrize(
+        "B,T,S,H,KVH,causal",
+        [
+            (1, 192, 256, 8, 1, True),  # GQA 8, S > T, masked tiles then full ones, ring reused
+            (2, 128, 384, 4, 1, True),  # three key tiles per head, the first seen by every query
+            (1, 256, 256, 2, 2, False),  # non-causal, GQA 1
+        ],
+    )
+    def test_matches_reference(self, B, T, S, H, KVH, causal):
+        q, k, v, do = _inputs(B, T, S, H, KVH, 128, jnp.bfloat16)
+        out = flash_attention_reference(q, k, v, causal=causal)
+        lse = jnp.asarray(_lse_reference(q, k, causal), jnp.float32)
+        grads = flash_attention_mgpu_bwd.flash_attention_mgpu_bwd(
+            q, k, v, out, lse, do, causal=causal, sm_scale=1 / math.sqrt(128), interpret=True)
+        for name, g, r in zip("qkv", grads, self._grads_reference(q, k, v, do, causal)):
+            assert g.dtype == jnp.bfloat16
+            assert _rel(g, r) < 1e-2, f"d{name}: {_rel(g, r)}"
+
+    def test_grads_through_flash_attention(self):
+        """Hopper forward and backward together, chosen by BlockSizes."""
+        q, k, v, do = _inputs(1, 128, 128, 4, 2, 128, jnp.bfloat16)
+        bs = BlockSizes(fwd_impl="mgpu", bwd_impl="mgpu")
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        fn = lambda q, k, v: flash_attention(q, k, v, block_sizes=bs, interpret=True)  # noqa: E731
+        grads = jax.vjp(fn, q, k, v)[1](do)
+        for name, g, r in zip("qkv", grads, self._grads_reference(q, k, v, do, True)):
+            assert _rel(g, r) < 1e-2, f"d{name}: {_rel(g, r)}"
+
+    @pytest.mark.parametrize("T,S,D,seg,impl,want", [
+        (128, 128, 128, False, "mgpu", True),
+        (100, 128, 128, False, "mgpu", False),  # T not a multiple of 64 (padded)
+        (64, 128, 128, False, "mgpu", True),  # (the forward is then Triton: the same lse)
+        (128, 128, 64, False, "mgpu", False),  # head_dim 64
+        (128, 128, 128, True, "mgpu", False),  # segment ids
+        (128, 128, 128, False, "auto", False),  # "auto" is the Triton backward
+    ])
+    def test_applies_only_where_asked_and_it_can(self, T, S, D, seg, impl, want):
+        q = jnp.zeros((1, T, 4, D), jnp.bfloat16)
+        k = jnp.zeros((1, S, 2, D), jnp.bfloat16)
+        blocks = BlockSizes(bwd_impl=impl).clamped(T, S)
+        st = _Static(causal=True, sm_scale=0.1, blocks=blocks, interpret=True, t=T, s=S, d=D)
+        assert _use_mgpu(q, k, seg, st, "interpret", "bwd") is want
+        assert not _use_mgpu(q, k, seg, st, "pallas", "bwd")  # not on a Hopper GPU here
+
+    def test_validation(self):
+        with pytest.raises(ValueError, match="num_stages"):
+            flash_attention_mgpu_bwd.BwdBlockSizes(num_stages=1)
+        with pytest.raises(ValueError, match="bwd_impl"):
+            BlockSizes(bwd_impl="cuda")
+        q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+        lse = jnp.zeros((1, 2, 128), jnp.float32)
+        with pytest.raises(ValueError, match="head_dim"):
+            flash_attention_mgpu_bwd.flash_attention_mgpu_bwd(q, q, q, q, lse, q, causal=True,
+                                                              sm_scale=0.1)
+        q = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
+        with pytest.raises(ValueError, match="lse.shape"):
+            flash_attention_mgpu_bwd.flash_attention_mgpu_bwd(q, q, q, q, lse[:, :1], q,
+                                                              causal=True, sm_scale=0.1)
 
 
 class TestValidation:
