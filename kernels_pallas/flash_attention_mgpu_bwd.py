@@ -24,8 +24,10 @@ order and each is waited for only where its result is needed (the exp2 overlaps 
 dv's, the hand-over of ds^T dk's).
 
 Not the default backward: on one H100 (causal B=4, T=S=4096, H=32, KVH=8, D=128, bf16) it takes
-4.16-4.25 ms, 0.74x cuDNN's backward, where the Triton kernels of `flash_attention.py` take
-3.92-4.09 ms (0.77-0.80x), all in the same runs. The profile says where the time goes:
+4.04-4.25 ms, 0.74-0.76x cuDNN's backward, where the Triton kernels of `flash_attention.py` take
+3.92-4.09 ms (0.77-0.80x), all in the same runs (bench/results/attention_prefill_h100_bwd_mgpu.json:
+`python3 -m pallax.bench.attention --only prefill --sweep bwd`). The profile says where the time
+goes:
 - the kernel takes 3.7-3.9 ms, and the XLA passes around it 0.31 ms (delta 0.10, zeroing the
   dq accumulator 0.08, scaling and casting it 0.13);
 - without dq's share (no dq GEMM, no reduce-add) the kernel takes 1.92 ms: the four GEMMs of
