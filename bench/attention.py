@@ -53,8 +53,8 @@ MGPU_SWEEP = {
     "full": [(128, 2), (64, 2), (64, 3), (64, 4), (256, 2)],
     "bwd": [(128, 2)],
 }
-# Hopper (Mosaic GPU) backward: num_stages
-MGPU_BWD_SWEEP = {"small": [2], "full": [2], "bwd": [2, 2]}
+# Hopper (Mosaic GPU) dk/dv kernel beside the Triton dq kernel: num_stages
+MGPU_BWD_SWEEP = {"small": [2], "full": [2, 3], "bwd": [2, 3, 2]}
 # (block_q_dq, block_k_dq, block_q_dkv, block_k_dkv, warps_dq, stages_dq, warps_dkv, stages_dkv)
 BWD_SWEEP = {
     "small": [(64, 64, 64, 64, 4, 2, 4, 2), (64, 64, 64, 128, 4, 2, 8, 2),
@@ -173,13 +173,13 @@ def prefill_cases(sweep: str = "small", shape=(4, 4096, 32, 8, 128)) -> list[dic
         consider(bs, measure("pallas_mgpu", f"fwd bkv={bkv} stages={st}", _ours(bs), bwd=False))
     fwd_bs = best_fwd[0] if best_fwd else BlockSizes()
 
-    # Backward on top of the best forward: bwd = t(fwd + bwd) - t(best fwd). The Hopper kernel,
-    # then the Triton kernels' sweep.
+    # Backward on top of the best forward: bwd = t(fwd + bwd) - t(best fwd). The Hopper dk/dv
+    # kernel (beside the Triton dq kernel), then the Triton kernels' sweep.
     fwd_ms = best_fwd[1]["ms"] if best_fwd else None
     for st in MGPU_BWD_SWEEP[sweep]:
         bs = dataclasses.replace(fwd_bs, bwd_impl="mgpu", mgpu_bwd=MgpuBwdBlocks(num_stages=st))
         if mgpu_bwd_applies(q, k, causal=True, has_segments=False, blocks=bs.mgpu_bwd):
-            records += measure("pallas_mgpu", f"bwd stages={st}", _ours(bs), fwd=False,
+            records += measure("pallas_mgpu", f"bwd dkv stages={st}", _ours(bs), fwd=False,
                                fwd_ms=fwd_ms)
     for bq, bk, bq2, bk2, w, st, w2, st2 in BWD_SWEEP[sweep]:
         bs = dataclasses.replace(

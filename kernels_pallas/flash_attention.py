@@ -29,15 +29,17 @@ padding masked); head dims that are not a power of two (or < 16) are zero-padded
 
 On Hopper GPUs the forward is `flash_attention_mgpu` (Mosaic GPU: TMA, wgmma, ping-pong
 warpgroups) wherever it applies (`BlockSizes.fwd_impl`); this Triton forward covers the rest.
-`flash_attention_mgpu_bwd` is a one-kernel Hopper backward (dq reduce-added in f32), chosen only
-on request (`BlockSizes.bwd_impl="mgpu"`): it measures slower than the Triton backward here.
+The backward's dk/dv kernel is likewise `flash_attention_mgpu_bwd.flash_attention_mgpu_dkv` on
+Hopper GPUs wherever it applies (`BlockSizes.bwd_impl`); the dq kernel here (which also computes
+delta) runs first either way.
 The dq kernel also computes `delta = rowsum(out * dout)` for the dk/dv kernel.
 
 Measured on one H100 (bench/results/attention_prefill_h100*.json; B=4, T=S=4096, H=32, KVH=8,
 D=128, bf16, causal): forward 488-505 TFLOP/s = 1.02-1.04x cuDNN (Mosaic GPU; the Triton forward
-here 396-408 TFLOP/s = 0.83x), backward 343-350 TFLOP/s = 0.78-0.80x cuDNN (it does 7 matmuls per
-tile pair against the 5 counted: dq is a separate kernel, no atomics; per matmul it runs as fast
-as the forward).
+here 396-408 TFLOP/s = 0.83x); backward 374-386 TFLOP/s = 0.85-0.88x cuDNN with the Hopper dk/dv
+kernel (1.69 ms) beside the Triton dq kernel (1.65 ms), against 343-351 TFLOP/s = 0.78-0.80x with
+both Triton kernels (7 matmuls per tile pair against the 5 counted: dq is a separate kernel, no
+atomics).
 
 `flash_attention` honours `dispatch.resolve()`: the compiled kernel on GPU, the pure-jnp
 `flash_attention_reference` elsewhere, the kernel through the Pallas interpreter when asked
@@ -102,10 +104,10 @@ class BlockSizes:
     # applies, else "triton".
     fwd_impl: str = "auto"
     mgpu: flash_attention_mgpu.BlockSizes = flash_attention_mgpu.BlockSizes()
-    # Backward implementation: "triton" the dq and dk/dv kernels above; "mgpu" the Hopper kernel
-    # of `flash_attention_mgpu_bwd` (one kernel, dq reduce-added in f32; bf16/f16, head_dim 128,
-    # no segment ids, T % 64 == 0, S % 128 == 0, S >= T if causal), where it applies; "auto" is
-    # "triton" (the Hopper kernel measures slower: see its docstring). Either consumes either
+    # Backward implementation, chosen the same way: "mgpu" computes dk/dv with the Hopper kernel
+    # `flash_attention_mgpu_bwd.flash_attention_mgpu_dkv` (tiles `mgpu_bwd`) beside the Triton dq
+    # kernel, where it applies (bf16/f16, head_dim 128, no segment ids, T % 64 == 0,
+    # S % 128 == 0, S >= T if causal); "triton" both Triton kernels. Either consumes either
     # forward's residuals (both save the same base-2 log-sum-exp).
     bwd_impl: str = "auto"
     mgpu_bwd: flash_attention_mgpu_bwd.BwdBlockSizes = flash_attention_mgpu_bwd.BwdBlockSizes()
@@ -155,7 +157,7 @@ class _Static:
     s: int  # key length before padding
     d: int  # head dim before padding
     mgpu_fwd: bool = False  # forward through flash_attention_mgpu (no padding: shapes qualify)
-    mgpu_bwd: bool = False  # backward through flash_attention_mgpu_bwd (likewise)
+    mgpu_bwd: bool = False  # dk/dv through flash_attention_mgpu_dkv (likewise)
 
     @property
     def t_pad(self) -> int:
@@ -499,6 +501,12 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, st: _Static):
         name="flash_attention_dq",
     )(q, k, v, do, out, lse, q_seg, kv_seg)
 
+    if st.mgpu_bwd:  # no padding anywhere (the shapes qualify)
+        dk, dv = flash_attention_mgpu_bwd.flash_attention_mgpu_dkv(
+            q, k, v, lse, delta, do, causal=st.causal, sm_scale=st.sm_scale,
+            blocks=b.mgpu_bwd, interpret=st.interpret)
+        return dq, dk, dv
+
     bk = b.block_k_dkv
     nk = Sp // bk
     dk, dv = pl.pallas_call(
@@ -539,12 +547,7 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, st: _Static):
 
 def _flash_bwd(st: _Static, res, do):
     q, k, v, q_seg, kv_seg, out, lse = res
-    if st.mgpu_bwd:  # no padding anywhere (the shapes qualify)
-        dq, dk, dv = flash_attention_mgpu_bwd.flash_attention_mgpu_bwd(
-            q, k, v, out, lse, do, causal=st.causal, sm_scale=st.sm_scale,
-            blocks=st.blocks.mgpu_bwd, interpret=st.interpret)
-    else:
-        dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, do, st)
+    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, do, st)
     return dq, dk, dv, None, None
 
 
@@ -604,8 +607,6 @@ def _use_mgpu(q, k, has_seg: bool, st: _Static, mode: str, direction: str = "fwd
     else:
         impl, applies = st.blocks.bwd_impl, flash_attention_mgpu_bwd.applies(
             q, k, causal=st.causal, has_segments=has_seg, blocks=st.blocks.mgpu_bwd)
-    if direction == "bwd" and impl == "auto":
-        return False  # the Triton backward is the faster one on the H100
     if impl == "triton" or (st.t, st.s, st.d) != (st.t_pad, st.s_pad, st.d_pad) or not applies:
         return False
     if mode == "interpret":

@@ -280,9 +280,10 @@ class TestHopperForward:
 
 
 class TestHopperBackward:
-    """The Mosaic GPU backward (flash_attention_mgpu_bwd) through Pallas's GPU interpreter: the
-    same key-tile schedule, q/do ring, ds^T hand-over between the consumers and causal masks as on
-    the GPU (the dq shares are summed outside the kernel there: no reduce-add)."""
+    """The Mosaic GPU backward kernels (flash_attention_mgpu_dkv, and flash_attention_mgpu_bwd
+    with dq) through Pallas's GPU interpreter: the same key-tile schedule, q/do ring, ds^T
+    hand-over between the consumers and causal masks as on the GPU (the dq shares are summed
+    outside the kernel there: no reduce-add)."""
 
     @staticmethod
     def _grads_reference(q, k, v, do, causal):
@@ -298,18 +299,27 @@ class TestHopperBackward:
             (1, 256, 256, 2, 2, False),  # non-causal, GQA 1
         ],
     )
-    def test_matches_reference(self, B, T, S, H, KVH, causal):
+    @pytest.mark.parametrize("with_dq", [False, True])
+    def test_matches_reference(self, B, T, S, H, KVH, causal, with_dq):
         q, k, v, do = _inputs(B, T, S, H, KVH, 128, jnp.bfloat16)
         out = flash_attention_reference(q, k, v, causal=causal)
         lse = jnp.asarray(_lse_reference(q, k, causal), jnp.float32)
-        grads = flash_attention_mgpu_bwd.flash_attention_mgpu_bwd(
-            q, k, v, out, lse, do, causal=causal, sm_scale=1 / math.sqrt(128), interpret=True)
-        for name, g, r in zip("qkv", grads, self._grads_reference(q, k, v, do, causal)):
+        sm_scale = 1 / math.sqrt(128)
+        want = self._grads_reference(q, k, v, do, causal)
+        if with_dq:
+            grads = flash_attention_mgpu_bwd.flash_attention_mgpu_bwd(
+                q, k, v, out, lse, do, causal=causal, sm_scale=sm_scale, interpret=True)
+        else:
+            delta = jnp.einsum("BTHD,BTHD->BHT", out.astype(jnp.float32), do.astype(jnp.float32))
+            grads = flash_attention_mgpu_bwd.flash_attention_mgpu_dkv(
+                q, k, v, lse, delta, do, causal=causal, sm_scale=sm_scale, interpret=True)
+            want = want[1:]
+        for name, g, r in zip("qkv"[3 - len(grads):], grads, want):
             assert g.dtype == jnp.bfloat16
             assert _rel(g, r) < 1e-2, f"d{name}: {_rel(g, r)}"
 
     def test_grads_through_flash_attention(self):
-        """Hopper forward and backward together, chosen by BlockSizes."""
+        """Hopper forward and dk/dv kernels (beside the Triton dq kernel), chosen by BlockSizes."""
         q, k, v, do = _inputs(1, 128, 128, 4, 2, 128, jnp.bfloat16)
         bs = BlockSizes(fwd_impl="mgpu", bwd_impl="mgpu")
         f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
@@ -324,7 +334,7 @@ class TestHopperBackward:
         (64, 128, 128, False, "mgpu", True),  # (the forward is then Triton: the same lse)
         (128, 128, 64, False, "mgpu", False),  # head_dim 64
         (128, 128, 128, True, "mgpu", False),  # segment ids
-        (128, 128, 128, False, "auto", False),  # "auto" is the Triton backward
+        (128, 128, 128, False, "auto", False),  # "auto" interprets the Triton kernels
     ])
     def test_applies_only_where_asked_and_it_can(self, T, S, D, seg, impl, want):
         q = jnp.zeros((1, T, 4, D), jnp.bfloat16)
@@ -333,6 +343,10 @@ class TestHopperBackward:
         st = _Static(causal=True, sm_scale=0.1, blocks=blocks, interpret=True, t=T, s=S, d=D)
         assert _use_mgpu(q, k, seg, st, "interpret", "bwd") is want
         assert not _use_mgpu(q, k, seg, st, "pallas", "bwd")  # not on a Hopper GPU here
+        if impl == "auto" and not seg and D == 128 and T % 64 == 0:
+            with pytest.MonkeyPatch.context() as mp:  # on one, "auto" takes it
+                mp.setattr(dispatch, "on_hopper", lambda: True)
+                assert _use_mgpu(q, k, seg, st, "pallas", "bwd")
 
     def test_validation(self):
         with pytest.raises(ValueError, match="num_stages"):
@@ -347,6 +361,9 @@ class TestHopperBackward:
         q = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
         with pytest.raises(ValueError, match="lse.shape"):
             flash_attention_mgpu_bwd.flash_attention_mgpu_bwd(q, q, q, q, lse[:, :1], q,
+                                                              causal=True, sm_scale=0.1)
+        with pytest.raises(ValueError, match="delta"):
+            flash_attention_mgpu_bwd.flash_attention_mgpu_dkv(q, q, q, lse, lse[:, :1], q,
                                                               causal=True, sm_scale=0.1)
 
 
