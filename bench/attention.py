@@ -230,6 +230,11 @@ CHECKS = [
     (2, 200, 333, 4, 1, 128, False, "pair", jnp.float32),
     (1, 128, 512, 4, 4, 128, True, None, jnp.float16),
     (2, 257, 257, 8, 1, 96, True, "single", jnp.bfloat16),
+    # On Hopper: both Mosaic GPU kernels (GQA 8, S > T); non-causal; the Triton forward's lse
+    # (T = 64) into the Mosaic GPU dk/dv kernel.
+    (2, 256, 384, 8, 1, 128, True, None, jnp.bfloat16),
+    (1, 256, 256, 4, 4, 128, False, None, jnp.bfloat16),
+    (1, 64, 128, 2, 1, 128, True, None, jnp.bfloat16),
 ]
 
 

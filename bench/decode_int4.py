@@ -21,15 +21,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--quantize-head", action="store_true",
+                    help="int4 output head too (default: the head stays bf16)")
     args = ap.parse_args(argv)
     from pallax.model.quantize import quantize
 
     env = environment()
     config = preset(args.preset)
     llm = random_llm(config.replace(max_seq_len=max(config.max_seq_len, 4096)))  # `tiny`: a CPU smoke run
-    q = quantize(llm, "int4", group_size=args.group)
+    q = quantize(llm, "int4", group_size=args.group, quantize_head=args.quantize_head)
     records = []
-    for name, model in ((f"int4-g{args.group}", q), ("bf16", llm)):
+    int4 = f"int4-g{args.group}" + ("+head" if args.quantize_head else "")
+    for name, model in ((int4, q), ("bf16", llm)):
         # A pool for one sequence (not a fraction of free memory, which the first engine's
         # buffers may still hold when the second starts).
         engine, warm = make_engine(model, max_seqs=1, decode_steps=8, num_pages=1024)
