@@ -79,6 +79,12 @@ def smem_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2) -> int:
     return tiles + 2 * blocks.block_q * 4 + 8 * (3 + 4 * blocks.num_stages)
 
 
+def rendezvous_of(turn) -> None:
+    """Two warpgroups meet: each arrives on the two-party barrier `turn`, then waits for the other."""
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
+
+
 def applies(q, k, *, causal: bool, has_segments: bool, blocks: BlockSizes = BlockSizes()) -> bool:
     """Whether `flash_attention_mgpu` handles these inputs (else use the Triton kernel)."""
     _, T, _, D = q.shape
@@ -118,10 +124,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, causal: bool, sm_scale: floa
         # lse_smem: [2, bq] f32; p_smem: [2, bq, bkv] (interpret mode only: the interpreter's
         # wgmma reads both operands from shared memory); turn: rendezvous of the two consumers.
         wg = lax.axis_index("wg")
-
-        def rendezvous():
-            plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(turn)
+        rendezvous = functools.partial(rendezvous_of, turn)
 
         @pl.when(wg < 2)
         def _consumer():

@@ -61,7 +61,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels_pallas import dispatch
-from pallax.kernels_pallas.flash_attention_mgpu import _DTYPES, LOG2E
+from pallax.kernels_pallas.flash_attention_mgpu import _DTYPES, LOG2E, rendezvous_of
 
 _BQ = 64  # query rows per pipeline step, and keys per consumer warpgroup (one wgmma M tile)
 _BKV = 2 * _BQ  # keys per CTA
@@ -147,10 +147,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_
         # f32; a_smem: [2, 64, 64] (interpret mode only: register operands staged);
         # turn: rendezvous of the two consumers.
         wg = lax.axis_index("wg")
-
-        def rendezvous():
-            plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(turn)
+        rendezvous = functools.partial(rendezvous_of, turn)
 
         @pl.when(wg < 2)
         def _consumer():
