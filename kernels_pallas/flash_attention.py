@@ -30,9 +30,8 @@ padding masked); head dims that are not a power of two (or < 16) are zero-padded
 On Hopper GPUs the forward is `flash_attention_mgpu` (Mosaic GPU: TMA, wgmma, ping-pong
 warpgroups) wherever it applies (`BlockSizes.fwd_impl`); this Triton forward covers the rest.
 The backward's dk/dv kernel is likewise `flash_attention_mgpu_bwd.flash_attention_mgpu_dkv` on
-Hopper GPUs wherever it applies (`BlockSizes.bwd_impl`); the dq kernel here (which also computes
-delta) runs first either way.
-The dq kernel also computes `delta = rowsum(out * dout)` for the dk/dv kernel.
+Hopper GPUs wherever it applies (`BlockSizes.bwd_impl`). The dq kernel here runs first either way
+and also computes `delta = rowsum(out * dout)` for the dk/dv kernel.
 
 Measured on one H100 (bench/results/attention_prefill_h100*.json; B=4, T=S=4096, H=32, KVH=8,
 D=128, bf16, causal): forward 488-505 TFLOP/s = 1.02-1.04x cuDNN (Mosaic GPU; the Triton forward

@@ -30,8 +30,8 @@ Measured on one H100 (causal B=4, T=S=4096, H=32, KVH=8, D=128, bf16; cuDNN's ba
 the same runs):
 - Triton dq kernel + `flash_attention_mgpu_dkv`: 3.56-3.68 ms, 0.85-0.88x cuDNN (the dk/dv kernel
   1.69 ms, the dq kernel 1.65 ms); both Triton kernels: 3.92-4.09 ms, 0.77-0.80x.
-- `flash_attention_mgpu_bwd`: 4.04-4.25 ms, 0.74-0.76x (bench/results/
-  attention_prefill_h100_bwd_mgpu.json). Its kernel takes 3.7-3.9 ms and the XLA passes around it
+- `flash_attention_mgpu_bwd`: 4.04-4.25 ms, 0.74-0.76x
+  (bench/results/attention_prefill_h100_bwd_mgpu.json). Its kernel takes 3.7-3.9 ms and the XLA passes around it
   0.31 ms (delta 0.10, zeroing the dq accumulator 0.08, scaling and casting it 0.13). Without
   dq's share (no dq GEMM, no reduce-add) the kernel takes 1.92 ms; the dq GEMM with its store to
   shared memory adds about 1.06 ms, and the TMA reduce-add another 0.75-0.9 ms. Swizzling the f32
@@ -209,9 +209,9 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_
                 plgpu.barrier_wait(q_ready.at[slot])
                 plgpu.barrier_wait(do_ready.at[slot])
                 if in_place:
-                    # Five GEMMs in flight in order, each waited for only where its result is
-                    # needed: the exp2 runs while dp^T's GEMM does, ds^T while dv's, and ds^T is
-                    # shared while dk's runs.
+                    # The GEMMs in flight in order, each waited for only where its result is
+                    # needed: the exp2 runs while dp^T's GEMM does, ds^T while dv's, and (with
+                    # dq) ds^T is shared while dk's runs.
                     def gemms(refs):
                         dk_ref, dv_ref, s_ref, dp_ref, *dq_ref = refs
                         plgpu.wgmma(s_ref, k_own, q_t.transpose((1, 0)))
