@@ -126,7 +126,7 @@ def bench_decode(records, copy_bw, smoke, deadline):
         ws_hopper = []  # the Hopper kernel's layout of the same int4 weights
         if not smoke and dispatch.on_hopper():
             for c in range(copies):
-                ws_hopper += list(i4h.to_hopper_layout(*ws_int4[2 * c:2 * c + 2]))
+                ws_hopper += list(i4h.to_hopper_layout(*ws_int4[2 * c:2 * c + 2], group_size=GROUP))
         ranked_dot = [i4.BlockSizes.default(16, k, n, GROUP)]
         best8_dot = i8.BlockSizes.default(16, k, n)
         for m in ms:

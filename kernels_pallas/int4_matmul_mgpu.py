@@ -58,15 +58,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import fragmented_array as fa
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas._matmul_common import round_up
-from pallax.kernels_pallas.quant_formats import dequantize_int4
+from pallax.kernels_pallas.quant_formats import check_group_size, dequantize_int4
 
 _ROWS = 64  # output channels per consumer warpgroup (one wgmma M tile)
+_VEC = 4  # int32 words per 128-bit shared-memory load of the packed codes
 _MAX_M = 64
 _PRODUCER_REGS = 40
 
@@ -126,33 +132,156 @@ def default_splits(k: int, n: int, tile_k: int, num_sms: int = 132, rows: int = 
     return max(s for s in range(1, steps + 1) if steps % s == 0 and (tiles * s <= num_sms or s == 1))
 
 
-def to_hopper_layout(packed, scales, zeros=None):
+@functools.lru_cache
+def _word_map(g: int) -> np.ndarray:
+    """Where each code of a `[64, g]` group tile lives among its `8 g` words (`[g // 16, 128]`
+    int32): `src[r, k] = word * 8 + nibble`.
+
+    Consumer thread t loads words `512 j + 4 t + i` (`i < 4`: 128-bit loads, consecutive threads
+    on consecutive 16 bytes); its word `w = 4 j + i` yields, by `(word >> 4 p) & 0x000F000F`, the
+    bf16 pair of its `4 w + p`-th register of the wgmma operand (`WGMMA_LAYOUT`): the pair's
+    first value in nibble p, its second in nibble p + 4. Derived from the layout's own
+    definition (which (row, column) a thread's register holds), not restated here."""
+    layout = fa.WGMMA_LAYOUT
+    shape = (_ROWS, g)
+    strides = layout.tiling.tile_strides((g, 1))
+    rank, tiled = layout.tiled_tiling_rank, layout.tiled_tiling_shape
+
+    def split(idx, dims):  # a warp or lane index -> its tiled coordinates
+        coords, step = [0] * rank, 1
+        for d in reversed(dims):
+            size = d.times if isinstance(d, fa.Replicated) else tiled[d]
+            if not isinstance(d, fa.Replicated):
+                coords[d] = idx // step % size
+            step *= size
+        return coords
+
+    src = np.full(shape, -1, np.int64)
+    for t in range(128):
+        base = sum(c * s for c, s in zip(split(t // 32, layout.warp_dims) , strides[-rank:]))
+        base += sum(c * s for c, s in zip(split(t % 32, layout.lane_dims), strides[-rank:]))
+        for o, reg in enumerate(np.ndindex(layout.registers_shape(shape))):
+            lin = base + sum(c * s for c, s in zip(reg, strides))
+            word = (o // 4 // _VEC) * 128 * _VEC + t * _VEC + o // 4 % _VEC
+            for v in range(layout.vector_length):
+                r, k = np.unravel_index(lin + v * strides[layout.vector_dim], shape)
+                src[r, k] = word * 8 + o % 4 + 4 * v
+    assert sorted(src.reshape(-1)) == list(range(_ROWS * g))
+    return src
+
+
+@functools.lru_cache
+def _bit_permutation(g: int) -> tuple[int, ...]:
+    """`_word_map` as a permutation of index bits (the layout is tiled by powers of two):
+    a tile's nibbles, in word order, are `codes.reshape((2,) * n).transpose(perm).reshape(-1)`."""
+    src = _word_map(g).reshape(-1)
+    n = src.size.bit_length() - 1
+    perm = [0] * n
+    for b in range(n):
+        c = int(src[1 << b]).bit_length() - 1
+        if src[1 << b] != 1 << c:
+            raise AssertionError("the wgmma operand layout is not a bit permutation")
+        perm[n - 1 - c] = n - 1 - b
+    nibbles = np.arange(src.size).reshape((2,) * n).transpose(perm).reshape(-1)
+    assert (nibbles[src] == np.arange(src.size)).all()
+    return tuple(perm)
+
+
+def pack_codes(u: jax.Array, group_size: int) -> jax.Array:
+    """Unsigned codes `u [..., N, K]` (0..15) -> the kernel's words `[..., N / 64, K / g, g / 16,
+    128]` int32 (each `[64, g]` group tile as `_word_map` places it)."""
+    *lead, n, k = u.shape
+    g, nl = group_size, len(u.shape) - 2
+    perm = _bit_permutation(g)
+    t = jnp.swapaxes(u.astype(jnp.uint32).reshape(*lead, n // _ROWS, _ROWS, k // g, g), -3, -2)
+    t = t.reshape(*lead, n // _ROWS, k // g, *(2,) * len(perm))
+    t = t.transpose(*range(nl + 2), *(nl + 2 + p for p in perm))
+    t = t.reshape(*lead, n // _ROWS, k // g, g // 16, 128, 8)
+    words = functools.reduce(jnp.bitwise_or, [t[..., i] << (4 * i) for i in range(8)])
+    return lax.bitcast_convert_type(words, jnp.int32)
+
+
+def unpack_codes(words: jax.Array, group_size: int) -> jax.Array:
+    """The inverse of `pack_codes`: words -> unsigned codes `[..., N, K]` uint8."""
+    *lead, nt, kg, _, _ = words.shape
+    g, nl = group_size, len(words.shape) - 4
+    perm = _bit_permutation(g)
+    w = lax.bitcast_convert_type(words, jnp.uint32)
+    t = jnp.stack([(w >> (4 * i)) & 0xF for i in range(8)], axis=-1).astype(jnp.uint8)
+    t = t.reshape(*lead, nt, kg, *(2,) * len(perm))
+    t = t.transpose(*range(nl + 2), *(nl + 2 + p for p in np.argsort(perm)))
+    t = jnp.swapaxes(t.reshape(*lead, nt, kg, _ROWS, g), -3, -2)
+    return t.reshape(*lead, nt * _ROWS, kg * g)
+
+
+def to_hopper_layout(packed, scales, zeros=None, *, group_size: int):
     """Portable int4 (`packed [K // 2, N] uint8`, `scales [K // g, N]`, symmetric) -> this
-    kernel's (`w_t [N, K] int4` holding q - 8, `scales [K // g, N] f32`)."""
+    kernel's (`words [N // 64, K // g, g // 16, 128] int32`, `scales [K // g, N] f32`)."""
     if zeros is not None:
         raise ValueError("the Hopper int4 kernel takes symmetric weights (zeros=None)")
-    lo = (packed & 0xF).astype(jnp.int8) - 8
-    hi = (packed >> 4).astype(jnp.int8) - 8
-    q = jnp.stack([lo, hi], axis=1).reshape(-1, packed.shape[-1])  # [K, N]: row 2i low nibble
-    return q.T.astype(jnp.int4), scales.astype(jnp.float32)
+    check_group_size(packed.shape[-2] * 2, group_size)
+    if group_size not in (64, 128) or packed.shape[-1] % _ROWS:
+        raise ValueError(f"the Hopper int4 layout needs g in (64, 128) and N % {_ROWS} == 0;"
+                         f" got g={group_size}, N={packed.shape[-1]}")
+    u = jnp.stack([packed & 0xF, packed >> 4], axis=-2)  # [..., K // 2, 2, N]: row 2i low nibble
+    u = u.reshape(*packed.shape[:-2], -1, packed.shape[-1])
+    return pack_codes(jnp.swapaxes(u, -1, -2), group_size), scales.astype(jnp.float32)
 
 
-def _kernel(x_ref, w_ref, s_ref, out_ref, *, group_size: int, blocks: BlockSizes,
-            steps: int, in_place: bool):
-    # x_ref: [M_pad, K] bf16; w_ref: [N, K] int4; s_ref: [K // g, N] f32;
+def from_hopper_layout(words, group_size: int):
+    """The kernel's words -> the portable `packed [..., K // 2, N] uint8`."""
+    u = jnp.swapaxes(unpack_codes(words, group_size), -1, -2)  # [..., K, N]
+    return u[..., 0::2, :] | (u[..., 1::2, :] << 4)
+
+
+def _unpack_to_operand(words, g: int):
+    """Mosaic GPU (inside `inline_mgpu`): a consumer's words (`WG_STRIDED`, 4 a thread) -> the
+    `[64, g]` bf16 wgmma operand in registers. Per 32-bit word (8 codes): three shifts, then for
+    each of its four bf16 pairs one `lop3` (`0x4300 | u` is the bf16 `128 + u`) and one
+    `sub.bf16x2` of 136 (`u - 8 = q`, exact)."""
+    i32 = ir.IntegerType.get_signless(32)
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    out = []
+    for reg in words.registers.flat:  # vector<4 x i32>
+        for i in range(_VEC):
+            w = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(i, i + 1)), i32)
+            for p in range(4):
+                wp = w if p == 0 else arith.shrui(w, arith.constant(i32, 4 * p))
+                bits = llvm.inline_asm(
+                    i32, [wp],
+                    "{ .reg .b32 t, c; lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xEA;"
+                    " mov.b32 c, 0x43084308; sub.bf16x2 $0, t, c; }",
+                    "=r,r")
+                out.append(mgpu_utils.bitcast(bits, pair))
+    regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((_ROWS, g)), dtype=object)
+    regs.flat[:] = out
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, steps: int,
+            in_place: bool):
+    # x_ref: [M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
+    # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
     # out_ref: [splits, N, M_pad] f32 (GMEM)
+    *word_map, out_ref = refs
     m_pad = x_ref.shape[0]
     tile_k, stages, g = blocks.tile_k, blocks.num_stages, group_size
     gps = tile_k // g
     nc = blocks.consumers
-    n0 = lax.axis_index("n") * blocks.rows
+    block = lax.axis_index("n")
+    n0 = block * blocks.rows
     split = lax.axis_index("split")
     k_step0 = split * steps
+    words_layout = plgpu.Layout.WG_STRIDED((g // 16, 128), vec_size=_VEC)
+    to_operand = plgpu.inline_mgpu(
+        arg_types=(words_layout,),
+        return_type=plgpu.ShapeDtypeStruct((_ROWS, g), jnp.bfloat16, layout=plgpu.Layout.WGMMA),
+    )(lambda ctx, words: _unpack_to_operand(words, g))
 
     def body(w_smem, x_smem, s_smem, out_smem, a_smem, ready, free):
-        # w_smem: [stages, 128, tile_k] int4; x_smem: [stages, M_pad, tile_k] bf16;
-        # s_smem: [stages, gps, 128] f32; out_smem: [2, 64, M_pad] f32;
-        # a_smem: [2, gps, 64, g] bf16 (interpret mode only)
+        # w_smem: [stages, consumers, gps, g // 16, 128] int32; x_smem: [stages, M_pad, tile_k]
+        # bf16; s_smem: [stages, gps, 128] f32; out_smem: [consumers, 64, M_pad] f32;
+        # a_smem: [consumers, gps, 64, g] bf16 (interpret mode only)
         wg = lax.axis_index("wg")
 
         @pl.when(wg < nc)
@@ -168,15 +297,17 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, *, group_size: int, blocks: BlockSizes
                     # Every group's wgmma is issued before any is awaited: the next group's
                     # int4 -> bf16 conversion overlaps the tensor cores' work on this one.
                     for gi, part in enumerate(parts):
-                        cols = pl.ds(gi * g, g)
-                        a = plgpu.load(w_smem.at[slot, rows, cols],
-                                       layout=plgpu.Layout.WGMMA_UPCAST_4X)
-                        a = plgpu.layout_cast(a, plgpu.Layout.WGMMA).astype(jnp.bfloat16)
-                        if not in_place:
-                            a_smem.at[wg, gi][...] = a
+                        words = w_smem.at[slot, wg, gi]
+                        if in_place:
+                            a = to_operand(plgpu.load(words, (), layout=words_layout))
+                        else:  # the interpreter runs no inline Mosaic GPU: the same map in jnp
+                            src = word_map[0][...]
+                            flat = words[...].reshape(-1)
+                            codes = (flat[src // 8] >> (4 * (src % 8))) & 0xF
+                            a_smem.at[wg, gi][...] = (codes - 8).astype(jnp.bfloat16)
                             plgpu.commit_smem()
                             a = a_smem.at[wg, gi]
-                        plgpu.wgmma(part, a, x_smem.at[slot, :, cols].transpose((1, 0)))
+                        plgpu.wgmma(part, a, x_smem.at[slot, :, pl.ds(gi * g, g)].transpose((1, 0)))
                     return [part[...] for part in parts]
 
                 parts = pl.run_scoped(
@@ -200,7 +331,7 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, *, group_size: int, blocks: BlockSizes
             plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
             def load(i, slot):
                 k0 = (k_step0 + i) * tile_k
-                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(n0, blocks.rows), pl.ds(k0, tile_k)],
+                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)],
                                         w_smem.at[slot], ready.at[slot])
                 plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(k0, tile_k)], x_smem.at[slot],
                                         ready.at[slot])
@@ -220,11 +351,9 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, *, group_size: int, blocks: BlockSizes
             def _drain(i):  # observe the last releases (no stale barrier phases)
                 plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
 
-    w_swizzle = g // 2  # bytes of one group's int4 row: a group is one swizzle tile wide
     pl.run_scoped(
         body,
-        plgpu.SMEM((stages, blocks.rows, tile_k), jnp.int4,
-                   transforms=(plgpu.TilingTransform((8, g)), plgpu.SwizzleTransform(w_swizzle))),
+        plgpu.SMEM((stages, nc, gps, g // 16, 128), jnp.int32),
         plgpu.SMEM((stages, m_pad, tile_k), jnp.bfloat16,
                    transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
         plgpu.SMEM((stages, gps, blocks.rows), jnp.float32),
@@ -239,16 +368,18 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, *, group_size: int, blocks: BlockSizes
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "blocks", "num_sms", "interpret"))
-def int4_matmul_mgpu(x, w_t, scales, *, group_size: int, blocks: BlockSizes = BlockSizes(),
+def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes = BlockSizes(),
                      num_sms: int = 132, interpret: bool = False):
     """x [M, K] bf16/f16 @ the int4 weight (`to_hopper_layout`) -> [M, N] in x's dtype."""
     M, K = x.shape
-    N = w_t.shape[0]
-    if w_t.shape != (N, K) or w_t.dtype != jnp.int4:
-        raise ValueError(f"w_t must be [N, K] int4 for x {x.shape}; got {w_t.shape} {w_t.dtype}")
-    if scales.shape != (K // group_size, N):
-        raise ValueError(f"scales must be [K // g, N] = {(K // group_size, N)}; got {scales.shape}")
-    if not applies(M, K, N, group_size, blocks):
+    N = words.shape[0] * _ROWS
+    g = group_size
+    if words.shape != (N // _ROWS, K // g, g // 16, 128) or words.dtype != jnp.int32:
+        raise ValueError(f"words must be [N // 64, K // g, g // 16, 128] int32 for x {x.shape}"
+                         f" and g={g}; got {words.shape} {words.dtype}")
+    if scales.shape != (K // g, N):
+        raise ValueError(f"scales must be [K // g, N] = {(K // g, N)}; got {scales.shape}")
+    if not applies(M, K, N, g, blocks):
         raise ValueError(
             f"int4_matmul_mgpu needs 1 <= M <= {_MAX_M}, g in (64, 128) dividing tile_k,"
             f" N % 128 == 0, K % tile_k == 0 and the ring in shared memory; got {x.shape=},"
@@ -260,7 +391,7 @@ def int4_matmul_mgpu(x, w_t, scales, *, group_size: int, blocks: BlockSizes = Bl
         raise ValueError(f"splits={splits} must divide the {steps} steps of K")
     xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - M), (0, 0)))
     kernel = plgpu.kernel(
-        functools.partial(_kernel, group_size=group_size, blocks=blocks, steps=steps // splits,
+        functools.partial(_kernel, group_size=g, blocks=blocks, steps=steps // splits,
                           in_place=not interpret),
         out_type=jax.ShapeDtypeStruct((splits, N, m_pad), jnp.float32),
         grid=(N // blocks.rows, splits),
@@ -269,7 +400,8 @@ def int4_matmul_mgpu(x, w_t, scales, *, group_size: int, blocks: BlockSizes = Bl
         thread_name="wg",
         interpret=dispatch.mgpu_interpret(interpret),
     )
-    part = kernel(xp, w_t, scales.astype(jnp.float32))
+    word_map = (jnp.asarray(_word_map(g), jnp.int32),) if interpret else ()
+    part = kernel(xp, words, scales.astype(jnp.float32), *word_map)
     return part.sum(axis=0)[:, :M].T.astype(x.dtype)
 
 

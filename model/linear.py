@@ -129,6 +129,10 @@ def split_out(w, sizes: list[int]) -> list:
     cuts = np.cumsum(sizes)[:-1].tolist()
     if isinstance(w, (jax.Array, np.ndarray)):
         return jnp.split(w, cuts, axis=-1)
-    parts = {name: jnp.split(getattr(w, name), cuts, axis=axis)
+    units = getattr(w, "out_units", {})  # output channels per index of a field's axis
+    if any(c % u for u in units.values() for c in cuts):
+        raise ValueError(f"split sizes {sizes} must be multiples of {max(units.values())}"
+                         f" for a {w.format} weight")
+    parts = {name: jnp.split(getattr(w, name), [c // units.get(name, 1) for c in cuts], axis=axis)
              for name, axis in w.out_axes.items() if getattr(w, name) is not None}
     return [w.replace(**{name: p[i] for name, p in parts.items()}) for i in range(len(sizes))]

@@ -10,8 +10,8 @@ leading axes of `x` flattened to the kernel's M.
     Int4Weight  packed [K/2, N] uint8, scales [K/g, N] bf16,      RTN or AWQ, group g along K
                 zeros [K/g, N] uint8 | None, act_scale [K] | None
     Fp8Weight   w_q [N, K] float8_e4m3fn, scale [N] f32           W8A8, activations per token
-    Int4HopperWeight  w_t [N, K] int4, scales [K/g, N] f32,      symmetric int4 in the layout of
-                act_scale [K] | None                              the Hopper kernel (serving only)
+    Int4HopperWeight  words [N/64, K/g, g/16, 128] int32,         symmetric int4 in the layout of
+                scales [K/g, N] f32, act_scale [K] | None         the Hopper kernel (serving only)
 
 Which implementation runs (`kernels_pallas.dispatch`): on GPU the Pallas kernel, except fp8 (see
 `FP8_IMPL`); elsewhere the pure-jnp reference (or the kernel in interpret mode when asked).
@@ -133,35 +133,37 @@ class Int4Weight:
 @struct.dataclass
 class Int4HopperWeight:
     """A symmetric `Int4Weight` in the layout of the Hopper (Mosaic GPU) kernel
-    (`int4_matmul_mgpu`: codes `q - 8` as `[N, K]` int4, K contiguous per output channel).
+    (`int4_matmul_mgpu`: unsigned codes `q + 8`, eight to a 32-bit word, each `[64, g]` tile of
+    output channels x one group in the order the kernel's threads hold the wgmma operand).
 
     The serving form on H100/H200 (`hopper_layout`); quantizing and saving keep `Int4Weight`.
     Decode-sized M runs the kernel; larger M (prefill chunks) and shapes it does not take
     dequantize to x's dtype and run one XLA dot.
     """
 
-    w_t: jax.Array  # [..., N, K] int4
+    words: jax.Array  # [..., N // 64, K // g, g // 16, 128] int32
     scales: jax.Array  # [..., K // g, N] f32
     act_scale: jax.Array | None = None  # [..., K] f32 (AWQ) or None
     group_size: int = struct.field(pytree_node=False, default=128)
     format: ClassVar[str] = "int4-hopper"
-    out_axes: ClassVar[dict[str, int]] = {"w_t": -2, "scales": -1}  # act_scale: shared
+    out_axes: ClassVar[dict[str, int]] = {"words": -4, "scales": -1}  # act_scale: shared
+    out_units: ClassVar[dict[str, int]] = {"words": 64}  # output channels per step of the axis
 
     @classmethod
     def from_int4(cls, w: Int4Weight) -> "Int4HopperWeight":
-        w_t, scales = int4_matmul_mgpu.to_hopper_layout(w.packed, w.scales, w.zeros)
-        return cls(w_t=w_t, scales=scales, act_scale=w.act_scale, group_size=w.group_size)
+        words, scales = int4_matmul_mgpu.to_hopper_layout(w.packed, w.scales, w.zeros,
+                                                          group_size=w.group_size)
+        return cls(words=words, scales=scales, act_scale=w.act_scale, group_size=w.group_size)
 
     def to_int4(self) -> Int4Weight:
         """Back to the portable packing (lossless: scales were bf16 before `from_int4`)."""
-        q = (jnp.swapaxes(self.w_t, -1, -2).astype(jnp.int8) + 8).astype(jnp.uint8)  # [..., K, N]
-        packed = q[..., 0::2, :] | (q[..., 1::2, :] << 4)
+        packed = int4_matmul_mgpu.from_hopper_layout(self.words, self.group_size)
         return Int4Weight(packed=packed, scales=self.scales.astype(jnp.bfloat16),
                           act_scale=self.act_scale, group_size=self.group_size)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.w_t.shape[-1], self.w_t.shape[-2])
+        return (self.words.shape[-3] * self.group_size, self.words.shape[-4] * 64)
 
     def matmul(self, x: jax.Array) -> jax.Array:
         k, n = self.shape
@@ -170,7 +172,7 @@ class Int4HopperWeight:
             x2 = (x2.astype(jnp.float32) / self.act_scale.astype(jnp.float32)).astype(x.dtype)
         mode = dispatch.resolve()
         if mode != "reference" and int4_matmul_mgpu.applies(x2.shape[0], k, n, self.group_size):
-            y = int4_matmul_mgpu.int4_matmul_mgpu(x2, self.w_t, self.scales,
+            y = int4_matmul_mgpu.int4_matmul_mgpu(x2, self.words, self.scales,
                                                   group_size=self.group_size,
                                                   interpret=mode == "interpret")
         else:
@@ -179,7 +181,8 @@ class Int4HopperWeight:
 
     def _scaled_codes(self) -> jax.Array:
         """`q * s` as f32 `[..., K, N]` (the stored weight, AWQ scale still in)."""
-        w = jnp.swapaxes(self.w_t.astype(jnp.float32), -1, -2)
+        q = int4_matmul_mgpu.unpack_codes(self.words, self.group_size).astype(jnp.float32) - 8
+        w = jnp.swapaxes(q, -1, -2)
         return w * jnp.repeat(self.scales.astype(jnp.float32), self.group_size, axis=-2)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:

@@ -274,17 +274,46 @@ def test_int4_hopper_kernel_matches_float64(m, k, n, group_size, blocks):
     """The Mosaic GPU kernel through the GPU interpreter (barriers, TMA ring, per-group wgmma and
     scale) against float64 on the dequantized weight."""
     x, packed, scales, _ = _int4_case(m, k, n, group_size)
-    w_t, s = i4h.to_hopper_layout(packed, scales)
-    assert w_t.shape == (n, k) and w_t.dtype == jnp.int4
-    y = i4h.int4_matmul_mgpu(x, w_t, s, group_size=group_size, blocks=blocks, num_sms=4,
+    words, s = i4h.to_hopper_layout(packed, scales, group_size=group_size)
+    assert words.shape == (n // 64, k // group_size, group_size // 16, 128)
+    y = i4h.int4_matmul_mgpu(x, words, s, group_size=group_size, blocks=blocks, num_sms=4,
                              interpret=True)
     want = _f64(x) @ _f64(qf.dequantize_int4(packed, scales, None, group_size=group_size))
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     assert _rel(y, want) < 4e-3
     # a wrong scale anywhere shows
-    y2 = i4h.int4_matmul_mgpu(x, w_t, s.at[1, 3].mul(1.5), group_size=group_size, blocks=blocks,
+    y2 = i4h.int4_matmul_mgpu(x, words, s.at[1, 3].mul(1.5), group_size=group_size, blocks=blocks,
                               num_sms=4, interpret=True)
     assert np.abs(_f64(y2)[:, 3] - want[:, 3]).max() > 10 * np.abs(_f64(y)[:, 3] - want[:, 3]).max()
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_int4_hopper_words_follow_the_wgmma_operand_layout(group_size):
+    """Each code sits where the consumer thread that holds it in the wgmma operand loads it: the
+    packing (bit transposes) agrees with the map read off Mosaic GPU's WGMMA layout, and the
+    register order the kernel emits (thread t, register o = 4 w + p: word w's nibbles p, p + 4)
+    covers every (row, column) of the layout once."""
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    g = group_size
+    u = jax.random.randint(_key(), (128, 2 * g), 0, 16).astype(jnp.uint8)  # [N, K]
+    words = i4h.pack_codes(u, g)
+    assert words.shape == (2, 2, g // 16, 128) and words.dtype == jnp.int32
+    np.testing.assert_array_equal(i4h.unpack_codes(words, g), u)
+    src = i4h._word_map(g)  # [64, g]: word * 8 + nibble
+    w = np.asarray(words).view(np.uint32).reshape(2, 2, -1)
+    for nt in range(2):
+        for kg in range(2):
+            nib = (w[nt, kg][src // 8] >> (4 * (src % 8)).astype(np.uint32)) & 0xF
+            want = np.asarray(u)[64 * nt:64 * (nt + 1), g * kg:g * (kg + 1)]
+            np.testing.assert_array_equal(nib, want)
+    # the layout: WGMMA_LAYOUT gives each of 128 threads g / 2 bf16 pairs of the [64, g] tile
+    assert np.prod(fa.WGMMA_LAYOUT.registers_shape((64, g))) * 2 * 128 == 64 * g
+    # thread 0, register 0 (word 0, nibbles 0 and 4) is the pair at row 0, columns 0 and 1
+    assert src[0, 0] == 0 and src[0, 1] == 4
+    # thread 1 (lane 1) loads words 4..7: its first pair is row 0, columns 2 and 3
+    assert src[0, 2] == 4 * 8 and src[0, 3] == 4 * 8 + 4
+    # lane 4 holds row 1; warp 1 holds rows 16..31
+    assert src[1, 0] // 8 == 4 * 4 and src[16, 0] // 8 == 32 * 4
 
 
 def test_int4_hopper_weight_round_trip_and_dispatch():
@@ -321,20 +350,27 @@ def test_hopper_layout_converts_what_the_kernel_takes():
     np.testing.assert_array_equal(back["a"].packed, params["a"].packed)
     # fused projections concatenate and split along the output channels
     both = lin.concat_out([out["a"], hopper_layout({"b": int4(512, 128)})["b"]])
-    assert both.shape == (512, 384) and both.w_t.shape == (384, 512)
+    assert both.shape == (512, 384) and both.words.shape == (6, 4, 8, 128)
     parts = lin.split_out(both, [256, 128])
-    np.testing.assert_array_equal(parts[0].w_t.astype(jnp.int8), out["a"].w_t.astype(jnp.int8))
+    np.testing.assert_array_equal(parts[0].words, out["a"].words)
+    np.testing.assert_array_equal(parts[0].scales, out["a"].scales)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        lin.split_out(both, [200, 184])
 
 
 def test_int4_hopper_errors():
     x, packed, scales, zeros = _int4_case(2, 512, 128, 128, symmetric=False)
     with pytest.raises(ValueError, match="symmetric"):
-        i4h.to_hopper_layout(packed, scales, zeros)
-    w_t, s = i4h.to_hopper_layout(packed, scales)
+        i4h.to_hopper_layout(packed, scales, zeros, group_size=128)
+    with pytest.raises(ValueError, match="g in"):
+        i4h.to_hopper_layout(packed, scales, group_size=32)
+    words, s = i4h.to_hopper_layout(packed, scales, group_size=128)
     with pytest.raises(ValueError, match="M <= 64"):
-        i4h.int4_matmul_mgpu(jnp.zeros((65, 512), jnp.bfloat16), w_t, s, group_size=128)
+        i4h.int4_matmul_mgpu(jnp.zeros((65, 512), jnp.bfloat16), words, s, group_size=128)
     with pytest.raises(ValueError, match="scales"):
-        i4h.int4_matmul_mgpu(x, w_t, s[:2], group_size=128)
+        i4h.int4_matmul_mgpu(x, words, s[:2], group_size=128)
+    with pytest.raises(ValueError, match="words must be"):
+        i4h.int4_matmul_mgpu(x, words, s, group_size=64)
     with pytest.raises(ValueError, match="consumers"):
         i4h.BlockSizes(consumers=5)
     with pytest.raises(ValueError, match="tile_k"):
