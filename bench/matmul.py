@@ -203,8 +203,8 @@ def bench_decode(records, copy_bw, smoke, deadline):
                                      "block_sizes": repr(best8) if impl == "pallas" else ""}))
 
 
-HOPPER_INT4 = [i4h.BlockSizes(), i4h.BlockSizes(tile_k=256, num_stages=4, consumers=4),
-               i4h.BlockSizes(tile_k=512, num_stages=4)]
+HOPPER_INT4 = [i4h.BlockSizes(), i4h.BlockSizes(tile_k=512, num_stages=3),
+               i4h.BlockSizes(tile_k=256, num_stages=4, consumers=4)]
 
 
 def _int4_hopper(base, x, ws_int4, ws_hopper, copies, t_bf16, packed_bytes, copy_bw):

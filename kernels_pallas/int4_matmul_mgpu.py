@@ -89,12 +89,13 @@ def _consumer_regs(consumers: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """`tile_k` weights of K per pipeline step (a multiple of the group size), `num_stages` ring
-    slots, and `splits` runs of K (None: chosen from the shape)."""
+    slots, `consumers` warpgroups of 64 output channels each, and `ctas`: how many CTAs share
+    the work (None: one per SM, one wave; see `Schedule`)."""
 
-    tile_k: int = 512
-    num_stages: int = 3
-    splits: int | None = None
-    consumers: int = 2  # consumer warpgroups per CTA, 64 output channels each
+    tile_k: int = 256
+    num_stages: int = 4
+    consumers: int = 2
+    ctas: int | None = None
 
     @property
     def rows(self) -> int:
@@ -105,8 +106,8 @@ class BlockSizes:
             raise ValueError(f"tile_k={self.tile_k} must be a positive multiple of 128")
         if self.num_stages < 2:
             raise ValueError(f"num_stages={self.num_stages} must be >= 2")
-        if self.splits is not None and self.splits < 1:
-            raise ValueError(f"splits={self.splits} must be >= 1")
+        if self.ctas is not None and self.ctas < 1:
+            raise ValueError(f"ctas={self.ctas} must be >= 1")
         if self.consumers not in (1, 2, 3, 4):
             raise ValueError(f"consumers={self.consumers} must be 1, 2, 3 or 4")
 
@@ -125,11 +126,48 @@ def applies(m: int, k: int, n: int, group_size: int, blocks: BlockSizes = BlockS
             and smem_bytes(blocks, m_pad, group_size) <= dispatch.MGPU_SMEM_BYTES)
 
 
-def default_splits(k: int, n: int, tile_k: int, num_sms: int = 132, rows: int = 2 * _ROWS) -> int:
-    """Runs of K per 128 channels: the most that keep every CTA in one wave (one CTA per SM:
-    the consumers' registers fill the register file), dividing the K steps evenly."""
-    steps, tiles = k // tile_k, n // rows
-    return max(s for s in range(1, steps + 1) if steps % s == 0 and (tiles * s <= num_sms or s == 1))
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Stream-K: the work is `units` (row block, K step) pairs, row block major; CTA c of `ctas`
+    streams units `[c * units // ctas, (c + 1) * units // ctas)` through one ring, so every SM
+    reads the same number of weight bytes whatever the shape (split-K by whole runs would leave
+    SMs idle: 4096x14336 has 112 row blocks of 128 channels on 132 SMs). A CTA stores the partial
+    sum of each row block it touches in its own slot (`flushes` slots a CTA); the slots of a row
+    block are then added in a fixed order (deterministic, unlike reductions in place)."""
+
+    steps: int  # K steps per row block
+    units: int
+    ctas: int
+
+    @classmethod
+    def make(cls, k: int, n: int, blocks: BlockSizes, num_sms: int) -> "Schedule":
+        steps = k // blocks.tile_k
+        units = n // blocks.rows * steps
+        return cls(steps, units, min(blocks.ctas or num_sms, units))
+
+    def row_blocks(self, c: int) -> range:
+        """The row blocks CTA `c` adds to, in the order of its slots."""
+        u0, u1 = c * self.units // self.ctas, (c + 1) * self.units // self.ctas
+        return range(u0 // self.steps, (u1 - 1) // self.steps + 1)
+
+    @functools.cached_property
+    def flushes(self) -> int:
+        return max(len(self.row_blocks(c)) for c in range(self.ctas))
+
+    @functools.cached_property
+    def slots_of_blocks(self) -> np.ndarray:
+        """`[row blocks, most slots a block has]`: the flat slot (`c * flushes + j`) of each
+        partial sum of a row block; unused entries are `ctas * flushes`, one past the end."""
+        tiles = self.units // self.steps
+        per_block = [[] for _ in range(tiles)]
+        for c in range(self.ctas):
+            for j, r in enumerate(self.row_blocks(c)):
+                per_block[r].append(c * self.flushes + j)
+        width = max(map(len, per_block))
+        out = np.full((tiles, width), self.ctas * self.flushes, np.int32)
+        for r, slots in enumerate(per_block):
+            out[r, :len(slots)] = slots
+        return out
 
 
 @functools.lru_cache
@@ -258,20 +296,20 @@ def _unpack_to_operand(words, g: int):
     return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
-def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, steps: int,
+def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sched: Schedule,
             in_place: bool):
     # x_ref: [M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
     # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
-    # out_ref: [splits, N, M_pad] f32 (GMEM)
+    # out_ref: [ctas, flushes, rows, M_pad] f32 (GMEM: each CTA's partial sums, `Schedule`)
     *word_map, out_ref = refs
     m_pad = x_ref.shape[0]
     tile_k, stages, g = blocks.tile_k, blocks.num_stages, group_size
     gps = tile_k // g
     nc = blocks.consumers
-    block = lax.axis_index("n")
-    n0 = block * blocks.rows
-    split = lax.axis_index("split")
-    k_step0 = split * steps
+    c = lax.axis_index("cta")
+    u0 = lax.div(c * sched.units, sched.ctas)
+    n_units = lax.div((c + 1) * sched.units, sched.ctas) - u0
+    first_block = lax.div(u0, sched.steps)
     words_layout = plgpu.Layout.WG_STRIDED((g // 16, 128), vec_size=_VEC)
     to_operand = plgpu.inline_mgpu(
         arg_types=(words_layout,),
@@ -280,7 +318,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, ste
 
     def body(w_smem, x_smem, s_smem, out_smem, a_smem, ready, free):
         # w_smem: [stages, consumers, gps, g // 16, 128] int32; x_smem: [stages, M_pad, tile_k]
-        # bf16; s_smem: [stages, gps, 128] f32; out_smem: [consumers, 64, M_pad] f32;
+        # bf16; s_smem: [stages, gps, rows] f32; out_smem: [consumers, 64, M_pad] f32;
         # a_smem: [consumers, gps, 64, g] bf16 (interpret mode only)
         wg = lax.axis_index("wg")
 
@@ -288,8 +326,10 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, ste
         def _consumer():
             plgpu.set_max_registers(_consumer_regs(nc), action="increase")
             rows = pl.ds(wg * _ROWS, _ROWS)
+            zeros = plgpu.layout_cast(jnp.zeros((_ROWS, m_pad), jnp.float32), plgpu.Layout.WGMMA)
 
             def step(i, acc):
+                u = u0 + i
                 slot = lax.rem(i, jnp.int32(stages))
                 plgpu.barrier_wait(ready.at[slot])
 
@@ -317,37 +357,49 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, ste
                 plgpu.barrier_arrive(free.at[slot])  # every read of this slot is done
                 for part, s in zip(parts, scales):
                     acc = acc + part * lax.broadcast_in_dim(s, part.shape, [0])
-                return acc
 
-            acc = plgpu.layout_cast(jnp.zeros((_ROWS, m_pad), jnp.float32), plgpu.Layout.WGMMA)
-            acc = lax.fori_loop(0, steps, step, acc)
-            out_smem.at[wg][...] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[split, pl.ds(n0 + wg * _ROWS, _ROWS)])
+                # The row block's last K step, or this CTA's last unit: store the partial sum in
+                # the block's slot and start the next block from zero.
+                block = lax.div(u, sched.steps)
+                flush = (lax.rem(u + 1, sched.steps) == 0) | (i == n_units - 1)
+
+                @pl.when(flush)
+                def _flush():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store read it
+                    out_smem.at[wg][...] = acc
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[c, block - first_block, rows])
+
+                return lax.select(lax.broadcast_in_dim(flush, acc.shape, ()), zeros, acc)
+
+            lax.fori_loop(0, n_units, step, zeros)
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == nc)
         def _producer():
             plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
-            def load(i, slot):
-                k0 = (k_step0 + i) * tile_k
+
+            # The ring runs on across row blocks: only the tiles' offsets change.
+            @pl.loop(0, n_units)
+            def _load(i):
+                u = u0 + i
+                slot = lax.rem(i, jnp.int32(stages))
+                block = lax.div(u, sched.steps)
+                k0 = lax.rem(u, sched.steps) * tile_k
+
+                @pl.when(i >= stages)
+                def _():
+                    plgpu.barrier_wait(free.at[slot])
+
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)],
                                         w_smem.at[slot], ready.at[slot])
                 plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(k0, tile_k)], x_smem.at[slot],
                                         ready.at[slot])
-                plgpu.copy_gmem_to_smem(s_ref.at[pl.ds(k0 // g, gps), pl.ds(n0, blocks.rows)],
-                                        s_smem.at[slot], ready.at[slot])
+                plgpu.copy_gmem_to_smem(
+                    s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)],
+                    s_smem.at[slot], ready.at[slot])
 
-            for i in range(min(stages, steps)):
-                load(jnp.int32(i), i)
-
-            @pl.loop(stages, steps)
-            def _refill(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(free.at[slot])
-                load(i, slot)
-
-            @pl.loop(max(steps - stages, 0), steps)
+            @pl.loop(jnp.maximum(n_units - stages, 0), n_units)
             def _drain(i):  # observe the last releases (no stale barrier phases)
                 plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
 
@@ -370,7 +422,8 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, ste
 @functools.partial(jax.jit, static_argnames=("group_size", "blocks", "num_sms", "interpret"))
 def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes = BlockSizes(),
                      num_sms: int = 132, interpret: bool = False):
-    """x [M, K] bf16/f16 @ the int4 weight (`to_hopper_layout`) -> [M, N] in x's dtype."""
+    """x [M, K] bf16/f16 @ the int4 weight (`to_hopper_layout`) -> [M, N] in x's dtype, on
+    `blocks.ctas` or `num_sms` CTAs."""
     M, K = x.shape
     N = words.shape[0] * _ROWS
     g = group_size
@@ -382,27 +435,29 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes = 
     if not applies(M, K, N, g, blocks):
         raise ValueError(
             f"int4_matmul_mgpu needs 1 <= M <= {_MAX_M}, g in (64, 128) dividing tile_k,"
-            f" N % 128 == 0, K % tile_k == 0 and the ring in shared memory; got {x.shape=},"
-            f" {N=}, {group_size=}, {blocks}")
+            f" N % {blocks.rows} == 0, K % tile_k == 0 and the ring in shared memory; got"
+            f" {x.shape=}, {N=}, {group_size=}, {blocks}")
     m_pad = round_up(M, 8)
-    splits = blocks.splits or default_splits(K, N, blocks.tile_k, num_sms, blocks.rows)
-    steps = K // blocks.tile_k
-    if steps % splits:
-        raise ValueError(f"splits={splits} must divide the {steps} steps of K")
+    sched = Schedule.make(K, N, blocks, num_sms)
     xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - M), (0, 0)))
     kernel = plgpu.kernel(
-        functools.partial(_kernel, group_size=g, blocks=blocks, steps=steps // splits,
+        functools.partial(_kernel, group_size=g, blocks=blocks, sched=sched,
                           in_place=not interpret),
-        out_type=jax.ShapeDtypeStruct((splits, N, m_pad), jnp.float32),
-        grid=(N // blocks.rows, splits),
-        grid_names=("n", "split"),
+        out_type=jax.ShapeDtypeStruct((sched.ctas, sched.flushes, blocks.rows, m_pad), jnp.float32),
+        grid=(sched.ctas,),
+        grid_names=("cta",),
         num_threads=blocks.consumers + 1,
         thread_name="wg",
         interpret=dispatch.mgpu_interpret(interpret),
     )
     word_map = (jnp.asarray(_word_map(g), jnp.int32),) if interpret else ()
     part = kernel(xp, words, scales.astype(jnp.float32), *word_map)
-    return part.sum(axis=0)[:, :M].T.astype(x.dtype)
+    # each row block: its slots' partial sums in a fixed order (slots a CTA left unused are
+    # never read: the gather names written ones, or one past the end, which reads as zeros)
+    part = part.reshape(-1, blocks.rows, m_pad)
+    y = jnp.take(part, sched.slots_of_blocks, axis=0, mode="fill", fill_value=0)
+    y = y.sum(axis=1).reshape(N, m_pad)
+    return y[:, :M].T.astype(x.dtype)
 
 
 def int4_matmul_mgpu_reference(x, packed, scales, *, group_size: int):

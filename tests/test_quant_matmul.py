@@ -266,7 +266,7 @@ def _int4_case(m, k, n, group_size, symmetric=True):
 @pytest.mark.parametrize("m,k,n,group_size,blocks", [
     (1, 1024, 128, 128, i4h.BlockSizes(tile_k=256, num_stages=2)),  # M = 1; the ring wraps twice
     (5, 1280, 256, 64, i4h.BlockSizes(tile_k=256, num_stages=4)),  # odd M; steps not a stage multiple
-    (16, 1024, 256, 128, i4h.BlockSizes(tile_k=512, num_stages=2, splits=2)),  # split K
+    (16, 1024, 256, 128, i4h.BlockSizes(tile_k=256, num_stages=2, ctas=3)),  # blocks shared by CTAs
     (9, 512, 256, 64, i4h.BlockSizes(tile_k=128, num_stages=3, consumers=4)),  # 4 consumers
     (33, 256, 128, 128, i4h.BlockSizes(tile_k=128, num_stages=2, consumers=1)),  # 1 consumer
 ])
