@@ -158,6 +158,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quantize", choices=["int8", "int4", "fp8"],
                     help="the random weights in this format, as `pallax quantize` makes them")
     ap.add_argument("--group", type=int, default=128, help="int4 group size")
+    ap.add_argument("--quantize-head", action="store_true", help="the output head in --quantize too")
     ap.add_argument("--unfused", action="store_true",
                     help="separate q/k/v and gate/up GEMMs (EngineConfig.fuse_projections=False)")
     ap.add_argument("--hlo", help="write the optimized program's text here")
@@ -168,16 +169,14 @@ def main(argv=None) -> None:
 
     from pallax.bench.decode import random_llm
     from pallax.model.config import preset
-    from pallax.model.decoder import fuse_projections, unstack_layers
+    from pallax.decode.scheduler import serving_layout
 
     llm = random_llm(preset(args.preset))
     if args.quantize:
         from pallax.model.quantize import quantize
 
-        llm = quantize(llm, args.quantize, group_size=args.group)
-    llm.params = unstack_layers(llm.params)  # as the engine runs them (EngineConfig.unstack_layers)
-    if not args.unfused:
-        llm.params = fuse_projections(llm.params)  # EngineConfig.fuse_projections
+        llm = quantize(llm, args.quantize, group_size=args.group, quantize_head=args.quantize_head)
+    llm.params = serving_layout(llm.params, fuse=not args.unfused)  # as the engine runs them
     step, (params, pool, batch, prev) = decode_program(llm, args.batch, args.n_steps, context=args.context,
                                                           temperature=args.temperature)
     compiled = step.lower(params, pool, batch, prev).compile()
@@ -208,7 +207,8 @@ def main(argv=None) -> None:
     L = llm.config.n_layers
     total = sum(census.values())
     rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random {args.quantize or 'bf16'}", batch=args.batch, n_steps=args.n_steps, context=args.context, temperature=args.temperature,
-                    fused=not args.unfused, weights=args.quantize or "bfloat16",
+                    fused=not args.unfused,
+                    weights=(args.quantize or "bfloat16") + ("+head" if args.quantize_head else ""),
                     step_ms=dt * 1e3, dispatch_ms=dispatch * 1e3, kernels=total, kernels_per_layer=total / L,
                     per_layer_us=dt * 1e6 / L, census=dict(census.most_common()), profile=profile, **environment()))
     for kind, n in census.most_common():

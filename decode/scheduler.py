@@ -154,6 +154,17 @@ class _Counters:
 _LOOP_STOP_IDS = 16  # stop token ids an ngram_loop / draft_loop call checks on device
 
 
+def serving_layout(params, *, fuse: bool = True):
+    """Parameters as an engine serves them: per-layer buffers, the projections that read one
+    input fused when `fuse`, and symmetric int4 in the Hopper kernel's layout on Hopper GPUs."""
+    params = unstack_layers(params)
+    if fuse:
+        params = fuse_projections(params)
+    if dispatch.resolve() == "pallas" and dispatch.on_hopper():
+        params = hopper_layout(params)
+    return params
+
+
 class Scheduler:
     """The serving loop over one model. Implements `pallax.decode.requests.Engine`."""
 
@@ -205,13 +216,7 @@ class Scheduler:
         self.counters = _Counters()
 
     def _serving_layout(self, params):
-        """Per-layer buffers, with the projections that read one input fused when configured."""
-        params = unstack_layers(params)
-        if self.cfg.fuse_projections:
-            params = fuse_projections(params)
-        if dispatch.resolve() == "pallas" and dispatch.on_hopper():
-            params = hopper_layout(params)  # symmetric int4: the Hopper kernel's layout
-        return params
+        return serving_layout(params, fuse=self.cfg.fuse_projections)
 
     # -- Engine protocol -------------------------------------------------------------------------
     @property
