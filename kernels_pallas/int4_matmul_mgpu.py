@@ -302,7 +302,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
     # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
     # out_ref: [ctas, flushes, rows, M_pad] f32 (GMEM: each CTA's partial sums, `Schedule`)
     *word_map, out_ref = refs
-    m_pad = x_ref.shape[0]
+    m_pad = round_up(x_ref.shape[0], 8)
     tile_k, stages, g = blocks.tile_k, blocks.num_stages, group_size
     gps = tile_k // g
     nc = blocks.consumers
@@ -393,7 +393,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
 
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)],
                                         w_smem.at[slot], ready.at[slot])
-                plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(k0, tile_k)], x_smem.at[slot],
+                plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, m_pad), pl.ds(k0, tile_k)], x_smem.at[slot],
                                         ready.at[slot])
                 plgpu.copy_gmem_to_smem(
                     s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)],
@@ -439,7 +439,10 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes = 
             f" {x.shape=}, {N=}, {group_size=}, {blocks}")
     m_pad = round_up(M, 8)
     sched = Schedule.make(K, N, blocks, num_sms)
-    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - M), (0, 0)))
+    # On the GPU the producer's TMA reads M_pad rows of x, the rows past M as zeros (TMA fills
+    # out-of-bounds reads), so x needs no padded copy; the interpreter gets one.
+    xb = x.astype(jnp.bfloat16)
+    xp = jnp.pad(xb, ((0, m_pad - M), (0, 0))) if interpret else xb
     kernel = plgpu.kernel(
         functools.partial(_kernel, group_size=g, blocks=blocks, sched=sched,
                           in_place=not interpret),
