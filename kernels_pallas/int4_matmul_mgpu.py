@@ -2,53 +2,61 @@
 
     y [M, K] @ W -> [M, N] (bf16),  W[k, n] = q[n, k] * s[k // g, n],  q signed int4 in [-8, 7]
 
-The layout is the transpose of `quant_formats` (`w_t: [N, K] int4`, K contiguous per output
-channel; `scales: [K // g, N] f32`), built once by `to_hopper_layout` from the portable
-`[K // 2, N]` packing. It is swapped-operand: the kernel computes `y^T = W^T x^T`, so the weights
-are wgmma's A operand and the few activation rows (M, padded to a multiple of 8) its N dimension.
+It is swapped-operand: the kernel computes `y^T = W^T x^T`, so the weights are wgmma's A operand
+(64 output channels x one group per wgmma) and the few activation rows (M, read as a multiple of
+8: TMA fills the rows past M with zeros) its N dimension.
 
-One CTA owns `64 * consumers` output channels (128 by default) and one of `splits` runs of K:
-- a producer warpgroup streams `[rows, tile_k]` int4 weight tiles, the matching
-  `[M_pad, tile_k]` activation tile and the `[tile_k // g, rows]` scales into a ring of
-  `num_stages` slots with TMA;
-- consumer warpgroups, 64 channels each, load each group's `[64, g]` int4 tile from shared memory
-  straight into the wgmma operand registers (Mosaic GPU's int4 -> bf16 upcast: a few integer ops
-  per 8 values, no conversion instructions), run `[64, g] @ [g, M_pad]` on the tensor cores into a
-  fresh f32 accumulator per group, and fold it into the running sum with the group's scale
-  (`acc += partial * s`; exact: the codes are small integers in bf16). A step's groups are all
-  issued before any is awaited, so converting one overlaps the tensor cores' work on another.
-The per-split f32 partials `[splits, N, M_pad]` are summed (and transposed) by one small XLA fusion.
+The weight layout (`to_hopper_layout`, built once from the portable `[K // 2, N]` packing) is
+`words: [N // 64, K // g, g // 16, 128] int32`: the unsigned codes `q + 8`, eight to a word, each
+`[64, g]` tile of (channels, group) as 8 g contiguous words in the order the consumer threads
+hold the wgmma operand (`_word_map`, read off Mosaic GPU's WGMMA layout; `pack_codes` applies it
+as a transpose of index bits). A thread fetches its words with 128-bit shared-memory loads
+(consecutive threads, consecutive 16 bytes) and turns each word into four bf16 pairs with one
+`lop3` and one `sub.bf16x2` a pair (`_unpack_to_operand`): no shuffles and no permutes, which the
+generic int4 upcast into the operand layout needs (two shuffles, two permutes and three ops a
+pair per word; that upcast, on `[N, K]` int4 weights, was this kernel's previous form).
+`scales: [K // g, N] f32`.
 
-`interpret=True` runs the kernel in Pallas's GPU interpret mode on a CPU, with the dequantized
-weight tile staged through shared memory (the interpreter's wgmma reads both operands from there).
+Schedule (`Schedule`, stream-K): the work is (row block of `64 * consumers` channels, K step)
+units; each of `min(132, units)` CTAs streams an equal run of them through one TMA ring:
+- a producer warpgroup streams the `[rows, tile_k]` weight words, the `[M_pad, tile_k]`
+  activation tile and the `[tile_k // g, rows]` scales into `num_stages` slots;
+- consumer warpgroups, 64 channels each, convert each group's codes into the wgmma operand in
+  registers, run `[64, g] @ [g, M_pad]` on the tensor cores into a fresh f32 accumulator per
+  group, and fold it into the running sum with the group's scale (`acc += partial * s`; exact:
+  the codes are small integers in bf16). A step's groups are all issued before any is awaited,
+  so converting one overlaps the tensor cores' work on another;
+- where a row block ends (or the CTA's run does) the consumers store the partial sum in the
+  CTA's slot for it; one small XLA fusion then adds each block's slots in a fixed order and
+  transposes. Deterministic, unlike adding in place with TMA reductions.
 
-Measured on one H100 (bench/results/matmul_h100_int4_hopper*.json*; g128, 4096x14336 and
-14336x4096, M = 1, 4, 16): 16.5-19 us, 2.35-2.37x the bf16 XLA dot and 0.53-0.60 of the HBM copy
-bandwidth on the packed bytes (the Triton kernel: 0.38-0.45). Two or four consumer warpgroups,
-tile_k 256 or 512 and 3-6 stages all land within 10%: the limit is not the conversion's latency
-nor the bytes in flight per SM (both varied).
+`interpret=True` runs the kernel in Pallas's GPU interpret mode on a CPU: the same words and ring,
+the operand unpacked by `_word_map` in jnp and staged through shared memory (the interpreter runs
+no inline Mosaic GPU and its wgmma reads both operands from shared memory), x padded in XLA.
 
-Where the time goes (one H100, M = 1, profiler kernel time per call): this kernel 16.5 us at
-4096x14336 and 15.8 us at 14336x4096; an XLA reduction over the same 29.4 MB of packed weights
-11.4-11.6 us (0.84-0.85 of copy bandwidth); the TMA ring alone (consumers only wait for each slot
-and release it) 12.1-12.7 us. Neither the grid's waves nor the weights' order in memory is the
-limit: a persistent stream-K schedule (132 CTAs, each streaming an equal run of (row block, K step)
-units and adding its partial sums with TMA reductions) and weights stored with each [128, 512] tile
-as 32 KB of contiguous bytes both measured within 4% of this kernel. What is left is the ~4 us the
-consumers add on top of the ring.
+Measured on one H100 (`python3 -m pallax.bench.matmul --skip fp8`, in
+bench/results/matmul_h100_int4_hopper.json; g128, 4096x14336 and 14336x4096, M = 1, 4, 16, four
+weight copies so nothing stays in L2): 15.2-16.4 us, 2.48-2.76x the bf16 XLA dot and 0.61-0.65 of
+the HBM copy bandwidth on the packed bytes (the previous upcast: 17.0-18.0 us, 2.35x, 0.55-0.58;
+the Triton kernel, tuned in the same run: 0.39-0.46 at 4096x14336).
+- The words layout alone cut the profiler kernel time at M = 1 from 14.2 to 10.8 us (4096x14336)
+  and from 13.0 to 10.0 us (14336x4096), with the weights warm in L2; dropping the `sub` too
+  (wrong numbers, timing only) saves another 0.5-0.7 us. From HBM the kernel is now bound by the
+  weight stream: the TMA ring alone measured 12.1-12.7 us, an XLA reduction over the same
+  29.4 MB 11.4-11.6 us (0.85 of copy bandwidth).
+- Stream-K against split-K by whole runs (`BlockSizes(ctas=tiles * splits)`, same kernel), four
+  copies, device time: the fused q/k/v (4096x6144, 96 split-K CTAs) 9.2 -> 8.6 us, gate/up
+  (4096x28672, 224 CTAs: 1.7 waves) 28.2 -> 26.1 us, 4096x4096 6.5 -> 5.7 us at M = 1; the two
+  square-ish 8B shapes within noise (+-1 us).
+- In the Llama-3-8B batch-1 decode step (int4 weights and head; `bench.step_anatomy --quantize
+  int4 --quantize-head --profile`): the 129 int4 calls take 1.81 ms of 2.78 ms of device time,
+  0.74 of copy bandwidth over their 4 GB.
 
-That time is not the per-step wgmma wait. Two pipelines that never wait on the step just issued
-measured slower (profiler kernel time, the four shapes with M = 1 and 16; this kernel 15.6-17.5 us):
-- the scale folded into the A operand (`a = upcast(q) * s` in bf16), every group and step
-  accumulating into one f32 accumulator, and each slot released one step late, after
-  `wgmma_wait(groups of this step)`: 17.0-19.1 us, 1.4-1.9 us slower at tile_k 512, and no better
-  at tile_k 256 with 6 stages or when releasing after the next step's first group. Without the
-  scale multiply (wrong numbers, timing only) still 16.6-18.6 us: the multiply costs 0.3-0.9 us
-  (one bf16x2 op per two weights on top of the conversion's three), the new schedule the rest;
-- per-group partial accumulators kept as now, each group's partial folded in (with its scale) once
-  the next step's wgmma on it is issued (`wgmma_wait(groups - 1)`), slots released a step late:
-  16.4-16.8 us at M = 1, 29-31 us at M = 16 (tile_k 512; its registers overflow), 16.4-18.2 us at
-  tile_k 256.
+Earlier experiments, on the previous upcast (profiler kernel time, M = 1 and 16, 15.6-17.5 us):
+- folding the scale into the A operand (`a = upcast(q) * s`), one accumulator for every group
+  and step, slots released a step late: 1.4-1.9 us slower;
+- per-group partials folded in one step late (`wgmma_wait(groups - 1)`): no faster at M = 1,
+  29-31 us at M = 16 (registers overflow).
 """
 
 from __future__ import annotations

@@ -375,3 +375,31 @@ def test_int4_hopper_errors():
         i4h.BlockSizes(consumers=5)
     with pytest.raises(ValueError, match="tile_k"):
         i4h.BlockSizes(tile_k=192)
+
+
+@pytest.mark.parametrize("k,n,blocks,num_sms", [
+    (4096, 14336, i4h.BlockSizes(), 132),  # 112 row blocks x 16 steps over 132 CTAs
+    (1280, 256, i4h.BlockSizes(tile_k=256), 4),
+    (512, 1024, i4h.BlockSizes(tile_k=256, consumers=4), 132),  # fewer units than SMs
+    (4096, 4096, i4h.BlockSizes(ctas=96), 132),  # split-K by whole runs
+])
+def test_int4_hopper_schedule_covers_every_unit_once(k, n, blocks, num_sms):
+    """Stream-K: every (row block, K step) unit is streamed by exactly one CTA, the runs differ by
+    at most one unit, and every row block's partial sums are gathered from the slots of exactly
+    the CTAs that touched it."""
+    sched = i4h.Schedule.make(k, n, blocks, num_sms)
+    tiles, steps = n // blocks.rows, k // blocks.tile_k
+    assert sched.units == tiles * steps and sched.ctas == min(blocks.ctas or num_sms, sched.units)
+    runs = [range(c * sched.units // sched.ctas, (c + 1) * sched.units // sched.ctas)
+            for c in range(sched.ctas)]
+    assert sorted(u for r in runs for u in r) == list(range(sched.units))
+    assert max(map(len, runs)) - min(map(len, runs)) <= 1
+    slots = sched.slots_of_blocks
+    empty = sched.ctas * sched.flushes
+    for block in range(tiles):
+        touching = [c for c, r in enumerate(runs) if any(u // steps == block for u in r)]
+        got = [s for s in slots[block] if s != empty]
+        assert [s // sched.flushes for s in got] == touching
+        for s in got:  # slot j of CTA c is the j-th row block that CTA touches
+            c, j = divmod(int(s), sched.flushes)
+            assert sched.row_blocks(c)[j] == block
