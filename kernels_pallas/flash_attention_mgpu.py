@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas._mgpu_common import rendezvous_of, stream_ring
 
 LOG2E = math.log2(math.e)
 _DTYPES = (jnp.bfloat16, jnp.float16)
@@ -77,12 +78,6 @@ def smem_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2) -> int:
     """Shared memory of one CTA: Q/O tiles, the K/V ring, the lse rows and the barriers."""
     tiles = (2 * blocks.block_q + 2 * blocks.num_stages * blocks.block_kv) * head_dim * itemsize
     return tiles + 2 * blocks.block_q * 4 + 8 * (3 + 4 * blocks.num_stages)
-
-
-def rendezvous_of(turn) -> None:
-    """Two warpgroups meet: each arrives on the two-party barrier `turn`, then waits for the other."""
-    plgpu.barrier_arrive(turn)
-    plgpu.barrier_wait(turn)
 
 
 def applies(q, k, *, causal: bool, has_segments: bool, blocks: BlockSizes = BlockSizes()) -> bool:
@@ -229,24 +224,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, causal: bool, sm_scale: floa
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
-            for i in range(stages):
-                @pl.when(i < cta_steps)
-                def _():
-                    load(jnp.int32(i), i)
-
-            @pl.loop(stages, cta_steps)
-            def _refill(j):
-                slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                load(j, slot)
-
-            @pl.loop(jnp.maximum(cta_steps - stages, 0) if causal else max(n_kv - stages, 0),
-                     cta_steps)
-            def _drain(j):  # the consumers' last releases (observe every phase: no stale parity)
-                slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
+            stream_ring(load, cta_steps, stages, k_free, v_free)
 
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     pl.run_scoped(
@@ -272,7 +250,7 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, sm_scale: float,
     """out [B, T, H, D] (dtype of q) and lse [B, H, T] (f32, base 2) for q [B, T, H, D],
     k/v [B, S, KVH, D]. Raises ValueError where `applies` is false."""
     B, T, H, D = q.shape
-    S, KVH = k.shape[1], k.shape[2]
+    KVH = k.shape[2]
     if not applies(q, k, causal=causal, has_segments=False, blocks=blocks):
         raise ValueError(
             f"flash_attention_mgpu needs bf16/f16, head_dim in {_HEAD_DIMS}, T % {2 * blocks.block_q}"

@@ -61,7 +61,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels_pallas import dispatch
-from pallax.kernels_pallas.flash_attention_mgpu import _DTYPES, LOG2E, rendezvous_of
+from pallax.kernels_pallas._mgpu_common import rendezvous_of, stream_ring
+from pallax.kernels_pallas.flash_attention_mgpu import _DTYPES, LOG2E
 
 _BQ = 64  # query rows per pipeline step, and keys per consumer warpgroup (one wgmma M tile)
 _BKV = 2 * _BQ  # keys per CTA
@@ -281,20 +282,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot],
                                         do_ready.at[slot])
 
-            for s in range(stages):
-                @pl.when(s < total)
-                def _():
-                    load(jnp.int32(s), s)
-
-            @pl.loop(stages, total)
-            def _refill(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(free.at[slot])
-                load(i, slot)
-
-            @pl.loop(jnp.maximum(total - stages, 0), total)
-            def _drain(i):  # the consumers' last releases (observe every phase: no stale parity)
-                plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
+            stream_ring(load, total, stages, free)
 
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     pl.run_scoped(
@@ -322,7 +310,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_
 
 def _check(q, k, v, lse, do, *, causal, blocks, with_dq, name):
     B, T, H, D = q.shape
-    S, KVH = k.shape[1], k.shape[2]
+    KVH = k.shape[2]
     if not applies(q, k, causal=causal, has_segments=False, blocks=blocks, with_dq=with_dq):
         raise ValueError(
             f"{name} needs bf16/f16, head_dim in {_HEAD_DIMS}, T % {_BQ} == 0, S % {_BKV} == 0,"

@@ -76,6 +76,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas._mgpu_common import stream_ring
 from pallax.kernels_pallas._matmul_common import round_up
 from pallax.kernels_pallas.quant_formats import check_group_size, dequantize_int4
 
@@ -388,17 +389,10 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
             plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
 
             # The ring runs on across row blocks: only the tiles' offsets change.
-            @pl.loop(0, n_units)
-            def _load(i):
+            def load(i, slot):
                 u = u0 + i
-                slot = lax.rem(i, jnp.int32(stages))
                 block = lax.div(u, sched.steps)
                 k0 = lax.rem(u, sched.steps) * tile_k
-
-                @pl.when(i >= stages)
-                def _():
-                    plgpu.barrier_wait(free.at[slot])
-
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)],
                                         w_smem.at[slot], ready.at[slot])
                 plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, m_pad), pl.ds(k0, tile_k)], x_smem.at[slot],
@@ -407,9 +401,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                     s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)],
                     s_smem.at[slot], ready.at[slot])
 
-            @pl.loop(jnp.maximum(n_units - stages, 0), n_units)
-            def _drain(i):  # observe the last releases (no stale barrier phases)
-                plgpu.barrier_wait(free.at[lax.rem(i, jnp.int32(stages))])
+            stream_ring(load, n_units, stages, free)
 
     pl.run_scoped(
         body,
