@@ -40,7 +40,7 @@ import zipfile
 from pathlib import Path
 
 
-from pallax.bench.common import emit, environment, table
+from pallax.bench.common import emit, environment, kernel_profile, table
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "speculative_humaneval.json"
 
@@ -193,22 +193,39 @@ def speed(args, out=None) -> list[dict]:
             if r.get("bench") == "speculative_acceptance":
                 acc[r["drafter"], r["k"]] = r["tokens_per_target_step"]
     target, draft = random_llm(preset(args.target_preset)), random_llm(preset(args.draft_preset), seed=1)
-    model = f"{args.target_preset} random bf16 (draft {args.draft_preset})"
+    if args.draft_int4:
+        from pallax.model.quantize import quantize
+
+        draft = quantize(draft, "int4", group_size=128, quantize_head=True)
+    model = f"{args.target_preset} random bf16 (draft {args.draft_preset}{' int4 g128' if args.draft_int4 else ''})"
     # a repeating prompt: the lookup always finds k tokens to propose (random weights reject them)
     prompt = list(range(100, 164)) * 4
     records = []
     eng = _engine(target, draft)
+
+    def profiled(**spec) -> dict:
+        """Device busy time against wall time per token of one request, from a profiler trace."""
+        if not args.profile:
+            return {}
+        p = kernel_profile(lambda: _tokens_per_s(eng, prompt, args.max_tokens, repeats=0, **spec), 1)
+        n = args.max_tokens
+        return dict(profiled_wall_ms_per_token=p["wall_us"] / n / 1e3, busy_ms_per_token=p["busy_us"] / n / 1e3,
+                    kernels_per_token=p["kernel_launches"] / n)
+
     plain = _tokens_per_s(eng, prompt, args.max_tokens)
-    record(dict(bench="speculative_speed", model=model, mode="plain", batch=1, tokens_per_s=plain, **environment()))
+    record(dict(bench="speculative_speed", model=model, mode="plain", batch=1, tokens_per_s=plain, **profiled(),
+                **environment()))
     for name in ("ngram", "draft"):
         for k in args.k:
-            tps = _tokens_per_s(eng, prompt, args.max_tokens, speculative=name, num_draft_tokens=k)
+            spec = dict(speculative=name, num_draft_tokens=k)
+            tps = _tokens_per_s(eng, prompt, args.max_tokens, **spec)
             per_round = acc.get((name, k))
             record(dict(
                 bench="speculative_speed", model=model, mode=name, k=k, batch=1, tokens_per_s=tps,
                 round_s=1 / tps, plain_step_s=1 / plain, round_cost_in_plain_steps=plain / tps,
                 tokens_per_target_step_cpu=per_round,
-                expected_speedup=None if per_round is None else per_round * tps / plain, **environment()))
+                expected_speedup=None if per_round is None else per_round * tps / plain, **profiled(**spec),
+                **environment()))
     if not args.skip_smollm:
         for r in smollm_end_to_end(args):
             record(r)
@@ -220,12 +237,16 @@ def real_pair(args, out=None) -> list[dict]:
     greedy first, then each of `--modes` (`ngram`; `draft-bf16`; `draft-int4`, the same draft in
     int4 g128 with an int4 head) at each k. Per mode: decode tokens/s (from each request's first
     token, which the prefill step makes, to its last), the speedup over plain, the engine's
-    acceptance counters, and how many outputs equal plain greedy's token for token."""
+    acceptance counters, and how many outputs equal plain greedy's token for token. A request during
+which a program compiled (a prompt length bucket first seen) runs again, and the rerun counts."""
+    import jax
+
     import pallax
     from pallax.decode.requests import Request, SamplingParams
     from pallax.decode.scheduler import EngineConfig
     from pallax.model.quantize import quantize
 
+    BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
     target = pallax.load(args.target, dtype="bfloat16")
     drafts = {}
     for fmt in [m.split("-", 1)[1] for m in args.modes if m.startswith("draft-")]:
@@ -235,6 +256,9 @@ def real_pair(args, out=None) -> list[dict]:
     prompts = [list(target.tokenizer.encode(p)) for p in humaneval_prompts(args.humaneval, args.prompts)]
     eng = target.engine(EngineConfig(max_seqs=1, token_budget=256, num_pages=256, decode_steps=4,
                                      max_draft_tokens=max(args.k), adaptive_draft=False, prefix_caching=False))
+    compiles = [0]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.__setitem__(0, compiles[0] + (event == BACKEND_COMPILE_EVENT)))
     modes = [("plain", None, 0)]
     for m in args.modes:
         name, _, fmt = m.partition("-")
@@ -245,21 +269,26 @@ def real_pair(args, out=None) -> list[dict]:
             eng.attach_draft_model(drafts[fmt], num_pages=256)
         spec = dict(speculative=name, num_draft_tokens=k) if k else {}
 
-        def run(i, ids):
+        def run(i, ids, again=True):
             got, first = [], []
 
             def on_output(o):
                 first or first.append(time.perf_counter())
                 got.append(o)
 
-            eng.submit(Request(f"{name}-{fmt}-{k}-{i}", ids, SamplingParams(max_tokens=args.max_tokens, **spec)),
+            seen = compiles[0]
+            eng.submit(Request(f"{name}-{fmt}-{k}-{i}-{again}", ids, SamplingParams(max_tokens=args.max_tokens, **spec)),
                        on_output)
             eng.run_until_idle()
+            if again and compiles[0] != seen:  # a program compiled on the way (a new length bucket): not timed
+                reruns[0] += 1
+                return run(i, ids, again=False)
             return [t for o in got for t in o.token_ids], time.perf_counter() - first[0]
 
+        reruns = [0]
         for i in range(2):  # compiles this mode's programs
             run(-1 - i, prompts[i])
-        before = eng.stats()
+        before, reruns = eng.stats(), [0]
         outs, secs = zip(*(run(i, ids) for i, ids in enumerate(prompts)))
         after = eng.stats()
         tokens = sum(len(o) - 1 for o in outs)
@@ -273,7 +302,8 @@ def real_pair(args, out=None) -> list[dict]:
                  decode_tokens=tokens, tokens_per_s=tps, speedup=tps / plain["tps"],
                  acceptance_rate=accepted / drafted if drafted else None,
                  mean_accepted_length=(accepted + verified) / verified if verified else None,
-                 outputs_equal_plain=sum(a == b for a, b in zip(outs, plain["outs"])), **environment())
+                 outputs_equal_plain=sum(a == b for a, b in zip(outs, plain["outs"])), reruns=reruns[0],
+                 **environment())
         emit(r)
         if out:
             with open(out, "a") as f:
@@ -318,6 +348,9 @@ def main(argv=None) -> None:
     ap.add_argument("--draft-preset", default="qwen2.5-0.5b")
     ap.add_argument("--modes", nargs="+", default=["ngram", "draft-bf16"],
                     choices=["ngram", "draft-bf16", "draft-int4"], help="real: what runs after plain")
+    ap.add_argument("--draft-int4", action="store_true", help="speed: the random draft in int4 g128, head too")
+    ap.add_argument("--profile", action="store_true",
+                    help="speed: also device busy time per token, from a profiler trace of one request")
     ap.add_argument("--skip-smollm", action="store_true", help="speed: no SmolLM2 end-to-end run")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
