@@ -342,9 +342,11 @@ def test_hopper_layout_converts_what_the_kernel_takes():
         return Int4Weight.quantize(w, g, symmetric=symmetric)
 
     params = {"a": int4(512, 256), "asym": int4(512, 256, symmetric=False),
-              "narrow": int4(512, 96, g=32), "dense": jnp.ones((4, 4))}
+              "narrow": int4(512, 96, g=32), "dense": jnp.ones((4, 4)),
+              "k384": int4(384, 128)}  # K % 256 != 0 (as Qwen2.5-0.5B's 896): 128-wide steps
     out = hopper_layout(params)
-    assert isinstance(out["a"], Int4HopperWeight)
+    assert isinstance(out["a"], Int4HopperWeight) and isinstance(out["k384"], Int4HopperWeight)
+    assert i4h.blocks_for(384).tile_k == 128 and i4h.blocks_for(512).tile_k == 256
     assert isinstance(out["asym"], Int4Weight) and isinstance(out["narrow"], Int4Weight)
     assert out["dense"] is params["dense"]
     back = portable_layout(out)
