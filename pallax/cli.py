@@ -1,6 +1,7 @@
 """The `pallax` command line.
 
     pallax generate "prompt" [--chat] [--max-tokens N] [--temperature T] [--model M]
+                    [--speculative ngram|draft] [--draft-model D] [--num-draft-tokens K]
     pallax info [MODEL]
     pallax serve [--model M] [--host H] [--port P] [--metrics-port P]
     pallax client generate --server HOST:PORT "prompt"
@@ -22,7 +23,8 @@ def _cmd_generate(args) -> int:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     finish = None
     for delta in llm.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, speculative=args.speculative,
+                            draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
         finish = delta.finish_reason
@@ -90,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    g.add_argument("--speculative", choices=["ngram", "draft"], default=None,
+                   help="speculative decoding: prompt lookup, or a draft model (--draft-model)")
+    g.add_argument("--draft-model", default=None, help="with --speculative draft: a smaller model, same tokenizer")
+    g.add_argument("--num-draft-tokens", type=int, default=4, help="drafts per verification")
     g.set_defaults(func=_cmd_generate)
 
     i = sub.add_parser("info", help="describe a model file: architecture, parameters, bytes, quantization")

@@ -1,6 +1,6 @@
 """`pallax serve` and `pallax client ...` subcommands (hooked into `pallax/cli.py`).
 
-    pallax serve [--model M] [--host 127.0.0.1] [--port 50051] [--metrics-port 9400] [--mock]
+    pallax serve [--model M] [--draft-model D] [--host 127.0.0.1] [--port 50051] [--metrics-port 9400] [--mock]
     pallax client generate --server HOST:PORT "prompt" [--chat] [--stream] [--max-tokens N] ...
     pallax client tokenize|models|stats|health --server HOST:PORT
 """
@@ -31,7 +31,8 @@ def _engine_config(args):
 
     base = api._default_engine_config() if hasattr(api, "_default_engine_config") else EngineConfig()
     given = {k: v for k, v in (("max_seqs", args.max_seqs), ("num_pages", args.num_pages),
-                               ("page_size", args.page_size), ("max_queue", args.max_queue)) if v is not None}
+                               ("page_size", args.page_size), ("max_queue", args.max_queue),
+                               ("max_draft_tokens", args.max_draft_tokens)) if v is not None}
     return dataclasses.replace(base, **given)
 
 
@@ -44,6 +45,8 @@ def _cmd_serve(args) -> int:
     setup_json_logging(getattr(logging, args.log_level.upper()))
     kwargs = {}
     if args.mock:
+        if args.draft_model:
+            raise ValueError("--draft-model needs a model to serve, not --mock")
         from pallax.rpc.mock_engine import MockEngine
 
         engine = MockEngine(tick_s=args.mock_tick_ms / 1e3, max_running=args.max_running,
@@ -53,6 +56,8 @@ def _cmd_serve(args) -> int:
 
         llm = pallax.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
         engine = llm.engine(_engine_config(args))  # a Scheduler of its own, started by the server
+        if args.draft_model:  # before the server starts the engine, so warm-up compiles its programs
+            engine.attach_draft_model(pallax.load(args.draft_model, dtype=args.dtype, progress=sys.stderr.isatty()))
         kwargs["tokenizer"] = llm.tokenizer
     run(engine, args.host, args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
@@ -74,6 +79,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: from free memory)")
     s.add_argument("--page-size", type=int, default=None, help="tokens per KV page")
     s.add_argument("--max-queue", type=int, default=None, help="waiting requests before RESOURCE_EXHAUSTED")
+    s.add_argument("--draft-model", default=None,
+                   help='a smaller model with the same tokenizer, for requests with speculative="draft"')
+    s.add_argument("--max-draft-tokens", type=int, default=None,
+                   help="the most drafts a speculative request may verify per step (0: no speculation)")
     s.add_argument("--mock", action="store_true", help="serve the echo mock engine instead of a model (no JAX)")
     s.add_argument("--mock-tick-ms", type=float, default=2.0, help="mock engine: milliseconds per decode step")
     s.add_argument("--max-running", type=int, default=32, help="mock engine: sequences decoded at once")
@@ -111,7 +120,8 @@ def _cmd_generate(args) -> int:
     from google.protobuf.json_format import MessageToDict
 
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    seed=args.seed, stop=args.stop or None, logprobs=args.logprobs or None)
+                    seed=args.seed, stop=args.stop or None, logprobs=args.logprobs or None,
+                    speculative=args.speculative, num_draft_tokens=args.num_draft_tokens)
     prompt = dict(messages=_messages(args)) if args.chat else dict(prompt=args.prompt)
     with _client(args) as c:
         if args.stream and not args.json:
@@ -190,6 +200,9 @@ def add_client_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--logprobs", type=int, default=0)
+    g.add_argument("--speculative", choices=["ngram", "draft"], default=None,
+                   help="speculative decoding: prompt lookup, or the server's draft model")
+    g.add_argument("--num-draft-tokens", type=int, default=None, help="drafts per verification (default 4)")
     g.add_argument("--json", action="store_true", help="print responses as JSON lines")
     g.set_defaults(func=_guarded(_cmd_generate))
 

@@ -271,6 +271,8 @@ class Servicer:
             stop_token_ids=tuple(sp.stop_token_ids),
             ignore_eos=sp.ignore_eos,
             logprobs=sp.logprobs,
+            speculative=sp.speculative or None,
+            num_draft_tokens=sp.num_draft_tokens or SamplingParams.num_draft_tokens,
         )
         try:
             params.validate(self.engine.vocab_size)

@@ -178,6 +178,9 @@ _INVALID = [
     ("empty stop string", dict(prompt="a", stop=[""]), "sampling.stop"),
     ("stop token outside vocab", dict(prompt="a", stop_token_ids=[259]), "sampling.stop_token_ids"),
     ("unknown adapter", dict(prompt="a", adapter="nope"), "adapter"),
+    ("unknown drafter", dict(prompt="a", speculative="tree"), "sampling.speculative"),
+    ("17 drafts", dict(prompt="a", speculative="ngram", num_draft_tokens=17), "sampling.num_draft_tokens"),
+    ("drafts with a penalty", dict(prompt="a", speculative="ngram", repetition_penalty=1.3), "sampling.speculative"),
     ("token id == vocab", dict(token_ids=[100, 259]), "token_ids[1]"),
     ("negative token id", dict(token_ids=[-1]), "token_ids[0]"),
     ("empty role", dict(messages=[{"role": "", "content": "x"}]), "messages[0].role"),
@@ -233,6 +236,22 @@ def test_message_size_limit(client):
     code, _ = code_of(lambda: client.generate("x" * (2 << 20), max_tokens=1))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert client.generate("ok", max_tokens=3).text == "oko"
+
+
+def test_speculative_fields_reach_the_engine_and_the_cli():
+    """The wire fields become the engine request's SamplingParams (num_draft_tokens 0: the
+    default 4), and `pallax serve` refuses a draft model for the mock engine with a clear error."""
+    from pallax.cli import main
+    from pallax.rpc.metrics import ServerMetrics
+    from pallax.rpc.server import Servicer
+
+    eng = MockEngine()
+    servicer = Servicer(eng, MockTokenizer(), ServerMetrics(eng))
+    req = servicer.to_request(build_request("abc", max_tokens=2, speculative="ngram", num_draft_tokens=6), "r", None)
+    assert req.sampling.speculative == "ngram" and req.sampling.num_draft_tokens == 6
+    req = servicer.to_request(build_request("abc", max_tokens=2), "r", None)
+    assert req.sampling.speculative is None and req.sampling.num_draft_tokens == 4
+    assert main(["serve", "--mock", "--draft-model", "smollm2-135m-instruct"]) == 2
 
 
 def test_unknown_fields_can_be_allowed():

@@ -39,7 +39,7 @@ def llm():
 def server(llm):
     # the library's CPU-sized pool (a few full contexts), its own instance beside llm.generate's
     engine = scheduler.Scheduler(llm, scheduler.EngineConfig(max_seqs=8, token_budget=256, num_pages=512,
-                                                             decode_steps=4, max_queue=64))
+                                                             decode_steps=4, max_queue=64, max_draft_tokens=4))
     bg = BackgroundServer(engine, tokenizer=llm.tokenizer, metrics_port=0)
     try:
         bg.wait_ready(timeout=900)
@@ -101,6 +101,23 @@ def test_invalid_requests_on_the_real_engine(client, llm):
             client.generate(**kwargs)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(field)
     assert client.generate("The capital of France is", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_speculative_requests_give_library_greedy(client, llm):
+    """`sampling.speculative` reaches the serving loop: n-gram drafting (unary and streaming) yields
+    the plain greedy tokens and the drafts show in the stats; a drafter the server lacks is refused."""
+    prompt = "def add(a, b):\n    return a + b\n\n\ndef add3(a, b, c):\n"
+    want = llm.generate(prompt, max_tokens=24, temperature=0.0)[0]
+    before = client.stats().values.get("spec_ngram_draft_tokens", 0.0)
+    r = client.generate(prompt, max_tokens=24, speculative="ngram", num_draft_tokens=4)
+    assert list(r.token_ids) == want.token_ids and r.text == want.text
+    parts = list(client.stream(prompt, max_tokens=24, speculative="ngram", num_draft_tokens=3))
+    assert [t for p in parts for t in p.token_ids] == want.token_ids
+    assert client.stats().values["spec_ngram_draft_tokens"] > before
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate(prompt, max_tokens=4, speculative="draft")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("sampling.speculative") and "draft" in e.value.details()
 
 
 def test_soak_frees_every_page(server, client, llm):
