@@ -174,18 +174,22 @@ def _tokens_per_s(eng, prompt, max_tokens, repeats=3, **spec) -> float:
     return best
 
 
-def speed(args, out=None) -> list[dict]:
-    """Plain and speculative batch-1 speed on one engine (records are also appended to `out` as
-    they come)."""
-    from pallax.bench.decode import random_llm
-    from pallax.model.config import preset
-
+def _recorder(out, records: list):
+    """record(r): print r, append it to `records` and, as it comes, to the JSON lines file `out`."""
     def record(r):
         emit(r)
         if out:
             with open(out, "a") as f:
                 f.write(json.dumps(r) + "\n")
         records.append(r)
+    return record
+
+
+def speed(args, out=None) -> list[dict]:
+    """Plain and speculative batch-1 speed on one engine (records are also appended to `out` as
+    they come)."""
+    from pallax.bench.decode import random_llm
+    from pallax.model.config import preset
 
     acc = {}
     if args.acceptance:
@@ -201,6 +205,7 @@ def speed(args, out=None) -> list[dict]:
     # a repeating prompt: the lookup always finds k tokens to propose (random weights reject them)
     prompt = list(range(100, 164)) * 4
     records = []
+    record = _recorder(out, records)
     eng = _engine(target, draft)
 
     def profiled(**spec) -> dict:
@@ -248,11 +253,10 @@ which a program compiled (a prompt length bucket first seen) runs again, and the
 
     BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
     target = pallax.load(args.target, dtype="bfloat16")
-    drafts = {}
-    for fmt in [m.split("-", 1)[1] for m in args.modes if m.startswith("draft-")]:
-        drafts[fmt] = pallax.load(args.draft, dtype="bfloat16")
-        if fmt == "int4":
-            drafts[fmt] = quantize(drafts[fmt], "int4", group_size=128, quantize_head=True)
+    formats = [m.split("-", 1)[1] for m in args.modes if m.startswith("draft-")]
+    draft = pallax.load(args.draft, dtype="bfloat16") if formats else None
+    drafts = {fmt: draft if fmt == "bf16" else quantize(draft, "int4", group_size=128, quantize_head=True)
+              for fmt in formats}
     prompts = [list(target.tokenizer.encode(p)) for p in humaneval_prompts(args.humaneval, args.prompts)]
     eng = target.engine(EngineConfig(max_seqs=1, token_budget=256, num_pages=256, decode_steps=4,
                                      max_draft_tokens=max(args.k), adaptive_draft=False, prefix_caching=False))
@@ -264,6 +268,7 @@ which a program compiled (a prompt length bucket first seen) runs again, and the
         name, _, fmt = m.partition("-")
         modes += [(name, fmt or None, k) for k in args.k]
     records, plain = [], None
+    record = _recorder(out, records)
     for name, fmt, k in modes:
         if fmt and getattr(eng.drafters.get("draft"), "llm", None) is not drafts[fmt]:
             eng.attach_draft_model(drafts[fmt], num_pages=256)
@@ -288,7 +293,7 @@ which a program compiled (a prompt length bucket first seen) runs again, and the
         reruns = [0]
         for i in range(2):  # compiles this mode's programs
             run(-1 - i, prompts[i])
-        before, reruns = eng.stats(), [0]
+        before, reruns[0] = eng.stats(), 0
         outs, secs = zip(*(run(i, ids) for i, ids in enumerate(prompts)))
         after = eng.stats()
         tokens = sum(len(o) - 1 for o in outs)
@@ -304,11 +309,7 @@ which a program compiled (a prompt length bucket first seen) runs again, and the
                  mean_accepted_length=(accepted + verified) / verified if verified else None,
                  outputs_equal_plain=sum(a == b for a, b in zip(outs, plain["outs"])), reruns=reruns[0],
                  **environment())
-        emit(r)
-        if out:
-            with open(out, "a") as f:
-                f.write(json.dumps(r) + "\n")
-        records.append(r)
+        record(r)
     return records
 
 
