@@ -237,13 +237,21 @@ def speed(args, out=None) -> list[dict]:
     return records
 
 
+def _first_difference(a: list, b: list) -> int:
+    """The first position where token lists a and b differ (the shorter one's length if one is a
+    prefix of the other)."""
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def real_pair(args, out=None) -> list[dict]:
     """Batch-1 generation of the real pair on a GPU, every prompt once per mode, in one run: plain
     greedy first, then each of `--modes` (`ngram`; `draft-bf16`; `draft-int4`, the same draft in
     int4 g128 with an int4 head) at each k. Per mode: decode tokens/s (from each request's first
     token, which the prefill step makes, to its last), the speedup over plain, the engine's
-    acceptance counters, and how many outputs equal plain greedy's token for token. A request during
-which a program compiled (a prompt length bucket first seen) runs again, and the rerun counts."""
+    acceptance counters (and rounds with nothing drafted), and which outputs differ from plain
+    greedy's, from which token. `--dtype float32 --matmul-precision highest` takes rounding out of
+    that comparison. A request during which a program compiled (a prompt length bucket first seen)
+    runs again, and the rerun counts."""
     import jax
 
     import pallax
@@ -252,9 +260,11 @@ which a program compiled (a prompt length bucket first seen) runs again, and the
     from pallax.model.quantize import quantize
 
     BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-    target = pallax.load(args.target, dtype="bfloat16")
+    if args.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+    target = pallax.load(args.target, dtype=args.dtype)
     formats = [m.split("-", 1)[1] for m in args.modes if m.startswith("draft-")]
-    draft = pallax.load(args.draft, dtype="bfloat16") if formats else None
+    draft = pallax.load(args.draft, dtype=args.dtype) if formats else None
     drafts = {fmt: draft if fmt == "bf16" else quantize(draft, "int4", group_size=128, quantize_head=True)
               for fmt in formats}
     prompts = [list(target.tokenizer.encode(p)) for p in humaneval_prompts(args.humaneval, args.prompts)]
@@ -301,13 +311,22 @@ which a program compiled (a prompt length bucket first seen) runs again, and the
         if plain is None:
             plain = dict(tps=tps, outs=outs)
         counter = lambda key: after.get(f"spec_{name}_{key}", 0) - before.get(f"spec_{name}_{key}", 0)  # noqa: E731
-        verified, drafted, accepted = (counter(x) for x in ("verifications", "draft_tokens", "accepted_tokens"))
+        verified, drafted, accepted, empty = (counter(x) for x in ("verifications", "draft_tokens", "accepted_tokens",
+                                                                   "empty_rounds"))
+        differs = [i for i, (a, b) in enumerate(zip(outs, plain["outs"])) if a != b]
         r = dict(bench="speculative_real_pair", target=args.target, draft=args.draft if fmt else None,
+                 dtype=args.dtype, matmul_precision=args.matmul_precision,
                  draft_format=fmt, mode=name, k=k or None, batch=1, prompts=len(prompts), max_tokens=args.max_tokens,
                  decode_tokens=tokens, tokens_per_s=tps, speedup=tps / plain["tps"],
                  acceptance_rate=accepted / drafted if drafted else None,
                  mean_accepted_length=(accepted + verified) / verified if verified else None,
-                 outputs_equal_plain=sum(a == b for a, b in zip(outs, plain["outs"])), reruns=reruns[0],
+                 # rounds with nothing drafted yield one token and are not verifications
+                 empty_rounds=empty if name != "plain" else None,
+                 tokens_per_round=(accepted + verified + empty) / (verified + empty) if verified + empty else None,
+                 outputs_equal_plain=len(prompts) - len(differs), reruns=reruns[0],
+                 # the prompts whose output differs from plain greedy's, and the first token that does
+                 differs_from_plain=differs,
+                 first_difference=[_first_difference(outs[i], plain["outs"][i]) for i in differs],
                  **environment())
         record(r)
     return records
@@ -353,6 +372,10 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="speed: also device busy time per token, from a profiler trace of one request")
     ap.add_argument("--skip-smollm", action="store_true", help="speed: no SmolLM2 end-to-end run")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="real: the models' weights and activations")
+    ap.add_argument("--matmul-precision", default="default", choices=["default", "high", "highest"],
+                    help="real: jax_default_matmul_precision (highest: float32 matmuls without TF32)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.out:

@@ -305,7 +305,7 @@ class Scheduler:
                 "preemptions": self.counters.preemptions,
                 "finished": dict(self.counters.finished),
                 "spec_device_loops": c.spec_loops,
-                **_spec_stats("spec", [sum(v) for v in zip([0, 0, 0], *c.spec.values())]),
+                **_spec_stats("spec", [sum(v) for v in zip([0, 0, 0, 0], *c.spec.values())]),
                 **{k: v for name, counts in c.spec.items() for k, v in _spec_stats(f"spec_{name}", counts).items()},
             }
 
@@ -721,9 +721,12 @@ class Scheduler:
         self._count_drafts(seq, drafted, accepted)
 
     def _count_drafts(self, seq: Seq, drafted: int, accepted: int) -> None:
+        # [verifications, drafts, accepted drafts, empty rounds (nothing drafted: the target's
+        # token only, e.g. no earlier occurrence of the last token for the n-gram lookup)]
+        counts = self.counters.spec.setdefault(seq.req.sampling.speculative, [0, 0, 0, 0])
         if drafted == 0:
+            counts[3] += 1
             return
-        counts = self.counters.spec.setdefault(seq.req.sampling.speculative, [0, 0, 0])
         for i, n in enumerate((1, drafted, accepted)):
             counts[i] += n
         seq.accept_rate = 0.7 * seq.accept_rate + 0.3 * accepted / drafted
@@ -823,10 +826,11 @@ class Scheduler:
 
 def _spec_stats(prefix: str, counts) -> dict:
     """Acceptance rate: drafts accepted per draft proposed; mean accepted length: tokens a
-    verification yields (accepted drafts + the target's own token)."""
-    verified, drafted, accepted = counts
+    verification yields (accepted drafts + the target's own token); empty rounds: speculative
+    rounds with nothing drafted, which yield the target's token only and are not verifications."""
+    verified, drafted, accepted, empty = counts
     return {f"{prefix}_verifications": verified, f"{prefix}_draft_tokens": drafted,
-            f"{prefix}_accepted_tokens": accepted,
+            f"{prefix}_accepted_tokens": accepted, f"{prefix}_empty_rounds": empty,
             f"{prefix}_acceptance_rate": accepted / drafted if drafted else 0.0,
             f"{prefix}_mean_accepted_length": (accepted + verified) / verified if verified else 0.0}
 

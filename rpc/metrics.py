@@ -49,6 +49,7 @@ _SPEC = {  # stats() key suffix -> (metric, help, is a counter)
     "verifications": ("pallax_spec_verifications", "Speculative rows verified.", True),
     "draft_tokens": ("pallax_spec_draft_tokens", "Draft tokens proposed.", True),
     "accepted_tokens": ("pallax_spec_accepted_tokens", "Draft tokens accepted.", True),
+    "empty_rounds": ("pallax_spec_empty_rounds", "Speculative rounds with nothing drafted.", True),
     "acceptance_rate": ("pallax_spec_acceptance_rate", "Draft tokens accepted per draft token proposed.", False),
     "mean_accepted_length": ("pallax_spec_mean_accepted_length", "Tokens a verification yields on average.", False),
 }

@@ -413,6 +413,7 @@ def test_speculative_metrics_by_drafter():
             return {"spec_verifications": 5, "spec_acceptance_rate": 0.5,
                     "spec_ngram_verifications": 3, "spec_ngram_draft_tokens": 12, "spec_ngram_accepted_tokens": 3,
                     "spec_ngram_acceptance_rate": 0.25, "spec_ngram_mean_accepted_length": 2.0,
+                    "spec_ngram_empty_rounds": 4,
                     "spec_draft_verifications": 2, "spec_draft_acceptance_rate": 0.75}
 
     text = generate_latest(ServerMetrics(Engine(), CollectorRegistry()).registry).decode()
@@ -420,6 +421,7 @@ def test_speculative_metrics_by_drafter():
     assert 'pallax_spec_acceptance_rate{drafter="draft"} 0.75' in text
     assert 'pallax_spec_draft_tokens_total{drafter="ngram"} 12.0' in text
     assert 'pallax_spec_mean_accepted_length{drafter="ngram"} 2.0' in text
+    assert 'pallax_spec_empty_rounds_total{drafter="ngram"} 4.0' in text
     assert 'drafter=""' not in text and "pallax_spec_verifications_total{" in text
 
 

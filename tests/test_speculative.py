@@ -211,6 +211,26 @@ def test_rounds_on_device_are_exact(smollm_f32, reference, drafter):
     _assert_all_free(e)
 
 
+def test_rounds_with_nothing_drafted_are_counted(smollm_f32):
+    """A prompt whose last token never occurred before gives the n-gram lookup nothing to propose:
+    that round yields the target's token only, counts as an empty round and not as a
+    verification, on the device loop and in the usual step alike."""
+    ids = list(range(1000, 1020))  # all distinct: no earlier occurrence of the last token
+    for spec_rounds in (3, 0):
+        e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, decode_steps=1,
+                                           max_draft_tokens=4, spec_rounds=spec_rounds))
+        got, _ = _run(e, [ids], [SamplingParams(max_tokens=6, speculative="ngram", num_draft_tokens=4)],
+                      f"empty{spec_rounds}")
+        s = e.stats()
+        assert len(got[0]) == 6
+        assert s["spec_ngram_empty_rounds"] >= 1, s
+        assert s["spec_empty_rounds"] == s["spec_ngram_empty_rounds"]
+        # every generated token came from a verification or an empty round (accepted drafts
+        # aside); the first one comes from the prefill step
+        assert s["spec_ngram_empty_rounds"] + s["spec_ngram_verifications"] + s["spec_ngram_accepted_tokens"] == 5, s
+        _assert_all_free(e)
+
+
 def test_greedy_humaneval_mixed_batch(engine, smollm_f32):
     """HumanEval prompts, each plain, with n-gram drafts and with the draft model (the target
     itself: every greedy draft must be accepted), in one batch: speculative outputs equal plain."""
