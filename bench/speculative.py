@@ -145,13 +145,15 @@ def check_against_engine(target, draft, prompts, ys, args) -> list[dict]:
 
 
 # -- speed (GPU) --------------------------------------------------------------------------------
-def _engine(llm, draft=None):
-    """A batch-1 engine serving plain and speculative requests alike. Not warmed up: each
-    measurement's first, discarded run compiles the programs it needs, and only those."""
+def _engine(llm, draft=None, spec_rounds=None):
+    """A batch-1 engine serving plain and speculative requests alike (`spec_rounds`: rounds per
+    device loop call, None: the engine's default). Not warmed up: each measurement's first,
+    discarded run compiles the programs it needs, and only those."""
     from pallax.decode.scheduler import EngineConfig
 
+    rounds = {} if spec_rounds is None else {"spec_rounds": spec_rounds}
     eng = llm.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=64, decode_steps=4, max_draft_tokens=8,
-                                  adaptive_draft=False))
+                                  adaptive_draft=False, **rounds))
     if draft is not None:
         eng.attach_draft_model(draft, num_pages=64)
     return eng
@@ -206,7 +208,7 @@ def speed(args, out=None) -> list[dict]:
     prompt = list(range(100, 164)) * 4
     records = []
     record = _recorder(out, records)
-    eng = _engine(target, draft)
+    eng = _engine(target, draft, args.spec_rounds)
 
     def profiled(**spec) -> dict:
         """Device busy time against wall time per token of one request, from a profiler trace."""
@@ -227,6 +229,7 @@ def speed(args, out=None) -> list[dict]:
             per_round = acc.get((name, k))
             record(dict(
                 bench="speculative_speed", model=model, mode=name, k=k, batch=1, tokens_per_s=tps,
+                spec_rounds=eng.cfg.spec_rounds,
                 round_s=1 / tps, plain_step_s=1 / plain, round_cost_in_plain_steps=plain / tps,
                 tokens_per_target_step_cpu=per_round,
                 expected_speedup=None if per_round is None else per_round * tps / plain, **profiled(**spec),
@@ -376,6 +379,7 @@ def main(argv=None) -> None:
                     help="real: the models' weights and activations")
     ap.add_argument("--matmul-precision", default="default", choices=["default", "high", "highest"],
                     help="real: jax_default_matmul_precision (highest: float32 matmuls without TF32)")
+    ap.add_argument("--spec-rounds", type=int, help="speed: speculation rounds per device loop call")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.out:
