@@ -70,8 +70,9 @@ class EngineConfig:
     adaptive_draft: bool = True  # k follows each request's running acceptance rate (up to its k)
     # A lone greedy speculative request runs up to this many rounds per call on device
     # (`speculative.ngram_loop`, `draft_loop`) instead of one host round trip per round; 0: never.
-    # More rounds spread a call's dispatch and read-back (about 1.8 ms on an H100 with a 1.5B
-    # target) over more tokens, but a request arriving meanwhile waits for the call to end.
+    # More rounds spread a call's fixed cost (about 2.5 ms for n-gram calls on an H100 with a 1.5B
+    # target: dispatch, read-back) over more tokens, but a request arriving meanwhile waits for
+    # the call to end.
     spec_rounds: int = 8
 
     def seq_buckets(self) -> list[int]:
