@@ -322,7 +322,6 @@ class TestHopperBackward:
         """Hopper forward and dk/dv kernels (beside the Triton dq kernel), chosen by BlockSizes."""
         q, k, v, do = _inputs(1, 128, 128, 4, 2, 128, jnp.bfloat16)
         bs = BlockSizes(fwd_impl="mgpu", bwd_impl="mgpu")
-        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
         fn = lambda q, k, v: flash_attention(q, k, v, block_sizes=bs, interpret=True)  # noqa: E731
         grads = jax.vjp(fn, q, k, v)[1](do)
         for name, g, r in zip("qkv", grads, self._grads_reference(q, k, v, do, True)):
