@@ -52,6 +52,17 @@ the Triton kernel, tuned in the same run: 0.39-0.46 at 4096x14336).
   int4 --quantize-head --profile`): the 129 int4 calls take 1.81 ms of 2.78 ms of device time,
   0.74 of copy bandwidth over their 4 GB.
 
+Tried on this kernel and dropped:
+- the partial sums added in the kernel instead (an ordered stream-K fixup: the CTA holding a row
+  block's first unit waits on a GMEM semaphore for the block's other CTAs, adds their partials in
+  CTA order and writes y [M, N] with per-thread stores; `pl.get_global` semaphores, reset by the
+  owner's decrementing wait). Correct and deterministic on the H100 (g 64 and 128, M up to 64, 1
+  to 4 consumers, 20 repeated calls bit-identical), but slower: the kernel took 0.8 us more (the
+  owner's serial tail: wait, loads, stores), Pallas zero-fills the semaphores with one more
+  fusion per call, and the XLA sum it replaces fuses into the consumer anyway (in the benchmark,
+  into the sum of the four weight copies). Matmul 16.3-18.0 us against 14.7-15.9; Llama-3-8B
+  int4 decode 2.05x bf16 against 2.19x.
+
 Earlier experiments, on the previous upcast (profiler kernel time, M = 1 and 16, 15.6-17.5 us):
 - folding the scale into the A operand (`a = upcast(q) * s`), one accumulator for every group
   and step, slots released a step late: 1.4-1.9 us slower;
