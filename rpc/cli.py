@@ -22,6 +22,13 @@ def _token(args) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _engine_config(args):
     """The library's engine settings (CPU-sized on a CPU), with any flags given on top."""
     import dataclasses
@@ -32,7 +39,8 @@ def _engine_config(args):
     base = api._default_engine_config() if hasattr(api, "_default_engine_config") else EngineConfig()
     given = {k: v for k, v in (("max_seqs", args.max_seqs), ("num_pages", args.num_pages),
                                ("page_size", args.page_size), ("max_queue", args.max_queue),
-                               ("max_draft_tokens", args.max_draft_tokens)) if v is not None}
+                               ("max_draft_tokens", args.max_draft_tokens),
+                               ("spec_rounds", args.spec_rounds)) if v is not None}
     return dataclasses.replace(base, **given)
 
 
@@ -83,6 +91,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help='a smaller model with the same tokenizer, for requests with speculative="draft"')
     s.add_argument("--max-draft-tokens", type=int, default=None,
                    help="the most drafts a speculative request may verify per step (0: no speculation)")
+    s.add_argument("--spec-rounds", type=_non_negative, default=None,
+                   help="speculation rounds a lone greedy speculative request runs per device call (default 8;"
+                        " more spread each call's fixed cost over more tokens, but a request arriving"
+                        " meanwhile waits for the call to end; 0: one round per step)")
     s.add_argument("--mock", action="store_true", help="serve the echo mock engine instead of a model (no JAX)")
     s.add_argument("--mock-tick-ms", type=float, default=2.0, help="mock engine: milliseconds per decode step")
     s.add_argument("--max-running", type=int, default=32, help="mock engine: sequences decoded at once")

@@ -254,6 +254,20 @@ def test_speculative_fields_reach_the_engine_and_the_cli():
     assert main(["serve", "--mock", "--draft-model", "smollm2-135m-instruct"]) == 2
 
 
+def test_serve_engine_flags_reach_the_engine_config():
+    import argparse
+
+    from pallax.rpc.cli import _engine_config, add_serve_parser
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    cfg = _engine_config(parser.parse_args(["serve", "--spec-rounds", "32", "--max-draft-tokens", "6"]))
+    assert cfg.spec_rounds == 32 and cfg.max_draft_tokens == 6
+    assert _engine_config(parser.parse_args(["serve"])).spec_rounds == 8  # the engine's default
+    with pytest.raises(SystemExit):  # argparse: "--spec-rounds: must be >= 0, got -1"
+        parser.parse_args(["serve", "--spec-rounds", "-1"])
+
+
 def test_unknown_fields_can_be_allowed():
     bg = BackgroundServer(MockEngine(), reject_unknown_fields=False)
     try:
