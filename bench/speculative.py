@@ -271,8 +271,10 @@ def real_pair(args, out=None) -> list[dict]:
     drafts = {fmt: draft if fmt == "bf16" else quantize(draft, "int4", group_size=128, quantize_head=True)
               for fmt in formats}
     prompts = [list(target.tokenizer.encode(p)) for p in humaneval_prompts(args.humaneval, args.prompts)]
+    rounds = {} if args.spec_rounds is None else {"spec_rounds": args.spec_rounds}
     eng = target.engine(EngineConfig(max_seqs=1, token_budget=256, num_pages=256, decode_steps=4,
-                                     max_draft_tokens=max(args.k), adaptive_draft=False, prefix_caching=False))
+                                     max_draft_tokens=max(args.k), adaptive_draft=False, prefix_caching=False,
+                                     **rounds))
     compiles = [0]
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.__setitem__(0, compiles[0] + (event == BACKEND_COMPILE_EVENT)))
@@ -318,7 +320,7 @@ def real_pair(args, out=None) -> list[dict]:
                                                                    "empty_rounds"))
         differs = [i for i, (a, b) in enumerate(zip(outs, plain["outs"])) if a != b]
         r = dict(bench="speculative_real_pair", target=args.target, draft=args.draft if fmt else None,
-                 dtype=args.dtype, matmul_precision=args.matmul_precision,
+                 dtype=args.dtype, matmul_precision=args.matmul_precision, spec_rounds=eng.cfg.spec_rounds,
                  draft_format=fmt, mode=name, k=k or None, batch=1, prompts=len(prompts), max_tokens=args.max_tokens,
                  decode_tokens=tokens, tokens_per_s=tps, speedup=tps / plain["tps"],
                  acceptance_rate=accepted / drafted if drafted else None,
@@ -379,7 +381,7 @@ def main(argv=None) -> None:
                     help="real: the models' weights and activations")
     ap.add_argument("--matmul-precision", default="default", choices=["default", "high", "highest"],
                     help="real: jax_default_matmul_precision (highest: float32 matmuls without TF32)")
-    ap.add_argument("--spec-rounds", type=int, help="speed: speculation rounds per device loop call")
+    ap.add_argument("--spec-rounds", type=int, help="speed, real: speculation rounds per device loop call")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.out:
