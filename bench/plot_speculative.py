@@ -1,8 +1,15 @@
-"""Plot the speculative speed run: each drafter's round cost (in plain decode steps, measured on
-the GPU) against the tokens a round yields (the acceptance profile), with the lines of equal
-speedup. A point left of the 1x line is slower than plain decoding.
+"""Plot speculative decoding: each mode's round cost (in plain decode steps) against the tokens a
+round yields, with the lines of equal speedup. A point below the 1x line is slower than plain
+decoding.
 
     python -m pallax.bench.plot_speculative bench/results/speculative_h100.json bench/results/speculative_h100.png
+    python -m pallax.bench.plot_speculative --real bench/results/speculative_real_pair_h100.json \
+        bench/results/speculative_real_ngram_h100_run2.json bench/results/speculative_real_pair_h100.png
+
+The first form plots a `speed` run (round costs with random weights, acceptance from a CPU run);
+`--real` plots `real` runs of the real pair, where both come from the same GPU run: tokens per
+round over all rounds (n-gram rounds with nothing drafted included, where the run counted them)
+and the round cost that the measured speedup implies.
 """
 
 from __future__ import annotations
@@ -11,22 +18,78 @@ import json
 import sys
 
 
-def main(argv=None) -> int:
+def real_points(records: list[dict]) -> list[tuple[str, float, float]]:
+    """(label, round cost in plain steps, tokens per round) of each speculative `real` record.
+    Records from before empty rounds were counted give tokens per verification, which is tokens
+    per round only for the draft model (it always drafts); their n-gram modes are left out."""
+    points = []
+    for r in records:
+        if r.get("bench") != "speculative_real_pair" or r.get("mode") == "plain":
+            continue
+        per_round = r.get("tokens_per_round")
+        if per_round is None and r["mode"] == "draft":
+            per_round = r["mean_accepted_length"]
+        if per_round is None:
+            continue
+        points.append((f"{r['mode']} k={r['k']}", per_round / r["speedup"], per_round))
+    return points
+
+
+def _speedup_lines(ax, top):
+    for s, style in ((1.0, "-"), (1.8, "--"), (2.0, ":")):
+        ax.plot([0, top], [0, top * s], style, c="gray", lw=1)
+        ax.annotate(f"{s:g}x", (top / s / 1.05, top * 0.97), fontsize=8, color="gray")
+
+
+def plot_real(srcs: list[str], dst: str) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    src, dst = (argv or sys.argv[1:])[:2]
+    records = [json.loads(line) for src in srcs for line in open(src) if line.strip()]
+    points = real_points(records)
+    if not points:
+        raise SystemExit(f"no speculative real records with tokens per round in {srcs}")
+    plains = [r for r in records if r.get("bench") == "speculative_real_pair" and r.get("mode") == "plain"]
+    plain = plains[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = max(max(x, y) for _, x, y in points) * 1.15
+    _speedup_lines(ax, top)
+    for i, (label, x, y) in enumerate(points):
+        ax.scatter([x], [y], s=40, label=f"{label}: {y / x:.2f}x")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4 if i % 2 else -11), fontsize=8)
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    rates = ", ".join(sorted({f"{r['tokens_per_s']:.0f}" for r in plains}))
+    ax.set_xlabel(f"round cost, in plain decode steps (plain greedy: {rates} tok/s, each run its own)")
+    ax.set_ylabel("tokens per round (greedy, 164 HumanEval prompts)")
+    ax.set_title(f"Speculative decoding at batch 1, real pair — {plain.get('device', '')}\n"
+                 f"{plain['target']} (draft {next((r['draft'] for r in records if r.get('draft')), '-')})", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(dst, dpi=120)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--real":
+        return plot_real(argv[1:-1], argv[-1])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    src, dst = argv[:2]
     records = [json.loads(line) for line in open(src) if line.strip()]
     rows = [r for r in records if r.get("bench") == "speculative_speed" and r.get("mode") != "plain"
             and r.get("tokens_per_target_step_cpu")]
     plain = next(r for r in records if r.get("bench") == "speculative_speed" and r.get("mode") == "plain")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = max(max(r["round_cost_in_plain_steps"] for r in rows), max(r["tokens_per_target_step_cpu"] for r in rows)) * 1.15
-    for s, style in ((1.0, "-"), (1.8, "--"), (2.0, ":")):
-        ax.plot([0, top], [0, top * s], style, c="gray", lw=1)
-        ax.annotate(f"{s:g}x", (top / s / 1.05, top * 0.97), fontsize=8, color="gray")
+    _speedup_lines(ax, top)
     for r in rows:
         x, y = r["round_cost_in_plain_steps"], r["tokens_per_target_step_cpu"]
         ax.scatter([x], [y], s=40, label=f"{r['mode']} k={r['k']}: {r['expected_speedup']:.2f}x expected")

@@ -45,3 +45,24 @@ def test_plot_kernels_draws_both_panels(tmp_path):
     out = tmp_path / "k.png"
     assert plot_kernels.main([str(tmp_path / "a.json"), str(tmp_path / "m.json"), str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_speculative_real_points(tmp_path):
+    """Real-pair records: tokens per round over all rounds where counted, tokens per verification
+    for the draft model (it always drafts) otherwise, and the round cost the speedup implies; an
+    n-gram record without the empty-round count is left out."""
+    from pallax.bench import plot_speculative
+
+    base = dict(bench="speculative_real_pair", target="t", draft=None, device="GPU")
+    recs = [dict(base, mode="plain", k=None, tokens_per_s=500.0),
+            dict(base, mode="draft", draft="d", k=4, mean_accepted_length=4.4, speedup=1.1),
+            dict(base, mode="ngram", k=4, mean_accepted_length=2.0, speedup=1.25),  # no tokens_per_round
+            dict(base, mode="ngram", k=8, mean_accepted_length=2.2, tokens_per_round=1.7, speedup=1.36)]
+    pts = plot_speculative.real_points(recs)
+    assert [p[0] for p in pts] == ["draft k=4", "ngram k=8"]
+    assert abs(pts[0][1] - 4.4 / 1.1) < 1e-9 and pts[0][2] == 4.4
+    assert abs(pts[1][1] - 1.7 / 1.36) < 1e-9 and pts[1][2] == 1.7
+    src, out = tmp_path / "r.json", tmp_path / "r.png"
+    src.write_text("\n".join(json.dumps(r) for r in recs))
+    assert plot_speculative.main(["--real", str(src), str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
