@@ -71,8 +71,8 @@ class EngineConfig:
     # A lone greedy speculative request runs up to this many rounds per call on device
     # (`speculative.ngram_loop`, `draft_loop`) instead of one host round trip per round; 0: never.
     # More rounds spread a call's fixed cost (about 2.5 ms for n-gram calls on an H100 with a 1.5B
-    # target: dispatch, read-back) over more tokens, but a request arriving meanwhile waits for
-    # the call to end.
+    # target, measured before n-gram calls were chained: dispatch, read-back) over more tokens, but
+    # a request arriving meanwhile waits for the call to end.
     spec_rounds: int = 8
 
     def seq_buckets(self) -> list[int]:
@@ -141,6 +141,8 @@ class _InFlight:
     speculative: bool = False
     loop: bool = False  # an ngram_loop / draft_loop call: out is a LoopOutput
     draft_computed: object = None  # draft_loop: positions of the draft's K/V now computed (device scalar)
+    carry: object = None  # ngram_loop: the next call's carry (on device), for `_chain_spec_loop`
+    reach: int = 0  # ngram_loop: positions below this may hold K/V the call wrote (pages are there)
 
 
 @dataclass
@@ -152,6 +154,7 @@ class _Counters:
     finished: dict = field(default_factory=dict)
     spec: dict = field(default_factory=dict)  # drafter -> [rows verified, drafts proposed, drafts accepted]
     spec_loops: int = 0  # ngram_loop and draft_loop calls
+    spec_chained: int = 0  # of those, ngram_loop calls dispatched from the previous call's carry
 
 
 _LOOP_STOP_IDS = 16  # stop token ids an ngram_loop / draft_loop call checks on device
@@ -308,6 +311,7 @@ class Scheduler:
                 "preemptions": self.counters.preemptions,
                 "finished": dict(self.counters.finished),
                 "spec_device_loops": c.spec_loops,
+                "spec_chained_loops": c.spec_chained,
                 **_spec_stats("spec", [sum(v) for v in zip([0, 0, 0, 0], *c.spec.values())]),
                 **{k: v for name, counts in c.spec.items() for k, v in _spec_stats(f"spec_{name}", counts).items()},
             }
@@ -360,13 +364,15 @@ class Scheduler:
                         jax.block_until_ready(out.tokens)
             for drafter in self.drafters.values():
                 drafter.warmup(S, K)
-            if self._ngram_loop is not None:  # a budget of 0 runs no round
-                self.pool, out = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs([0], [], 0, 0, 0, ()))
+            if self._ngram_loop is not None:  # nothing left to emit: it runs no round
+                self.pool, out, _ = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs([], 0, ()),
+                                                     self._ngram_carry([0], 0, 0))
                 jax.block_until_ready(out.tokens)
             d = self.drafters.get("draft")
             for loop in self._draft_loops.values():
                 self.pool, d.pool, out, _ = loop(self.llm.params, self.pool, d.llm.params, d.pool,
-                                                 self._loop_inputs([0], [], 0, 0, 0, (), draft_pages=[]))
+                                                 self._loop_inputs([], 0, (), last=0, pos=0, budget=0,
+                                                                   draft_pages=[], fill=False, unfed=0))
                 jax.block_until_ready(out.tokens)
         self._ready = True
 
@@ -401,9 +407,13 @@ class Scheduler:
         with self._lock:
             self._admit()
         if self._inflight is not None and self._inflight.speculative:
-            # The next drafts depend on what this step accepted: read it before building the next.
-            previous, self._inflight = self._inflight, None
+            # The next drafts depend on what this step accepted: read it before building the next,
+            # unless a lone n-gram request's next device loop call can start from its carry.
+            previous = self._inflight
+            self._inflight = self._chain_spec_loop(previous) if previous.loop else None
             self._process(previous)
+            if self._inflight is not None:
+                return
             with self._lock:
                 self._admit()
         launched = self._launch()
@@ -565,25 +575,31 @@ class Scheduler:
         self.counters.tokens_in += T
         return _InFlight(rows, out, n_steps, speculative)
 
-    def _loop_inputs(self, tokens, pages, pos, k, budget, stop_ids, draft_pages=None, fill=(False, 0)):
+    def _loop_inputs(self, pages, k, stop_ids, **more):
+        """A device loop call's host inputs: the page table, k, the stop ids and `more` (the draft
+        loop's last, pos, budget, draft_pages, fill, unfed), in one transfer."""
         def padded(values, n, fill=0):
             a = np.full(n, fill, np.int32)
             values = list(values)[:n]
             a[:len(values)] = values
             return a
 
-        host = {"last": np.int32(tokens[-1]), "page_table": padded(pages, self.max_pages), "pos": np.int32(pos),
-                "k": np.int32(k), "budget": np.int32(budget),
+        host = {"page_table": padded(pages, self.max_pages), "k": np.int32(k),
                 # more stop ids than fit only cost rounds past a stop: the host still stops
                 "stop_ids": padded(stop_ids, _LOOP_STOP_IDS, -1)}
-        if draft_pages is None:  # n-gram: the history the lookup searches, with room for the new tokens
-            window = self.drafters["ngram"].window
-            recent = tokens[-window:]
-            W = window + (self.cfg.spec_rounds + 1) * (self.cfg.max_draft_tokens + 1)
-            host.update(hist=padded(recent, W), n_hist=np.int32(len(recent)))
-        else:
-            host.update(draft_pages=padded(draft_pages, self.max_pages), fill=np.int32(fill[0]), unfed=np.int32(fill[1]))
-        return pack(host)
+        if "draft_pages" in more:
+            more["draft_pages"] = padded(more["draft_pages"], self.max_pages)
+        return pack(dict(host, **{name: np.int32(v) if np.ndim(v) == 0 else v for name, v in more.items()}))
+
+    def _ngram_carry(self, tokens, pos, left) -> dict:
+        """The first `ngram_loop` call's carry: the history the lookup searches (with room for the
+        new tokens), the last token and its position, and the tokens the request may still emit."""
+        window = self.drafters["ngram"].window
+        recent = list(tokens[-window:])
+        hist = np.zeros(window + (self.cfg.spec_rounds + 1) * (self.cfg.max_draft_tokens + 1), np.int32)
+        hist[:len(recent)] = recent
+        return jax.device_put(dict(hist=hist, n_hist=np.int32(len(recent)), last=np.int32(tokens[-1]),
+                                   pos=np.int32(pos), left=np.int32(left)))
 
     def _launch_spec_loop(self, seq: Seq) -> _InFlight | None:
         """Several speculation rounds in one call for a lone plain-greedy sequence (None: not such
@@ -612,20 +628,49 @@ class Scheduler:
                 return None
         if not self._ensure_pages(seq, start + budget):
             return None
+        carry = None
         if drafter is not None:
-            packed = self._loop_inputs(seq.tokens, seq.pages, start, k, budget, stops, draft_pages=st.pages,
-                                       fill=(fill, seq.tokens[start - 1] if fill else 0))
+            packed = self._loop_inputs(seq.pages, k, stops, last=seq.tokens[-1], pos=start, budget=budget,
+                                       draft_pages=st.pages, fill=fill, unfed=seq.tokens[start - 1] if fill else 0)
             self.pool, drafter.pool, out, draft_computed = self._draft_loops[kb](
                 self.llm.params, self.pool, drafter.llm.params, drafter.pool, packed)
         else:
-            packed = self._loop_inputs(seq.tokens, seq.pages, start, k, budget, stops)
-            self.pool, out = self._ngram_loop(self.llm.params, self.pool, packed)
+            left = min(sp.max_tokens - seq.generated, self.max_context - seq.total)
+            self.pool, out, carry = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs(seq.pages, k, stops),
+                                                     self._ngram_carry(seq.tokens, start, left))
+        return self._loop_in_flight(seq, out, draft_computed=draft_computed, carry=carry, reach=start + budget)
+
+    def _loop_in_flight(self, seq: Seq, out, **kw) -> _InFlight:
         for x in jax.tree.leaves(out):
             x.copy_to_host_async()
         self.counters.steps += 1
         self.counters.spec_loops += 1
-        return _InFlight([_Row(seq, 0, -1, seq.gen, [])], out, 1, speculative=True, loop=True,
-                         draft_computed=draft_computed)
+        return _InFlight([_Row(seq, 0, -1, seq.gen, [])], out, 1, speculative=True, loop=True, **kw)
+
+    def _chain_spec_loop(self, prev: _InFlight) -> _InFlight | None:
+        """The next `ngram_loop` call of a lone request, dispatched from `prev`'s carry before
+        `prev` is read back, so the device does not wait for the host between calls (a call's
+        dispatch and read-back cost about as much as a plain step). None when the request is no
+        longer alone (or done, or out of pages): `prev` is read back and the usual step follows.
+
+        The host's stops that the device cannot see (stop strings, cancellation) may end the
+        request while this call is in flight: its output is then ignored, and the K/V it writes
+        lands in pages released meanwhile, which only a later call (after it, in stream order)
+        can hand to another request."""
+        seq = prev.rows[0].seq
+        if (prev.carry is None or seq.finished or seq.gen != prev.rows[0].gen or self.waiting or self._cancel
+                or self.running != [seq]):
+            return None
+        sp, cfg = seq.req.sampling, self.cfg
+        reach = min(prev.reach + cfg.spec_rounds * (cfg.max_draft_tokens + 1), self.max_context)
+        if not self._ensure_pages(seq, reach):
+            return None
+        k = min(seq.k if cfg.adaptive_draft else sp.num_draft_tokens, cfg.max_draft_tokens)
+        stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(sorted(self.eos_ids)))
+        self.pool, out, carry = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs(seq.pages, k, stops),
+                                                 prev.carry)
+        self.counters.spec_chained += 1
+        return self._loop_in_flight(seq, out, carry=carry, reach=reach)
 
     def _draft_len(self, seq: Seq, room: int) -> int:
         """Drafts to ask for: the request's k (or the adaptive one), within the step's token room,

@@ -31,6 +31,9 @@ round trip (building the step, dispatching it, reading it back) costs more than 
 at batch 1, so a lone plain-greedy speculative request runs several rounds in one call, read
 back once: `ngram_loop` (the lookup on device, `ngram_lookup`, by the host drafter's rule) or
 `draft_loop` (k draft-model decode steps, then the target's verification, in the same program).
+`ngram_loop` also returns what its next call starts from (history, last token, position, tokens
+left), so that call is dispatched before this one is read back and the device does not wait for
+the host between calls.
 """
 
 from __future__ import annotations
@@ -209,14 +212,15 @@ def _greedy_rounds(params, pool: PagePool, f: dict, state, propose, advance, *, 
     K + 1 query tokens; the longest prefix matching its argmax plus its correction is emitted;
     `advance(state, drafts, emitted [K+1], accepted, count)` updates the drafter. Stops after a
     round that emits a stop token or reaches the budget. Returns the pool, the state, a
-    LoopOutput and the position of the new last token."""
+    LoopOutput, the position of the new last token, the new last token, how many tokens the
+    rounds emitted, and whether one of them was a stop token."""
     page_table, stop_ids = f["page_table"], f["stop_ids"]
     ps, K1 = pool.page_size, K + 1
     j = jnp.arange(K1)
     out0 = LoopOutput(jnp.zeros((rounds, K1), jnp.int32), jnp.zeros(rounds, jnp.int32), jnp.zeros(rounds, jnp.int32))
 
     def round_(carry):
-        r, pool, state, last, pos, emitted, done, out = carry
+        r, pool, state, last, pos, emitted, stopped, out = carry
         drafts, nd, state = propose(state, last, pos)
         nd = jnp.clip(jnp.minimum(nd, f["k"]), 0, f["budget"] - emitted - 1)
         tokens = jnp.concatenate([last[None], drafts])  # the last token, then the drafts
@@ -235,25 +239,28 @@ def _greedy_rounds(params, pool: PagePool, f: dict, state, propose, advance, *, 
         first_stop = jnp.min(jnp.where(is_stop, j, K1))
         c = jnp.minimum(a + 1, first_stop + 1)
         state = advance(state, drafts, emit, a, c)
-        emitted = emitted + c
-        done = (first_stop < K1) | (emitted >= f["budget"])
         out = LoopOutput(out.tokens.at[r].set(emit), out.counts.at[r].set(c), out.drafted.at[r].set(nd))
-        return r + 1, cache.pool, state, emit[c - 1], pos + c, emitted, done, out
+        return r + 1, cache.pool, state, emit[c - 1], pos + c, emitted + c, first_stop < K1, out
 
     carry = (jnp.int32(0), pool, state, f["last"], f["pos"], jnp.int32(0), jnp.bool_(False), out0)
     carry = jax.lax.while_loop(lambda c: (c[0] < rounds) & ~c[6] & (c[5] < f["budget"]), round_, carry)
-    return carry[1], carry[2], carry[7], carry[4]
+    _, pool, state, last, pos, emitted, stopped, out = carry
+    return pool, state, out, pos, last, emitted, stopped
 
 
-def ngram_loop(params, pool: PagePool, packed: Packed, *, config: ModelConfig, K: int, rounds: int):
+def ngram_loop(params, pool: PagePool, packed: Packed, carry: dict, *, config: ModelConfig, K: int, rounds: int):
     """Up to `rounds` rounds of greedy n-gram speculation for one sequence without the host
     (`_greedy_rounds`), the drafts looked up in the token history on device.
 
-    packed holds: hist [W] (the last tokens, W - (rounds + 1) * (K + 1) at most, so the new ones
-    fit), n_hist, last (hist[n_hist - 1]), page_table [max_pages] (pages for every position the
-    rounds may write), pos (the position of the last token, whose K/V is not yet computed), k
-    (drafts per round, <= K), budget (tokens it may emit), stop_ids [NS] (-1 padded)."""
-    f = packed.unpack()
+    packed holds: page_table [max_pages] (pages for every position the rounds may write), k
+    (drafts per round, <= K), stop_ids [NS] (-1 padded). carry holds what one call hands the next:
+    hist [W] (the last tokens, W - (rounds + 1) * (K + 1) at most, so the new ones fit), n_hist,
+    last (hist[n_hist - 1]), pos (the position of the last token, whose K/V is not yet computed)
+    and left (tokens the request may still emit; a call emits at most rounds * (K + 1) of them).
+    Returns the pool, the LoopOutput and the next call's carry (left 0 after a stop token), so a
+    next call can be dispatched before this one is read back (`Scheduler._chain_spec_loop`)."""
+    f = dict(packed.unpack(), last=carry["last"], pos=carry["pos"],
+             budget=jnp.minimum(carry["left"], rounds * (K + 1)))
 
     def propose(state, last, pos):
         hist, n_hist = state
@@ -264,9 +271,14 @@ def ngram_loop(params, pool: PagePool, packed: Packed, *, config: ModelConfig, K
         hist, n_hist = state
         return jax.lax.dynamic_update_slice(hist, emit, (n_hist,)), n_hist + c  # entries past c: never read
 
-    pool, _, out, _ = _greedy_rounds(params, pool, f, (f["hist"], f["n_hist"]), propose, advance, config=config,
-                                     K=K, rounds=rounds)
-    return pool, out
+    pool, (hist, n_hist), out, pos, last, emitted, stopped = _greedy_rounds(
+        params, pool, f, (carry["hist"], carry["n_hist"]), propose, advance, config=config, K=K, rounds=rounds)
+    # The history keeps its length: the oldest tokens give way to the new ones (the lookup window).
+    W, keep = carry["hist"].shape[0], carry["hist"].shape[0] - (rounds + 1) * (K + 1)
+    drop = jnp.maximum(n_hist - keep, 0)
+    hist = jax.lax.dynamic_slice(jnp.concatenate([hist, jnp.zeros(W, hist.dtype)]), (drop,), (W,))
+    left = jnp.where(stopped, 0, carry["left"] - emitted)
+    return pool, out, dict(hist=hist, n_hist=n_hist - drop, last=last, pos=pos, left=left)
 
 
 def draft_loop(params, pool: PagePool, draft_params, draft_pool: PagePool, packed: Packed, *, config: ModelConfig,
@@ -316,8 +328,8 @@ def draft_loop(params, pool: PagePool, draft_params, draft_pool: PagePool, packe
         return dpool, drafts[k - 1], a == k
 
     state = (draft_pool, f["unfed"], f["fill"] != 0)
-    pool, (draft_pool, _, fill), out, pos = _greedy_rounds(params, pool, f, state, propose, advance, config=config,
-                                                           K=k, rounds=rounds)
+    pool, (draft_pool, _, fill), out, pos, *_ = _greedy_rounds(params, pool, f, state, propose, advance,
+                                                               config=config, K=k, rounds=rounds)
     return pool, draft_pool, out, pos - fill.astype(jnp.int32)
 
 
@@ -329,7 +341,7 @@ def compile_draft_loop(config: ModelConfig, draft_config: ModelConfig, k: int, r
 
 @functools.lru_cache(maxsize=None)
 def compile_ngram_loop(config: ModelConfig, K: int, rounds: int):
-    return jax.jit(functools.partial(ngram_loop, config=config, K=K, rounds=rounds), donate_argnums=(1,))
+    return jax.jit(functools.partial(ngram_loop, config=config, K=K, rounds=rounds), donate_argnums=(1, 3))
 
 
 # -- drafters ----------------------------------------------------------------------------------

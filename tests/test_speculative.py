@@ -205,9 +205,49 @@ def test_rounds_on_device_are_exact(smollm_f32, reference, drafter):
             assert outs[0][-1].finish_reason == ("stop" if len(case["greedy_ids"]) < max_tokens else "length")
     s = e.stats()
     assert s["spec_device_loops"] > len(reference["cases"])
+    if drafter == "ngram":  # requests longer than one call chain their calls on device
+        assert 0 < s["spec_chained_loops"] < s["spec_device_loops"], s
     assert 0 < s[f"spec_{drafter}_accepted_tokens"] <= s[f"spec_{drafter}_draft_tokens"]
     if drafter == "draft":
         assert s["spec_draft_acceptance_rate"] > 0.9, s
+    _assert_all_free(e)
+
+
+def test_chained_loop_calls_end_cleanly_on_host_stops(smollm_f32, reference):
+    """Chained n-gram loop calls (one round each, so a request chains many): a stop string, which
+    only the host sees, and a cancellation end the request while the next call is in flight. That
+    call's tokens are dropped, its pages freed, and requests after it are exact."""
+    e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=64, decode_steps=4,
+                                       max_draft_tokens=4, spec_rounds=1))
+    tok = smollm_f32.tokenizer
+    case, other = reference["cases"][0], reference["cases"][1]
+    full = tok.decode(case["greedy_ids"])
+    start = len(tok.decode(case["greedy_ids"][:8]))
+    stop = next(full[i:i + 4] for i in range(start, len(full) - 4) if full[i:i + 4] not in full[:i + 3])
+    p = SamplingParams(max_tokens=len(case["greedy_ids"]), speculative="ngram", num_draft_tokens=4, stop=(stop,))
+    got, outs = _run(e, [case["input_ids"]], [p], "stopstr")
+    assert outs[0][-1].finish_reason == "stop"
+    assert "".join(o.text for o in outs[0]) == full[:full.index(stop)]
+    assert got[0] == case["greedy_ids"][:len(got[0])]
+    assert e.stats()["spec_chained_loops"] > 0
+    _assert_all_free(e)
+
+    seen = []
+
+    def cancel_after_two(o):
+        seen.append(o)
+        if len(seen) == 2:
+            e.cancel("cancelled")
+
+    e.submit(Request("cancelled", list(case["input_ids"]),
+                     SamplingParams(max_tokens=32, speculative="ngram", num_draft_tokens=4)), cancel_after_two)
+    e.run_until_idle()
+    assert seen[-1].finish_reason == "cancelled"
+    _assert_all_free(e)
+    for drafter in ("ngram", None):  # after both, a loop and a plain request are still exact
+        sp = SamplingParams(max_tokens=len(other["greedy_ids"]), speculative=drafter, num_draft_tokens=4)
+        got, _ = _run(e, [other["input_ids"]], [sp], f"after-{drafter}")
+        assert got[0] == other["greedy_ids"]
     _assert_all_free(e)
 
 
