@@ -145,15 +145,19 @@ def check_against_engine(target, draft, prompts, ys, args) -> list[dict]:
 
 
 # -- speed (GPU) --------------------------------------------------------------------------------
+def _spec_rounds(value) -> dict:
+    """EngineConfig keywords for --spec-rounds (none: the engine's default)."""
+    return {} if value is None else {"spec_rounds": value}
+
+
 def _engine(llm, draft=None, spec_rounds=None):
     """A batch-1 engine serving plain and speculative requests alike (`spec_rounds`: rounds per
     device loop call, None: the engine's default). Not warmed up: each measurement's first,
     discarded run compiles the programs it needs, and only those."""
     from pallax.decode.scheduler import EngineConfig
 
-    rounds = {} if spec_rounds is None else {"spec_rounds": spec_rounds}
     eng = llm.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=64, decode_steps=4, max_draft_tokens=8,
-                                  adaptive_draft=False, **rounds))
+                                  adaptive_draft=False, **_spec_rounds(spec_rounds)))
     if draft is not None:
         eng.attach_draft_model(draft, num_pages=64)
     return eng
@@ -271,10 +275,9 @@ def real_pair(args, out=None) -> list[dict]:
     drafts = {fmt: draft if fmt == "bf16" else quantize(draft, "int4", group_size=128, quantize_head=True)
               for fmt in formats}
     prompts = [list(target.tokenizer.encode(p)) for p in humaneval_prompts(args.humaneval, args.prompts)]
-    rounds = {} if args.spec_rounds is None else {"spec_rounds": args.spec_rounds}
     eng = target.engine(EngineConfig(max_seqs=1, token_budget=256, num_pages=256, decode_steps=4,
                                      max_draft_tokens=max(args.k), adaptive_draft=False, prefix_caching=False,
-                                     **rounds))
+                                     **_spec_rounds(args.spec_rounds)))
     compiles = [0]
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.__setitem__(0, compiles[0] + (event == BACKEND_COMPILE_EVENT)))

@@ -596,24 +596,38 @@ class Scheduler:
         new tokens), the last token and its position, and the tokens the request may still emit."""
         window = self.drafters["ngram"].window
         recent = list(tokens[-window:])
-        hist = np.zeros(window + (self.cfg.spec_rounds + 1) * (self.cfg.max_draft_tokens + 1), np.int32)
+        hist = np.zeros(window + self._loop_tokens + self.cfg.max_draft_tokens + 1, np.int32)
         hist[:len(recent)] = recent
         return jax.device_put(dict(hist=hist, n_hist=np.int32(len(recent)), last=np.int32(tokens[-1]),
                                    pos=np.int32(pos), left=np.int32(left)))
 
+    @property
+    def _loop_tokens(self) -> int:
+        """The most tokens one device loop call emits: spec_rounds rounds of K + 1."""
+        return self.cfg.spec_rounds * (self.cfg.max_draft_tokens + 1)
+
+    def _loop_k_and_stops(self, seq: Seq) -> tuple[int, tuple[int, ...]]:
+        """A device loop call's drafts per round and the stop token ids it checks."""
+        sp = seq.req.sampling
+        stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(sorted(self.eos_ids)))
+        return min(self._wanted_k(seq), self.cfg.max_draft_tokens), stops
+
+    def _wanted_k(self, seq: Seq) -> int:
+        """The request's k, or the adaptive one."""
+        return seq.k if self.cfg.adaptive_draft else seq.req.sampling.num_draft_tokens
+
     def _launch_spec_loop(self, seq: Seq) -> _InFlight | None:
         """Several speculation rounds in one call for a lone plain-greedy sequence (None: not such
         a sequence, the draft model has not caught up, or no pages: the usual step runs)."""
-        sp, cfg = seq.req.sampling, self.cfg
+        sp = seq.req.sampling
         if sp.speculative not in ("ngram", "draft") or not sp.plain_greedy:
             return None
-        K1 = cfg.max_draft_tokens + 1
-        budget = min(sp.max_tokens - seq.generated, self.max_context - seq.total, cfg.spec_rounds * K1)
+        left = min(sp.max_tokens - seq.generated, self.max_context - seq.total)  # tokens it may still emit
+        budget = min(left, self._loop_tokens)
         start = seq.num_computed  # the last token's position: its K/V is computed by the first round
         if budget < 2 or len(seq.tokens) != seq.total:
             return None
-        k = min(seq.k if cfg.adaptive_draft else sp.num_draft_tokens, cfg.max_draft_tokens)
-        stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(sorted(self.eos_ids)))
+        k, stops = self._loop_k_and_stops(seq)
         drafter = draft_computed = None
         if sp.speculative == "draft":
             drafter = self.drafters.get("draft")
@@ -635,7 +649,6 @@ class Scheduler:
             self.pool, drafter.pool, out, draft_computed = self._draft_loops[kb](
                 self.llm.params, self.pool, drafter.llm.params, drafter.pool, packed)
         else:
-            left = min(sp.max_tokens - seq.generated, self.max_context - seq.total)
             self.pool, out, carry = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs(seq.pages, k, stops),
                                                      self._ngram_carry(seq.tokens, start, left))
         return self._loop_in_flight(seq, out, draft_computed=draft_computed, carry=carry, reach=start + budget)
@@ -661,12 +674,10 @@ class Scheduler:
         if (prev.carry is None or seq.finished or seq.gen != prev.rows[0].gen or self.waiting or self._cancel
                 or self.running != [seq]):
             return None
-        sp, cfg = seq.req.sampling, self.cfg
-        reach = min(prev.reach + cfg.spec_rounds * (cfg.max_draft_tokens + 1), self.max_context)
+        reach = min(prev.reach + self._loop_tokens, self.max_context)
         if not self._ensure_pages(seq, reach):
             return None
-        k = min(seq.k if cfg.adaptive_draft else sp.num_draft_tokens, cfg.max_draft_tokens)
-        stops = tuple(sp.stop_token_ids) + (() if sp.ignore_eos else tuple(sorted(self.eos_ids)))
+        k, stops = self._loop_k_and_stops(seq)
         self.pool, out, carry = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs(seq.pages, k, stops),
                                                  prev.carry)
         self.counters.spec_chained += 1
@@ -678,8 +689,7 @@ class Scheduler:
         sp = seq.req.sampling
         if not sp.speculative:  # a plain row sharing a speculative step
             return 0
-        k = seq.k if self.cfg.adaptive_draft else sp.num_draft_tokens
-        return max(0, min(k, room, self.cfg.max_draft_tokens, sp.max_tokens - seq.generated - 1,
+        return max(0, min(self._wanted_k(seq), room, self.cfg.max_draft_tokens, sp.max_tokens - seq.generated - 1,
                           self.max_context - seq.total - 1))
 
     def _propose(self, plan) -> tuple[dict[int, list[int]], object]:
