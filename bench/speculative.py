@@ -318,6 +318,9 @@ def real_pair(args, out=None) -> list[dict]:
         tps = tokens / sum(secs)
         if plain is None:
             plain = dict(tps=tps, outs=outs)
+            if args.outputs:  # for studying drafters offline: the outputs do not depend on them
+                Path(args.outputs).write_text(json.dumps(dict(target=args.target, dtype=args.dtype, prompts=prompts,
+                                                              greedy=[list(o) for o in outs])))
         counter = lambda key: after.get(f"spec_{name}_{key}", 0) - before.get(f"spec_{name}_{key}", 0)  # noqa: E731
         verified, drafted, accepted, empty = (counter(x) for x in ("verifications", "draft_tokens", "accepted_tokens",
                                                                    "empty_rounds"))
@@ -385,6 +388,7 @@ def main(argv=None) -> None:
     ap.add_argument("--matmul-precision", default="default", choices=["default", "high", "highest"],
                     help="real: jax_default_matmul_precision (highest: float32 matmuls without TF32)")
     ap.add_argument("--spec-rounds", type=int, help="speed, real: speculation rounds per device loop call")
+    ap.add_argument("--outputs", help="real: write the prompts' token ids and their plain greedy outputs here (JSON)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.out:

@@ -251,6 +251,37 @@ def test_chained_loop_calls_end_cleanly_on_host_stops(smollm_f32, reference):
     _assert_all_free(e)
 
 
+def test_ngram_loop_rounds_past_the_end_write_nothing(smollm_f32):
+    """An ngram_loop call always runs all its rounds (a known trip count, so no host read per
+    round): rounds after a stop token or the budget write no K/V (the pool is the one a one-round
+    call leaves) and emit nothing, and a call whose carry has nothing left runs none."""
+    ids = [5, 6, 7] * 6  # the lookup always has something to propose
+    engines = {r: smollm_f32.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=8, decode_steps=1,
+                                                 max_draft_tokens=4, spec_rounds=r)) for r in (1, 4)}
+
+    def call(rounds, left, stops=(), pool=None, carry=None):
+        e = engines[rounds]
+        pool = jax.tree.map(lambda a: jnp.full_like(a, 3), e.pool) if pool is None else pool
+        carry = e._ngram_carry(ids, len(ids) - 1, left) if carry is None else carry
+        pool, out, carry = e._ngram_loop(smollm_f32.params, pool, e._loop_inputs([2, 3], 4, stops), carry)
+        return pool, np.asarray(out.tokens), np.asarray(out.counts), carry
+
+    first = int(call(1, 10)[1][0, 0])  # the first token the rounds emit
+    for left, stops in ((10, (first,)), (1, ())):
+        one, _, one_counts, _ = call(1, left, stops)
+        pool, tokens, counts, carry = call(4, left, stops)
+        assert counts.tolist() == [one_counts[0], 0, 0, 0] and int(carry["left"]) == 0, counts
+        assert tokens[0, counts[0] - 1] == first
+        for a, b in zip(jax.tree.leaves(pool), jax.tree.leaves(one)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    before, pos = jax.tree.map(np.asarray, pool), int(carry["pos"])
+    pool, _, counts, nxt = call(4, 0, pool=pool, carry=carry)
+    assert not counts.any() and int(nxt["left"]) == 0 and int(nxt["pos"]) == pos
+    for a, b in zip(jax.tree.leaves(pool), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_rounds_with_nothing_drafted_are_counted(smollm_f32):
     """A prompt whose last token never occurred before gives the n-gram lookup nothing to propose:
     that round yields the target's token only, counts as an empty round and not as a
