@@ -157,7 +157,8 @@ def _engine(llm, draft=None, spec_rounds=None):
     from pallax.decode.scheduler import EngineConfig
 
     eng = llm.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=64, decode_steps=4, max_draft_tokens=8,
-                                  adaptive_draft=False, **_spec_rounds(spec_rounds)))
+                                  adaptive_draft=False, ngram_corpus_tokens=0,  # one prompt, run again and again
+                                  **_spec_rounds(spec_rounds)))
     if draft is not None:
         eng.attach_draft_model(draft, num_pages=64)
     return eng
@@ -252,7 +253,8 @@ def _first_difference(a: list, b: list) -> int:
 
 def real_pair(args, out=None) -> list[dict]:
     """Batch-1 generation of the real pair on a GPU, every prompt once per mode, in one run: plain
-    greedy first, then each of `--modes` (`ngram`; `draft-bf16`; `draft-int4`, the same draft in
+    greedy first, then each of `--modes` (`ngram`, its corpus the earlier prompts' tokens in this
+    mode; `ngram-own`, the request's own tokens only; `draft-bf16`; `draft-int4`, the same draft in
     int4 g128 with an int4 head) at each k. Per mode: decode tokens/s (from each request's first
     token, which the prefill step makes, to its last), the speedup over plain, the engine's
     acceptance counters (and rounds with nothing drafted), and which outputs differ from plain
@@ -281,6 +283,10 @@ def real_pair(args, out=None) -> list[dict]:
     compiles = [0]
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.__setitem__(0, compiles[0] + (event == BACKEND_COMPILE_EVENT)))
+    # The n-gram corpus learns each prompt's tokens from the bench, after its timed run (a rerun
+    # must not find its own first run's output there), and starts empty in every mode.
+    ngram = eng.drafters["ngram"]
+    ngram.remember = lambda tokens: None
     modes = [("plain", None, 0)]
     for m in args.modes:
         name, _, fmt = m.partition("-")
@@ -288,6 +294,8 @@ def real_pair(args, out=None) -> list[dict]:
     records, plain = [], None
     record = _recorder(out, records)
     for name, fmt, k in modes:
+        shared = name == "ngram" and fmt != "own"  # "ngram-own": the request's own tokens only
+        fmt = fmt if name == "draft" else None
         if fmt and getattr(eng.drafters.get("draft"), "llm", None) is not drafts[fmt]:
             eng.attach_draft_model(drafts[fmt], num_pages=256)
         spec = dict(speculative=name, num_draft_tokens=k) if k else {}
@@ -312,7 +320,15 @@ def real_pair(args, out=None) -> list[dict]:
         for i in range(2):  # compiles this mode's programs
             run(-1 - i, prompts[i])
         before, reruns[0] = eng.stats(), 0
-        outs, secs = zip(*(run(i, ids) for i, ids in enumerate(prompts)))
+        ngram.corpus.clear()
+
+        def learned(i, ids):
+            got = run(i, ids)
+            if shared:
+                ngram.corpus.add(ids + got[0])
+            return got
+
+        outs, secs = zip(*(learned(i, ids) for i, ids in enumerate(prompts)))
         after = eng.stats()
         tokens = sum(len(o) - 1 for o in outs)
         tps = tokens / sum(secs)
@@ -327,7 +343,8 @@ def real_pair(args, out=None) -> list[dict]:
         differs = [i for i, (a, b) in enumerate(zip(outs, plain["outs"])) if a != b]
         r = dict(bench="speculative_real_pair", target=args.target, draft=args.draft if fmt else None,
                  dtype=args.dtype, matmul_precision=args.matmul_precision, spec_rounds=eng.cfg.spec_rounds,
-                 draft_format=fmt, mode=name, k=k or None, batch=1, prompts=len(prompts), max_tokens=args.max_tokens,
+                 draft_format=fmt, mode=name, k=k or None,
+                 ngram_corpus=None if name != "ngram" else ("earlier prompts" if shared else "none"), batch=1, prompts=len(prompts), max_tokens=args.max_tokens,
                  decode_tokens=tokens, tokens_per_s=tps, speedup=tps / plain["tps"],
                  acceptance_rate=accepted / drafted if drafted else None,
                  mean_accepted_length=(accepted + verified) / verified if verified else None,
@@ -378,7 +395,7 @@ def main(argv=None) -> None:
     ap.add_argument("--target-preset", default="qwen2.5-1.5b", help="speed: random weights of this shape")
     ap.add_argument("--draft-preset", default="qwen2.5-0.5b")
     ap.add_argument("--modes", nargs="+", default=["ngram", "draft-bf16"],
-                    choices=["ngram", "draft-bf16", "draft-int4"], help="real: what runs after plain")
+                    choices=["ngram", "ngram-own", "draft-bf16", "draft-int4"], help="real: what runs after plain")
     ap.add_argument("--draft-int4", action="store_true", help="speed: the random draft in int4 g128, head too")
     ap.add_argument("--profile", action="store_true",
                     help="speed: also device busy time per token, from a profiler trace of one request")

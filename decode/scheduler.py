@@ -74,6 +74,10 @@ class EngineConfig:
     # target, measured before n-gram calls were chained: dispatch, read-back) over more tokens, but
     # a request arriving meanwhile waits for the call to end.
     spec_rounds: int = 8
+    # N-gram drafts fall back on the tokens of up to this many tokens of earlier requests (prompts
+    # and outputs) when a request's own tokens have no match (`speculative.NgramCorpus`); 0: none.
+    # Drafts never change outputs; the corpus is shared by every request the engine serves.
+    ngram_corpus_tokens: int = 65536
 
     def seq_buckets(self) -> list[int]:
         """Batch sizes of pure-decode calls: powers of four up to max_seqs (a batch of 1 reads the
@@ -203,7 +207,9 @@ class Scheduler:
                        for n in sorted({1, max(1, cfg.decode_steps)}) for full in (False, True)}
         self._prev_tokens = jax.numpy.zeros(max(cfg.seq_buckets()), jax.numpy.int32)
         self._verify = {full: compile_verify(mc, full) for full in (False, True)} if cfg.max_draft_tokens > 0 else None
-        self.drafters = {"ngram": NgramDrafter()}
+        if cfg.ngram_corpus_tokens < 0:
+            raise ValueError(f"ngram_corpus_tokens must be >= 0, got {cfg.ngram_corpus_tokens}")
+        self.drafters = {"ngram": NgramDrafter(corpus_tokens=cfg.ngram_corpus_tokens)}
         self._ngram_loop, self._draft_loops = None, {}
         if cfg.max_draft_tokens > 0 and cfg.spec_rounds > 0:
             self._ngram_loop = compile_ngram_loop(mc, cfg.max_draft_tokens, cfg.spec_rounds)
@@ -312,6 +318,7 @@ class Scheduler:
                 "finished": dict(self.counters.finished),
                 "spec_device_loops": c.spec_loops,
                 "spec_chained_loops": c.spec_chained,
+                "ngram_corpus_tokens": getattr(self.drafters["ngram"].corpus, "size", 0),
                 **_spec_stats("spec", [sum(v) for v in zip([0, 0, 0, 0], *c.spec.values())]),
                 **{k: v for name, counts in c.spec.items() for k, v in _spec_stats(f"spec_{name}", counts).items()},
             }
@@ -366,7 +373,7 @@ class Scheduler:
                 drafter.warmup(S, K)
             if self._ngram_loop is not None:  # nothing left to emit: it runs no round
                 self.pool, out, _ = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs([], 0, ()),
-                                                     self._ngram_carry([0], 0, 0))
+                                                     self._ngram_carry([0], 0, 0), self._corpus())
                 jax.block_until_ready(out.tokens)
             d = self.drafters.get("draft")
             for loop in self._draft_loops.values():
@@ -601,6 +608,10 @@ class Scheduler:
         return jax.device_put(dict(hist=hist, n_hist=np.int32(len(recent)), last=np.int32(tokens[-1]),
                                    pos=np.int32(pos), left=np.int32(left)))
 
+    def _corpus(self):
+        """`ngram_loop`'s corpus of earlier requests' tokens, on device."""
+        return self.drafters["ngram"].corpus_on_device()
+
     @property
     def _loop_tokens(self) -> int:
         """The most tokens one device loop call emits: spec_rounds rounds of K + 1."""
@@ -650,7 +661,7 @@ class Scheduler:
                 self.llm.params, self.pool, drafter.llm.params, drafter.pool, packed)
         else:
             self.pool, out, carry = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs(seq.pages, k, stops),
-                                                     self._ngram_carry(seq.tokens, start, left))
+                                                     self._ngram_carry(seq.tokens, start, left), self._corpus())
         return self._loop_in_flight(seq, out, draft_computed=draft_computed, carry=carry, reach=start + budget)
 
     def _loop_in_flight(self, seq: Seq, out, **kw) -> _InFlight:
@@ -679,7 +690,7 @@ class Scheduler:
             return None
         k, stops = self._loop_k_and_stops(seq)
         self.pool, out, carry = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs(seq.pages, k, stops),
-                                                 prev.carry)
+                                                 prev.carry, self._corpus())
         self.counters.spec_chained += 1
         return self._loop_in_flight(seq, out, carry=carry, reach=reach)
 
@@ -840,6 +851,7 @@ class Scheduler:
             seq.pages = []
             self._release_drafts(seq)
             self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+        self.drafters["ngram"].remember(seq.tokens)
         now = time.monotonic()
         arrival = seq.req.arrival
         out = out or RequestOutput(seq.req.request_id, [], "")

@@ -181,10 +181,11 @@ def empty_spec(S: int, K: int) -> dict[str, np.ndarray]:
 def ngram_lookup(hist: jax.Array, n_hist: jax.Array, k: int, max_n: int = 4, min_n: int = 1):
     """`NgramDrafter.lookup` on device: hist [W] int32 whose first n_hist entries are the tokens.
     Returns the continuation [k] of the most recent earlier occurrence of the longest suffix
-    n-gram (max_n down to min_n tokens) and how many of its k entries are real (0: no match)."""
+    n-gram (max_n down to min_n tokens), how many of its k entries are real (0: no match) and the
+    n-gram's length."""
     W = hist.shape[0]
     i = jnp.arange(W)
-    found, start = jnp.bool_(False), jnp.int32(0)
+    found, start, length = jnp.bool_(False), jnp.int32(0), jnp.int32(0)
     for n in range(max_n, min_n - 1, -1):
         suffix = jax.lax.dynamic_slice(hist, (jnp.maximum(n_hist - n, 0),), (n,))
         match = i <= n_hist - 1 - n  # an occurrence that something follows, before the suffix itself
@@ -192,10 +193,52 @@ def ngram_lookup(hist: jax.Array, n_hist: jax.Array, k: int, max_n: int = 4, min
             match &= jnp.roll(hist, -j) == suffix[j]
         last = jnp.max(jnp.where(match, i, -1))
         hit = (last >= 0) & (n_hist > n) & ~found
-        start = jnp.where(hit, last + n, start)
+        start, length = jnp.where(hit, last + n, start), jnp.where(hit, n, length)
         found |= hit
     drafts = jax.lax.dynamic_slice(jnp.concatenate([hist, jnp.zeros(k, hist.dtype)]), (start,), (k,))
-    return drafts, jnp.where(found, jnp.minimum(k, n_hist - start), 0).astype(jnp.int32)
+    return drafts, jnp.where(found, jnp.minimum(k, n_hist - start), 0).astype(jnp.int32), length
+
+
+def corpus_lookup(corpus: jax.Array, hist: jax.Array, n_hist: jax.Array, k: int, max_n: int = 4):
+    """`NgramCorpus.lookup` on device: corpus [C] int32 (`NgramCorpus.device`: -1 past the tokens
+    and between requests), the request's tokens the first n_hist entries of hist [W]. Returns the
+    continuation [k] of the latest occurrence in the corpus of the longest suffix n-gram (max_n
+    down to 1 tokens) that a token follows, up to the end of its request, how many of its k
+    entries are real (0: no match) and the n-gram's length."""
+    C = corpus.shape[0]
+    i = jnp.arange(C)
+    found, start, length = jnp.bool_(False), jnp.int32(0), jnp.int32(0)
+    for n in range(max_n, 0, -1):
+        suffix = jax.lax.dynamic_slice(hist, (jnp.maximum(n_hist - n, 0),), (n,))
+        match = (i + n < C) & (jnp.roll(corpus, -n) >= 0)  # something follows, within the corpus
+        for j in range(n):
+            match &= jnp.roll(corpus, -j) == suffix[j]
+        last = jnp.max(jnp.where(match, i, -1))
+        hit = (last >= 0) & (n_hist >= n) & ~found
+        start, length = jnp.where(hit, last + n, start), jnp.where(hit, n, length)
+        found |= hit
+    cont = jax.lax.dynamic_slice(jnp.concatenate([corpus, jnp.full(k, -1, corpus.dtype)]), (start,), (k,))
+    real = jnp.cumprod(cont >= 0)  # up to the end of that request
+    return jnp.where(real > 0, cont, 0), jnp.where(found, jnp.sum(real), 0).astype(jnp.int32), length
+
+
+CORPUS_MARGIN = 2  # the corpus's match wins over the request's own when this much longer (or the only one)
+
+
+def _corpus_wins(own_n, corpus_n):
+    """Whether the corpus's suffix match of corpus_n tokens replaces the request's own of own_n
+    (0: none): on HumanEval completions a longer match in other requests predicts better than a
+    short one in the request's own tokens."""
+    return (corpus_n > 0) & ((own_n == 0) | (corpus_n >= own_n + CORPUS_MARGIN))
+
+
+def ngram_propose(hist: jax.Array, n_hist: jax.Array, corpus: jax.Array, k: int):
+    """`NgramDrafter.lookup` on device: drafts [k] and how many are real, from the request's own
+    tokens or the corpus (`_corpus_wins`)."""
+    drafts, nd, own_n = ngram_lookup(hist, n_hist, k)
+    shared, ns, corpus_n = corpus_lookup(corpus, hist, n_hist, k)
+    wins = _corpus_wins(own_n, corpus_n)
+    return jnp.where(wins, shared, drafts), jnp.where(wins, ns, nd)
 
 
 @struct.dataclass
@@ -254,9 +297,12 @@ def _greedy_rounds(params, pool: PagePool, f: dict, state, propose, advance, *, 
     return pool, state, out, pos, last, emitted, stopped
 
 
-def ngram_loop(params, pool: PagePool, packed: Packed, carry: dict, *, config: ModelConfig, K: int, rounds: int):
+def ngram_loop(params, pool: PagePool, packed: Packed, carry: dict, corpus: jax.Array, *, config: ModelConfig, K: int,
+               rounds: int):
     """Up to `rounds` rounds of greedy n-gram speculation for one sequence without the host
-    (`_greedy_rounds`), the drafts looked up in the token history on device.
+    (`_greedy_rounds`), the drafts looked up in the token history on device, or, when it has no
+    match or a much shorter one (`_corpus_wins`), in the corpus of earlier requests' tokens
+    (`corpus_lookup`; [1] when there is none).
 
     packed holds: page_table [max_pages] (pages for every position the rounds may write), k
     (drafts per round, <= K), stop_ids [NS] (-1 padded). carry holds what one call hands the next:
@@ -279,7 +325,7 @@ def ngram_loop(params, pool: PagePool, packed: Packed, carry: dict, *, config: M
 
         def propose(state, last, pos):
             hist, n_hist = state
-            drafts, nd = ngram_lookup(hist, n_hist, K)
+            drafts, nd = ngram_propose(hist, n_hist, corpus, K)
             return drafts, nd, state
 
         def advance(state, drafts, emit, a, c):
@@ -379,31 +425,126 @@ class DraftRequest:
     n_sampled: int  # index of the token the first draft stands for (for the draft's keys)
 
 
+class NgramCorpus:
+    """The tokens of earlier requests (prompt and output, the most recent `capacity` of them, -1
+    after each request), which n-gram lookup falls back on when a request's own tokens have no
+    match: code and prose repeat across requests (idioms, names, boilerplate) as well as within
+    one. `lookup` finds the latest occurrence of the longest suffix n-gram that a token follows,
+    through an index of each n-gram's latest end; `corpus_lookup` finds the same one on device
+    by scanning `device()`. When full, the oldest half is dropped."""
+
+    def __init__(self, capacity: int, max_n: int = 4):
+        if capacity < 2:
+            raise ValueError(f"an n-gram corpus needs room for at least 2 tokens, got {capacity}")
+        self.capacity, self.max_n = capacity, max_n
+        self.clear()
+
+    def clear(self) -> None:
+        self.tokens = np.full(self.capacity, -1, np.int32)
+        self.size = 0  # tokens held, the latest at the end
+        self.base = 0  # how many tokens were dropped before tokens[0]
+        self.ends: dict[tuple, int] = {}  # n-gram -> the end (counting dropped tokens) of its latest occurrence
+        self._device = None
+
+    def add(self, tokens) -> None:
+        """Append one request's tokens (the latest capacity - 1 of them) and its end mark."""
+        toks = np.append(np.asarray(tokens, np.int32)[-(self.capacity - 1):], np.int32(-1))
+        if self.size + len(toks) > self.capacity:
+            drop = max(self.size + len(toks) - self.capacity, self.size // 2)
+            kept = self.tokens[drop:self.size].copy()
+            self.tokens[:] = -1
+            self.tokens[:len(kept)] = kept
+            self.size, self.base = len(kept), self.base + drop
+            self.ends = {}  # rebuilt from what is kept (once per half a corpus of new tokens)
+            self._index(self.tokens[:self.size], self.base)
+        self.tokens[self.size:self.size + len(toks)] = toks
+        self._index(toks, self.base + self.size)
+        self.size += len(toks)
+        self._device = None
+
+    def _index(self, toks: np.ndarray, at: int) -> None:
+        seq = toks.tolist()
+        for e in range(1, len(seq)):  # n-grams ending before e, which seq[e] follows
+            if seq[e] < 0:
+                continue
+            for n in range(1, min(self.max_n, e) + 1):
+                gram = tuple(seq[e - n:e])
+                if gram[0] < 0:
+                    break
+                self.ends[gram] = at + e
+
+    def lookup(self, tokens: list[int], k: int) -> tuple[list[int], int]:
+        """The continuation (up to k tokens) and the length of the suffix n-gram it follows (0:
+        none)."""
+        for n in range(min(self.max_n, len(tokens)), 0, -1):
+            end = self.ends.get(tuple(tokens[len(tokens) - n:]))
+            if end is not None:
+                cont = self.tokens[end - self.base:end - self.base + k].tolist()
+                return (cont[:cont.index(-1)] if -1 in cont else cont), n
+        return [], 0
+
+    def device(self) -> jax.Array:
+        """The corpus on device (put again after a change)."""
+        if self._device is None:
+            self._device = jax.device_put(self.tokens)
+        return self._device
+
+
 class NgramDrafter:
     """Prompt lookup (Saxena 2023, "Prompt Lookup Decoding"): find the most recent earlier
     occurrence of the longest suffix n-gram (max_n down to min_n tokens) of the request's tokens
-    and propose the tokens that followed it."""
+    and propose the tokens that followed it; with no such occurrence, or a much shorter one than
+    the corpus has (`_corpus_wins`), the latest one in the corpus of earlier requests' tokens
+    (`NgramCorpus`; corpus_tokens 0: none), for greedy requests only."""
 
     name = "ngram"
 
-    def __init__(self, max_n: int = 4, min_n: int = 1, window: int = 4096):
+    def __init__(self, max_n: int = 4, min_n: int = 1, window: int = 4096, corpus_tokens: int = 0):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got {min_n=}, {max_n=}")
         self.max_n, self.min_n, self.window = max_n, min_n, window
+        self.corpus = NgramCorpus(corpus_tokens, max_n) if corpus_tokens else None
+        self._no_corpus = None
 
-    def lookup(self, tokens: list[int], k: int) -> list[int]:
+    def lookup(self, tokens: list[int], k: int, shared: bool = True) -> list[int]:
+        """Drafts for a request's tokens (shared: the corpus may propose them)."""
         arr = np.asarray(tokens[-self.window:], np.int32)
+        own, n_own = self.lookup_own(arr, k)
+        if shared and self.corpus is not None:
+            shared, n_shared = self.corpus.lookup(arr[-self.max_n:].tolist(), k)
+            if _corpus_wins(n_own, n_shared):
+                return shared
+        return own
+
+    def lookup_own(self, arr: np.ndarray, k: int) -> tuple[list[int], int]:
+        """In the request's own tokens: the continuation and the n-gram's length (0: none)."""
         L = len(arr)
         for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
             windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. L-1-n
             hits = np.flatnonzero((windows == arr[L - n:]).all(axis=1))
             if len(hits):
                 start = hits[-1] + n
-                return arr[start:start + k].tolist()
-        return []
+                return arr[start:start + k].tolist(), n
+        return [], 0
+
+    def remember(self, tokens: list[int]) -> None:
+        """A finished request's tokens join the corpus."""
+        if self.corpus is not None and tokens:
+            self.corpus.add(tokens)
+
+    def corpus_on_device(self) -> jax.Array:
+        """`ngram_loop`'s corpus argument ([1] of -1 without a corpus)."""
+        if self.corpus is not None:
+            return self.corpus.device()
+        if self._no_corpus is None:
+            self._no_corpus = jax.device_put(np.full(1, -1, np.int32))
+        return self._no_corpus
 
     def propose(self, requests: list[DraftRequest], S: int, K: int):
-        return [self.lookup(r.tokens, r.k) for r in requests], None
+        # Greedy outputs do not depend on the drafts; a seeded sampled request's do (which draws
+        # the acceptance rule makes), so it keeps to its own tokens: reproducible whatever other
+        # requests left in the corpus.
+        return [self.lookup(r.tokens, r.k, shared=r.sampling.temperature == 0) for r in requests], None
 
     def release(self, key: str) -> None:
         pass

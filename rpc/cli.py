@@ -40,7 +40,8 @@ def _engine_config(args):
     given = {k: v for k, v in (("max_seqs", args.max_seqs), ("num_pages", args.num_pages),
                                ("page_size", args.page_size), ("max_queue", args.max_queue),
                                ("max_draft_tokens", args.max_draft_tokens),
-                               ("spec_rounds", args.spec_rounds)) if v is not None}
+                               ("spec_rounds", args.spec_rounds),
+                               ("ngram_corpus_tokens", args.ngram_corpus_tokens)) if v is not None}
     return dataclasses.replace(base, **given)
 
 
@@ -95,6 +96,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="speculation rounds a lone greedy speculative request runs per device call (default 8;"
                         " more spread each call's fixed cost over more tokens, but a request arriving"
                         " meanwhile waits for the call to end; 0: one round per step)")
+    s.add_argument("--ngram-corpus-tokens", type=_non_negative, default=None,
+                   help="n-gram drafts fall back on up to this many tokens of earlier requests when a request's"
+                        " own tokens have no match (default 65536; 0: a request's own tokens only)")
     s.add_argument("--mock", action="store_true", help="serve the echo mock engine instead of a model (no JAX)")
     s.add_argument("--mock-tick-ms", type=float, default=2.0, help="mock engine: milliseconds per decode step")
     s.add_argument("--max-running", type=int, default=32, help="mock engine: sequences decoded at once")

@@ -261,9 +261,11 @@ def test_serve_engine_flags_reach_the_engine_config():
 
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers())
-    cfg = _engine_config(parser.parse_args(["serve", "--spec-rounds", "32", "--max-draft-tokens", "6"]))
-    assert cfg.spec_rounds == 32 and cfg.max_draft_tokens == 6
-    assert _engine_config(parser.parse_args(["serve"])).spec_rounds == 8  # the engine's default
+    cfg = _engine_config(parser.parse_args(["serve", "--spec-rounds", "32", "--max-draft-tokens", "6",
+                                            "--ngram-corpus-tokens", "0"]))
+    assert cfg.spec_rounds == 32 and cfg.max_draft_tokens == 6 and cfg.ngram_corpus_tokens == 0
+    default = _engine_config(parser.parse_args(["serve"]))
+    assert default.spec_rounds == 8 and default.ngram_corpus_tokens == 65536  # the engine's defaults
     with pytest.raises(SystemExit):  # argparse: "--spec-rounds: must be >= 0, got -1"
         parser.parse_args(["serve", "--spec-rounds", "-1"])
 

