@@ -159,7 +159,6 @@ class _Counters:
     spec: dict = field(default_factory=dict)  # drafter -> [rows verified, drafts proposed, drafts accepted]
     spec_loops: int = 0  # ngram_loop and draft_loop calls
     spec_chained: int = 0  # of those, ngram_loop calls dispatched from the previous call's carry
-    spec_tail: int = 0  # of those, ngram_loop calls likely to be their request's last (a while loop)
 
 
 _LOOP_STOP_IDS = 16  # stop token ids an ngram_loop / draft_loop call checks on device
@@ -211,11 +210,9 @@ class Scheduler:
         if cfg.ngram_corpus_tokens < 0:
             raise ValueError(f"ngram_corpus_tokens must be >= 0, got {cfg.ngram_corpus_tokens}")
         self.drafters = {"ngram": NgramDrafter(corpus_tokens=cfg.ngram_corpus_tokens)}
-        self._ngram_loop = self._ngram_tail = None
-        self._draft_loops = {}
+        self._ngram_loop, self._draft_loops = None, {}
         if cfg.max_draft_tokens > 0 and cfg.spec_rounds > 0:
             self._ngram_loop = compile_ngram_loop(mc, cfg.max_draft_tokens, cfg.spec_rounds)
-            self._ngram_tail = compile_ngram_loop(mc, cfg.max_draft_tokens, cfg.spec_rounds, fixed=False)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self._by_id: dict[str, Seq] = {}
@@ -321,7 +318,6 @@ class Scheduler:
                 "finished": dict(self.counters.finished),
                 "spec_device_loops": c.spec_loops,
                 "spec_chained_loops": c.spec_chained,
-                "spec_tail_loops": c.spec_tail,
                 "ngram_corpus_tokens": getattr(self.drafters["ngram"].corpus, "size", 0),
                 **_spec_stats("spec", [sum(v) for v in zip([0, 0, 0, 0], *c.spec.values())]),
                 **{k: v for name, counts in c.spec.items() for k, v in _spec_stats(f"spec_{name}", counts).items()},
@@ -375,9 +371,9 @@ class Scheduler:
                         jax.block_until_ready(out.tokens)
             for drafter in self.drafters.values():
                 drafter.warmup(S, K)
-            for loop in (self._ngram_loop, self._ngram_tail) if self._ngram_loop is not None else ():
-                self.pool, out, _ = loop(self.llm.params, self.pool, self._loop_inputs([], 0, ()),
-                                         self._ngram_carry([0], 0, 0), self._corpus())  # nothing left: no round
+            if self._ngram_loop is not None:  # nothing left to emit: it runs no round
+                self.pool, out, _ = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs([], 0, ()),
+                                                     self._ngram_carry([0], 0, 0), self._corpus())
                 jax.block_until_ready(out.tokens)
             d = self.drafters.get("draft")
             for loop in self._draft_loops.values():
@@ -389,7 +385,7 @@ class Scheduler:
 
     def compiled_programs(self) -> int:
         fns = list(self._steps.values()) + list((self._verify or {}).values())
-        fns += [f for f in (self._ngram_loop, self._ngram_tail) if f is not None] + list(self._draft_loops.values())
+        fns += ([self._ngram_loop] if self._ngram_loop is not None else []) + list(self._draft_loops.values())
         return sum(f._cache_size() for f in fns)
 
     def has_work(self) -> bool:
@@ -637,7 +633,7 @@ class Scheduler:
         sp = seq.req.sampling
         if sp.speculative not in ("ngram", "draft") or not sp.plain_greedy:
             return None
-        left = self._remaining(seq)
+        left = min(sp.max_tokens - seq.generated, self.max_context - seq.total)  # tokens it may still emit
         budget = min(left, self._loop_tokens)
         start = seq.num_computed  # the last token's position: its K/V is computed by the first round
         if budget < 2 or len(seq.tokens) != seq.total:
@@ -664,31 +660,9 @@ class Scheduler:
             self.pool, drafter.pool, out, draft_computed = self._draft_loops[kb](
                 self.llm.params, self.pool, drafter.llm.params, drafter.pool, packed)
         else:
-            self.pool, out, carry = self._ngram_call(left)(self.llm.params, self.pool,
-                                                           self._loop_inputs(seq.pages, k, stops),
-                                                           self._ngram_carry(seq.tokens, start, left), self._corpus())
+            self.pool, out, carry = self._ngram_loop(self.llm.params, self.pool, self._loop_inputs(seq.pages, k, stops),
+                                                     self._ngram_carry(seq.tokens, start, left), self._corpus())
         return self._loop_in_flight(seq, out, draft_computed=draft_computed, carry=carry, reach=start + budget)
-
-    def _remaining(self, seq: Seq) -> int:
-        """Tokens the request may still emit (max_tokens, the context), as far as the host knows."""
-        return min(seq.req.sampling.max_tokens - seq.generated, self.max_context - seq.total)
-
-    def _ngram_call(self, left: int):
-        """The n-gram loop program for a call that starts with `left` tokens still to emit: the
-        while loop when the call is likely the request's last (its rounds would yield that many
-        tokens, by the engine's tokens per round so far), which stops after the last round but
-        holds the host until it ends; otherwise the fixed rounds, dead after the request's end."""
-        if left <= self._call_yield():
-            self.counters.spec_tail += 1
-            return self._ngram_tail
-        return self._ngram_loop
-
-    def _call_yield(self) -> float:
-        """Tokens an n-gram loop call is expected to emit: spec_rounds rounds of the tokens per
-        round seen so far (one before any)."""
-        verified, _, accepted, empty = self.counters.spec.get("ngram", (0, 0, 0, 0))
-        rounds = verified + empty
-        return self.cfg.spec_rounds * ((verified + accepted + empty) / rounds if rounds else 1.0)
 
     def _loop_in_flight(self, seq: Seq, out, **kw) -> _InFlight:
         for x in jax.tree.leaves(out):
@@ -711,8 +685,6 @@ class Scheduler:
         if (prev.carry is None or seq.finished or seq.gen != prev.rows[0].gen or self.waiting or self._cancel
                 or self.running != [seq]):
             return None
-        if self._remaining(seq) - self._call_yield() <= self._call_yield():
-            return None  # the next call is likely the last: launched once prev is read (`_ngram_call`)
         reach = min(prev.reach + self._loop_tokens, self.max_context)
         if not self._ensure_pages(seq, reach):
             return None

@@ -298,7 +298,7 @@ def _greedy_rounds(params, pool: PagePool, f: dict, state, propose, advance, *, 
 
 
 def ngram_loop(params, pool: PagePool, packed: Packed, carry: dict, corpus: jax.Array, *, config: ModelConfig, K: int,
-               rounds: int, fixed: bool = True):
+               rounds: int):
     """Up to `rounds` rounds of greedy n-gram speculation for one sequence without the host
     (`_greedy_rounds`), the drafts looked up in the token history on device, or, when it has no
     match or a much shorter one (`_corpus_wins`), in the corpus of earlier requests' tokens
@@ -318,8 +318,7 @@ def ngram_loop(params, pool: PagePool, packed: Packed, carry: dict, corpus: jax.
     dispatch does not return until the loop ends: the next call could then only be queued after
     this one. With a known trip count the rounds are queued at once; the one predicate read left
     (the `cond`: is anything left?) waits for the previous call only, and a chained call after
-    the request's last one costs next to nothing. `fixed=False` keeps the while loop, which stops
-    after the request's last round: for a call that is likely its last (`Scheduler._ngram_call`)."""
+    the request's last one costs next to nothing."""
     def run(pool, carry):
         f = dict(packed.unpack(), last=carry["last"], pos=carry["pos"],
                  budget=jnp.minimum(carry["left"], rounds * (K + 1)))
@@ -335,7 +334,7 @@ def ngram_loop(params, pool: PagePool, packed: Packed, carry: dict, corpus: jax.
 
         pool, (hist, n_hist), out, pos, last, emitted, stopped = _greedy_rounds(
             params, pool, f, (carry["hist"], carry["n_hist"]), propose, advance, config=config, K=K, rounds=rounds,
-            fixed=fixed)
+            fixed=True)
         # The history keeps its length: the oldest tokens give way to the new ones (the lookup window).
         W, keep = carry["hist"].shape[0], carry["hist"].shape[0] - (rounds + 1) * (K + 1)
         drop = jnp.maximum(n_hist - keep, 0)
@@ -409,9 +408,8 @@ def compile_draft_loop(config: ModelConfig, draft_config: ModelConfig, k: int, r
 
 
 @functools.lru_cache(maxsize=None)
-def compile_ngram_loop(config: ModelConfig, K: int, rounds: int, fixed: bool = True):
-    return jax.jit(functools.partial(ngram_loop, config=config, K=K, rounds=rounds, fixed=fixed),
-                   donate_argnums=(1, 3))
+def compile_ngram_loop(config: ModelConfig, K: int, rounds: int):
+    return jax.jit(functools.partial(ngram_loop, config=config, K=K, rounds=rounds), donate_argnums=(1, 3))
 
 
 # -- drafters ----------------------------------------------------------------------------------

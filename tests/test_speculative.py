@@ -262,10 +262,8 @@ def test_rounds_on_device_are_exact(smollm_f32, reference, drafter):
             assert outs[0][-1].finish_reason == ("stop" if len(case["greedy_ids"]) < max_tokens else "length")
     s = e.stats()
     assert s["spec_device_loops"] > len(reference["cases"])
-    if drafter == "ngram":  # requests longer than one call chain their calls on device, and a
-        # call likely to be the last runs the while loop, which stops after the request's end
+    if drafter == "ngram":  # requests longer than one call chain their calls on device
         assert 0 < s["spec_chained_loops"] < s["spec_device_loops"], s
-        assert 0 < s["spec_tail_loops"] < s["spec_device_loops"], s
     assert 0 < s[f"spec_{drafter}_accepted_tokens"] <= s[f"spec_{drafter}_draft_tokens"]
     if drafter == "draft":
         assert s["spec_draft_acceptance_rate"] > 0.9, s
