@@ -5,11 +5,14 @@ decoding.
     python -m pallax.bench.plot_speculative bench/results/speculative_h100.json bench/results/speculative_h100.png
     python -m pallax.bench.plot_speculative --real bench/results/speculative_real_pair_h100.json \
         bench/results/speculative_real_ngram_h100_run2.json bench/results/speculative_real_pair_h100.png
+    python -m pallax.bench.plot_speculative --real bench/results/speculative_real_ngram_corpus_h100.jsonl \
+        bench/results/speculative_real_ngram_corpus_h100.png
 
 The first form plots a `speed` run (round costs with random weights, acceptance from a CPU run);
 `--real` plots `real` runs of the real pair, where both come from the same GPU run: tokens per
 round over all rounds (n-gram rounds with nothing drafted included, where the run counted them)
-and the round cost that the measured speedup implies.
+and the round cost that the measured speedup implies; "+ corpus": n-gram drafts that fall back on
+the earlier prompts' tokens.
 """
 
 from __future__ import annotations
@@ -22,16 +25,22 @@ def real_points(records: list[dict]) -> list[tuple[str, float, float]]:
     """(label, round cost in plain steps, tokens per round) of each speculative `real` record.
     Records from before empty rounds were counted give tokens per verification, which is tokens
     per round only for the draft model (it always drafts); their n-gram modes are left out."""
-    points = []
+    points, runs = [], sum(r.get("bench") == "speculative_real_pair" and r.get("mode") == "plain" for r in records)
+    run = 0
     for r in records:
-        if r.get("bench") != "speculative_real_pair" or r.get("mode") == "plain":
+        if r.get("bench") != "speculative_real_pair":
+            continue
+        if r.get("mode") == "plain":  # each run starts with its plain greedy record
+            run += 1
             continue
         per_round = r.get("tokens_per_round")
         if per_round is None and r["mode"] == "draft":
             per_round = r["mean_accepted_length"]
         if per_round is None:
             continue
-        points.append((f"{r['mode']} k={r['k']}", per_round / r["speedup"], per_round))
+        corpus = " + corpus" if r.get("ngram_corpus") == "earlier prompts" else ""
+        label = f"{r['mode']}{corpus} k={r['k']}" + (f" (run {run})" if runs > 1 else "")
+        points.append((label, per_round / r["speedup"], per_round))
     return points
 
 
@@ -56,9 +65,13 @@ def plot_real(srcs: list[str], dst: str) -> int:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = max(max(x, y) for _, x, y in points) * 1.15
     _speedup_lines(ax, top)
+    named = set()
     for i, (label, x, y) in enumerate(points):
         ax.scatter([x], [y], s=40, label=f"{label}: {y / x:.2f}x")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4 if i % 2 else -11), fontsize=8)
+        name = label.split(" (run")[0]
+        if name not in named:  # each mode named once, beside its first run
+            named.add(name)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(-6, 6), ha="right", fontsize=8)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     rates = ", ".join(sorted({f"{r['tokens_per_s']:.0f}" for r in plains}))

@@ -412,7 +412,7 @@ def main(argv=None) -> None:
         Path(args.out).write_text("")
     run = {"acceptance": acceptance, "speed": speed, "real": real_pair}[args.mode]
     records = run(args) if args.mode == "acceptance" else run(args, out=args.out)
-    cols = ["bench", "drafter", "mode", "draft_format", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
+    cols = ["bench", "drafter", "mode", "draft_format", "ngram_corpus", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
             "tokens_per_s", "expected_speedup", "speedup"]
     print(table(records, [c for c in cols if any(c in r for r in records)]))
     if args.out and args.mode == "acceptance":

@@ -62,6 +62,11 @@ def test_plot_speculative_real_points(tmp_path):
     assert [p[0] for p in pts] == ["draft k=4", "ngram k=8"]
     assert abs(pts[0][1] - 4.4 / 1.1) < 1e-9 and pts[0][2] == 4.4
     assert abs(pts[1][1] - 1.7 / 1.36) < 1e-9 and pts[1][2] == 1.7
+    # a second run, its n-gram drafts falling back on the earlier prompts: points named by run
+    recs += [dict(base, mode="plain", k=None, tokens_per_s=510.0),
+             dict(base, mode="ngram", k=8, tokens_per_round=2.2, speedup=2.0, ngram_corpus="earlier prompts")]
+    assert [p[0] for p in plot_speculative.real_points(recs)] == [
+        "draft k=4 (run 1)", "ngram k=8 (run 1)", "ngram + corpus k=8 (run 2)"]
     src, out = tmp_path / "r.json", tmp_path / "r.png"
     src.write_text("\n".join(json.dumps(r) for r in recs))
     assert plot_speculative.main(["--real", str(src), str(out)]) == 0
