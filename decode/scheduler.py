@@ -70,9 +70,9 @@ class EngineConfig:
     adaptive_draft: bool = True  # k follows each request's running acceptance rate (up to its k)
     # A lone greedy speculative request runs up to this many rounds per call on device
     # (`speculative.ngram_loop`, `draft_loop`) instead of one host round trip per round; 0: never.
-    # More rounds spread a call's fixed cost (about 2.5 ms for n-gram calls on an H100 with a 1.5B
-    # target, measured before n-gram calls were chained: dispatch, read-back) over more tokens, but
-    # a request arriving meanwhile waits for the call to end.
+    # N-gram calls are chained and run all their rounds (dead after the request's end); draft-model
+    # calls stop at the end but cost about 7 ms each on an H100 (1.5B target), which more rounds
+    # spread over more tokens. A request arriving meanwhile waits for the call to end.
     spec_rounds: int = 8
     # N-gram drafts fall back on the tokens of up to this many tokens of earlier requests (prompts
     # and outputs) when a request's own tokens have no match (`speculative.NgramCorpus`); 0: none.
