@@ -74,9 +74,9 @@ class EngineConfig:
     # calls stop at the end but cost about 7 ms each on an H100 (1.5B target), which more rounds
     # spread over more tokens. A request arriving meanwhile waits for the call to end.
     spec_rounds: int = 8
-    # N-gram drafts fall back on the tokens of up to this many tokens of earlier requests (prompts
-    # and outputs) when a request's own tokens have no match (`speculative.NgramCorpus`); 0: none.
-    # Drafts never change outputs; the corpus is shared by every request the engine serves.
+    # Greedy n-gram drafts fall back on up to this many tokens of earlier requests (prompts and
+    # outputs) when a request's own tokens have no match (`speculative.NgramCorpus`); 0: none.
+    # Drafts do not change greedy outputs; the corpus is shared by every request the engine serves.
     ngram_corpus_tokens: int = 65536
 
     def seq_buckets(self) -> list[int]:

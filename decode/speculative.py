@@ -431,7 +431,7 @@ class NgramCorpus:
     match: code and prose repeat across requests (idioms, names, boilerplate) as well as within
     one. `lookup` finds the latest occurrence of the longest suffix n-gram that a token follows,
     through an index of each n-gram's latest end; `corpus_lookup` finds the same one on device
-    by scanning `device()`. When full, the oldest half is dropped."""
+    by scanning `device()`. When full, the oldest tokens make room."""
 
     def __init__(self, capacity: int, max_n: int = 4):
         if capacity < 2:
@@ -447,20 +447,28 @@ class NgramCorpus:
         self._device = None
 
     def add(self, tokens) -> None:
-        """Append one request's tokens (the latest capacity - 1 of them) and its end mark."""
+        """Append one request's tokens (the latest capacity - 1 of them) and its end mark, dropping
+        the oldest tokens that no longer fit."""
         toks = np.append(np.asarray(tokens, np.int32)[-(self.capacity - 1):], np.int32(-1))
-        if self.size + len(toks) > self.capacity:
-            drop = max(self.size + len(toks) - self.capacity, self.size // 2)
-            kept = self.tokens[drop:self.size].copy()
-            self.tokens[:] = -1
-            self.tokens[:len(kept)] = kept
-            self.size, self.base = len(kept), self.base + drop
-            self.ends = {}  # rebuilt from what is kept (once per half a corpus of new tokens)
-            self._index(self.tokens[:self.size], self.base)
+        over = self.size + len(toks) - self.capacity
+        if over > 0:
+            self._forget(over)
         self.tokens[self.size:self.size + len(toks)] = toks
         self._index(toks, self.base + self.size)
         self.size += len(toks)
         self._device = None
+
+    def _forget(self, drop: int) -> None:
+        """Drop the oldest `drop` tokens, and the index entries of occurrences that start in them
+        (an entry is the latest occurrence: none other is held)."""
+        held = self.tokens[:min(self.size, drop + self.max_n)].tolist()
+        for e in range(1, len(held) + 1):
+            for n in range(1, min(self.max_n, e) + 1):
+                if e - n < drop and self.ends.get(tuple(held[e - n:e])) == self.base + e:
+                    del self.ends[tuple(held[e - n:e])]
+        self.tokens[:self.size - drop] = self.tokens[drop:self.size].copy()
+        self.tokens[self.size - drop:] = -1
+        self.size, self.base = self.size - drop, self.base + drop
 
     def _index(self, toks: np.ndarray, at: int) -> None:
         seq = toks.tolist()

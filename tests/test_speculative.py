@@ -136,7 +136,7 @@ def test_device_ngram_lookup_matches_host():
 def test_ngram_corpus_lookup():
     """Earlier requests' tokens: the latest occurrence of the longest suffix n-gram that a token
     of the same request follows; requests do not run into each other; when full, the oldest
-    half goes."""
+    tokens go."""
     c = NgramCorpus(capacity=16, max_n=3)
     c.add([1, 2, 3, 4])
     c.add([7, 2, 3, 9, 9])
@@ -144,10 +144,12 @@ def test_ngram_corpus_lookup():
     assert c.lookup([5, 1, 2], 4) == ([3, 4], 2)  # "1 2" is longer than the later "2"
     assert c.lookup([8, 4], 4) == ([], 0)  # nothing follows "4": its request's end
     assert c.lookup([9, 9], 2) == ([9], 1)  # "9 9" ends its request; the shorter "9" has a 9 after it
-    c.add([5, 6, 1, 2, 8, 8])  # 11 + 7 > 16: the oldest half (the first request) goes
-    assert c.size == 13 and c.tokens[:c.size].tolist() == [7, 2, 3, 9, 9, -1, 5, 6, 1, 2, 8, 8, -1]
-    assert c.lookup([0, 3, 4], 3) == ([], 0)  # "3 4" and "4" went with the first request
-    assert c.lookup([0, 4, 3], 3) == ([9, 9], 1) and c.lookup([1, 2], 3) == ([8, 8], 2)
+    assert c.lookup([1, 2, 3], 4) == ([4], 3)
+    c.add([5, 6, 1, 2, 8, 8])  # 11 + 7 > 16: the two oldest tokens go
+    assert c.size == 16 and c.tokens.tolist() == [3, 4, -1, 7, 2, 3, 9, 9, -1, 5, 6, 1, 2, 8, 8, -1]
+    assert c.lookup([1, 2, 3], 4) == ([9, 9], 2)  # "1 2 3" went; "2 3" stays, in the second request
+    assert c.lookup([0, 3], 3) == ([9, 9], 1)  # the first "3" is held, but the second is the latest
+    assert c.lookup([1, 2], 3) == ([8, 8], 2) and c.lookup([0, 3, 4], 3) == ([], 0)
     drafter = NgramDrafter(max_n=4, corpus_tokens=16)
     drafter.remember([1, 2, 3, 4, 5])
     assert drafter.lookup([9, 1], 2) == [2, 3]  # no match in its own tokens: the corpus's
