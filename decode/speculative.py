@@ -178,25 +178,33 @@ def empty_spec(S: int, K: int) -> dict[str, np.ndarray]:
 
 
 # -- n-gram speculation rounds on device --------------------------------------------------------
-def ngram_lookup(hist: jax.Array, n_hist: jax.Array, k: int, max_n: int = 4, min_n: int = 1):
-    """`NgramDrafter.lookup` on device: hist [W] int32 whose first n_hist entries are the tokens.
-    Returns the continuation [k] of the most recent earlier occurrence of the longest suffix
-    n-gram (max_n down to min_n tokens), how many of its k entries are real (0: no match) and the
-    n-gram's length."""
-    W = hist.shape[0]
-    i = jnp.arange(W)
-    found, start, length = jnp.bool_(False), jnp.int32(0), jnp.int32(0)
-    for n in range(max_n, min_n - 1, -1):
+def _latest_suffix_match(seq: jax.Array, hist: jax.Array, n_hist: jax.Array, ns, usable):
+    """Over n in ns, longest first: the latest start i in seq of the suffix n-gram of hist's first
+    n_hist tokens, among the starts where usable(n, i) holds. Returns where its continuation starts
+    (i + n) and the n-gram's length (0: no match)."""
+    i = jnp.arange(seq.shape[0])
+    start, length = jnp.int32(0), jnp.int32(0)
+    for n in ns:
         suffix = jax.lax.dynamic_slice(hist, (jnp.maximum(n_hist - n, 0),), (n,))
-        match = i <= n_hist - 1 - n  # an occurrence that something follows, before the suffix itself
+        match = usable(n, i)
         for j in range(n):
-            match &= jnp.roll(hist, -j) == suffix[j]
+            match &= jnp.roll(seq, -j) == suffix[j]
         last = jnp.max(jnp.where(match, i, -1))
-        hit = (last >= 0) & (n_hist > n) & ~found
+        hit = (last >= 0) & (length == 0)
         start, length = jnp.where(hit, last + n, start), jnp.where(hit, n, length)
-        found |= hit
+    return start, length
+
+
+def ngram_lookup(hist: jax.Array, n_hist: jax.Array, k: int, max_n: int = 4, min_n: int = 1):
+    """`NgramDrafter.lookup_own` on device: hist [W] int32 whose first n_hist entries are the
+    tokens. Returns the continuation [k] of the most recent earlier occurrence of the longest
+    suffix n-gram (max_n down to min_n tokens), how many of its k entries are real (0: no match)
+    and the n-gram's length."""
+    # an occurrence that something follows, before the suffix itself
+    start, length = _latest_suffix_match(hist, hist, n_hist, range(max_n, min_n - 1, -1),
+                                         lambda n, i: (i <= n_hist - 1 - n) & (n_hist > n))
     drafts = jax.lax.dynamic_slice(jnp.concatenate([hist, jnp.zeros(k, hist.dtype)]), (start,), (k,))
-    return drafts, jnp.where(found, jnp.minimum(k, n_hist - start), 0).astype(jnp.int32), length
+    return drafts, jnp.where(length > 0, jnp.minimum(k, n_hist - start), 0).astype(jnp.int32), length
 
 
 def corpus_lookup(corpus: jax.Array, hist: jax.Array, n_hist: jax.Array, k: int, max_n: int = 4):
@@ -206,20 +214,12 @@ def corpus_lookup(corpus: jax.Array, hist: jax.Array, n_hist: jax.Array, k: int,
     down to 1 tokens) that a token follows, up to the end of its request, how many of its k
     entries are real (0: no match) and the n-gram's length."""
     C = corpus.shape[0]
-    i = jnp.arange(C)
-    found, start, length = jnp.bool_(False), jnp.int32(0), jnp.int32(0)
-    for n in range(max_n, 0, -1):
-        suffix = jax.lax.dynamic_slice(hist, (jnp.maximum(n_hist - n, 0),), (n,))
-        match = (i + n < C) & (jnp.roll(corpus, -n) >= 0)  # something follows, within the corpus
-        for j in range(n):
-            match &= jnp.roll(corpus, -j) == suffix[j]
-        last = jnp.max(jnp.where(match, i, -1))
-        hit = (last >= 0) & (n_hist >= n) & ~found
-        start, length = jnp.where(hit, last + n, start), jnp.where(hit, n, length)
-        found |= hit
+    # something follows the occurrence, within the corpus
+    start, length = _latest_suffix_match(corpus, hist, n_hist, range(max_n, 0, -1),
+                                         lambda n, i: (i + n < C) & (jnp.roll(corpus, -n) >= 0) & (n_hist >= n))
     cont = jax.lax.dynamic_slice(jnp.concatenate([corpus, jnp.full(k, -1, corpus.dtype)]), (start,), (k,))
     real = jnp.cumprod(cont >= 0)  # up to the end of that request
-    return jnp.where(real > 0, cont, 0), jnp.where(found, jnp.sum(real), 0).astype(jnp.int32), length
+    return jnp.where(real > 0, cont, 0), jnp.where(length > 0, jnp.sum(real), 0).astype(jnp.int32), length
 
 
 CORPUS_MARGIN = 2  # the corpus's match wins over the request's own when this much longer (or the only one)
@@ -464,8 +464,9 @@ class NgramCorpus:
         held = self.tokens[:min(self.size, drop + self.max_n)].tolist()
         for e in range(1, len(held) + 1):
             for n in range(1, min(self.max_n, e) + 1):
-                if e - n < drop and self.ends.get(tuple(held[e - n:e])) == self.base + e:
-                    del self.ends[tuple(held[e - n:e])]
+                gram = tuple(held[e - n:e])
+                if e - n < drop and self.ends.get(gram) == self.base + e:
+                    del self.ends[gram]
         self.tokens[:self.size - drop] = self.tokens[drop:self.size].copy()
         self.tokens[self.size - drop:] = -1
         self.size, self.base = self.size - drop, self.base + drop
@@ -519,9 +520,9 @@ class NgramDrafter:
         arr = np.asarray(tokens[-self.window:], np.int32)
         own, n_own = self.lookup_own(arr, k)
         if shared and self.corpus is not None:
-            shared, n_shared = self.corpus.lookup(arr[-self.max_n:].tolist(), k)
-            if _corpus_wins(n_own, n_shared):
-                return shared
+            theirs, n_theirs = self.corpus.lookup(arr[-self.max_n:].tolist(), k)
+            if _corpus_wins(n_own, n_theirs):
+                return theirs
         return own
 
     def lookup_own(self, arr: np.ndarray, k: int) -> tuple[list[int], int]:
