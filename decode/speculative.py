@@ -178,21 +178,26 @@ def empty_spec(S: int, K: int) -> dict[str, np.ndarray]:
 
 
 # -- n-gram speculation rounds on device --------------------------------------------------------
-def _latest_suffix_match(seq: jax.Array, hist: jax.Array, n_hist: jax.Array, ns, usable):
-    """Over n in ns, longest first: the latest start i in seq of the suffix n-gram of hist's first
-    n_hist tokens, among the starts where usable(n, i) holds. Returns where its continuation starts
-    (i + n) and the n-gram's length (0: no match)."""
-    i = jnp.arange(seq.shape[0])
-    start, length = jnp.int32(0), jnp.int32(0)
-    for n in ns:
-        suffix = jax.lax.dynamic_slice(hist, (jnp.maximum(n_hist - n, 0),), (n,))
-        match = usable(n, i)
-        for j in range(n):
-            match &= jnp.roll(seq, -j) == suffix[j]
-        last = jnp.max(jnp.where(match, i, -1))
-        hit = (last >= 0) & (length == 0)
-        start, length = jnp.where(hit, last + n, start), jnp.where(hit, n, length)
-    return start, length
+def _latest_suffix_match(seq: jax.Array, hist: jax.Array, n_hist: jax.Array, max_n: int, longest: jax.Array,
+                         usable: jax.Array, min_n: int = 1):
+    """The latest end e in seq (where a continuation starts) of the longest suffix n-gram of hist's
+    first n_hist tokens (min_n <= n <= min(max_n, longest)), among the ends where usable [len(seq)]
+    holds. Returns e and n (0: no match).
+
+    One pass over seq, which XLA fuses into one reduction: each end scores the run of tokens before
+    it that match the suffix, then its position (the longest match, then the latest, wins). A loop
+    over n with a scan each cost a reduction apiece, several per round on a 65536-token corpus.
+    Token ids are >= 0, so the -1s before seq (and between a corpus's requests) never match."""
+    L = seq.shape[0]
+    padded = jnp.concatenate([jnp.full(max_n, -1, seq.dtype), seq])
+    run, length = jnp.ones(L, bool), jnp.zeros(L, jnp.int32)
+    for t in range(1, max_n + 1):  # seq[e - t] against the suffix's t-th token from the end
+        before = jax.lax.slice(padded, (max_n - t,), (max_n - t + L,))
+        run &= (before == hist[jnp.maximum(n_hist - t, 0)]) & (t <= longest)
+        length += run
+    # int32 scores: length * (L + 1) + e, with L well under 2**31 / (max_n + 1) (NgramCorpus checks)
+    best = jnp.max(jnp.where(usable & (length >= min_n), length * (L + 1) + jnp.arange(L), -1))
+    return jnp.where(best >= 0, best % (L + 1), 0), jnp.where(best >= 0, best // (L + 1), 0)
 
 
 def ngram_lookup(hist: jax.Array, n_hist: jax.Array, k: int, max_n: int = 4, min_n: int = 1):
@@ -201,8 +206,8 @@ def ngram_lookup(hist: jax.Array, n_hist: jax.Array, k: int, max_n: int = 4, min
     suffix n-gram (max_n down to min_n tokens), how many of its k entries are real (0: no match)
     and the n-gram's length."""
     # an occurrence that something follows, before the suffix itself
-    start, length = _latest_suffix_match(hist, hist, n_hist, range(max_n, min_n - 1, -1),
-                                         lambda n, i: (i <= n_hist - 1 - n) & (n_hist > n))
+    start, length = _latest_suffix_match(hist, hist, n_hist, max_n, n_hist - 1, jnp.arange(hist.shape[0]) < n_hist,
+                                         min_n)
     drafts = jax.lax.dynamic_slice(jnp.concatenate([hist, jnp.zeros(k, hist.dtype)]), (start,), (k,))
     return drafts, jnp.where(length > 0, jnp.minimum(k, n_hist - start), 0).astype(jnp.int32), length
 
@@ -213,10 +218,8 @@ def corpus_lookup(corpus: jax.Array, hist: jax.Array, n_hist: jax.Array, k: int,
     continuation [k] of the latest occurrence in the corpus of the longest suffix n-gram (max_n
     down to 1 tokens) that a token follows, up to the end of its request, how many of its k
     entries are real (0: no match) and the n-gram's length."""
-    C = corpus.shape[0]
-    # something follows the occurrence, within the corpus
-    start, length = _latest_suffix_match(corpus, hist, n_hist, range(max_n, 0, -1),
-                                         lambda n, i: (i + n < C) & (jnp.roll(corpus, -n) >= 0) & (n_hist >= n))
+    # something follows the occurrence, within its request
+    start, length = _latest_suffix_match(corpus, hist, n_hist, max_n, n_hist, corpus >= 0)
     cont = jax.lax.dynamic_slice(jnp.concatenate([corpus, jnp.full(k, -1, corpus.dtype)]), (start,), (k,))
     real = jnp.cumprod(cont >= 0)  # up to the end of that request
     return jnp.where(real > 0, cont, 0), jnp.where(length > 0, jnp.sum(real), 0).astype(jnp.int32), length
@@ -434,8 +437,8 @@ class NgramCorpus:
     by scanning `device()`. When full, the oldest tokens make room."""
 
     def __init__(self, capacity: int, max_n: int = 4):
-        if capacity < 2:
-            raise ValueError(f"an n-gram corpus needs room for at least 2 tokens, got {capacity}")
+        if not 2 <= capacity < 2**31 // (max_n + 2):  # corpus_lookup's int32 scores
+            raise ValueError(f"an n-gram corpus holds 2 to {2**31 // (max_n + 2) - 1} tokens, got {capacity}")
         self.capacity, self.max_n = capacity, max_n
         self.clear()
 

@@ -156,8 +156,9 @@ def test_ngram_corpus_lookup():
     assert drafter.lookup([3, 6, 3], 2) == [6, 3]  # its own "3" against the corpus's "3": its own
     assert drafter.lookup([2, 3, 7, 3], 2) == [7, 3]  # its own "3" against the corpus's "2 3" (not 2 longer)
     assert drafter.lookup([3, 7, 1, 2, 3], 2) == [4, 5]  # its own "3" against the corpus's "1 2 3"
-    with pytest.raises(ValueError, match="at least 2 tokens"):
-        NgramCorpus(capacity=1)
+    for capacity in (1, 2**30):  # the device lookup's scores are int32
+        with pytest.raises(ValueError, match="holds 2 to"):
+            NgramCorpus(capacity=capacity)
 
 
 def test_device_corpus_lookup_matches_host():
