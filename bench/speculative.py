@@ -213,7 +213,7 @@ def speed(args, out=None) -> list[dict]:
     prompt = list(range(100, 164)) * 4
     records = []
     record = _recorder(out, records)
-    eng = _engine(target, draft, args.spec_rounds)
+    eng = _engine(target, draft, args.spec_rounds[0])
 
     def profiled(**spec) -> dict:
         """Device busy time against wall time per token of one request, from a profiler trace."""
@@ -227,8 +227,10 @@ def speed(args, out=None) -> list[dict]:
     plain = _tokens_per_s(eng, prompt, args.max_tokens)
     record(dict(bench="speculative_speed", model=model, mode="plain", batch=1, tokens_per_s=plain, **profiled(),
                 **environment()))
-    for name in ("ngram", "draft"):
-        for k in args.k:
+    for rounds in args.spec_rounds:
+        if rounds is not None and rounds != eng.cfg.spec_rounds:
+            eng = _engine(target, draft, rounds)
+        for name, k in ((name, k) for name in ("ngram", "draft") for k in args.k):
             spec = dict(speculative=name, num_draft_tokens=k)
             tps = _tokens_per_s(eng, prompt, args.max_tokens, **spec)
             per_round = acc.get((name, k))
@@ -277,23 +279,33 @@ def real_pair(args, out=None) -> list[dict]:
     drafts = {fmt: draft if fmt == "bf16" else quantize(draft, "int4", group_size=128, quantize_head=True)
               for fmt in formats}
     prompts = [list(target.tokenizer.encode(p)) for p in humaneval_prompts(args.humaneval, args.prompts)]
-    eng = target.engine(EngineConfig(max_seqs=1, token_budget=256, num_pages=256, decode_steps=4,
-                                     max_draft_tokens=max(args.k), adaptive_draft=False, prefix_caching=False,
-                                     **_spec_rounds(args.spec_rounds)))
+    engines = {}
+
+    def engine(rounds):
+        """The batch-1 engine running `rounds` speculation rounds per device loop call (one for each
+        value of --spec-rounds, made when first needed)."""
+        if rounds not in engines:
+            eng = engines[rounds] = target.engine(EngineConfig(
+                max_seqs=1, token_budget=256, num_pages=256, decode_steps=4, max_draft_tokens=max(args.k),
+                adaptive_draft=False, prefix_caching=False, **_spec_rounds(rounds)))
+            # The n-gram corpus learns each prompt's tokens from the bench, after its timed run (a
+            # rerun must not find its own first run's output there), and starts empty in every mode.
+            eng.drafters["ngram"].remember = lambda tokens: None
+        return engines[rounds]
+
     compiles = [0]
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.__setitem__(0, compiles[0] + (event == BACKEND_COMPILE_EVENT)))
-    # The n-gram corpus learns each prompt's tokens from the bench, after its timed run (a rerun
-    # must not find its own first run's output there), and starts empty in every mode.
-    ngram = eng.drafters["ngram"]
-    ngram.remember = lambda tokens: None
-    modes = [("plain", None, 0)]
-    for m in args.modes:
-        name, _, fmt = m.partition("-")
-        modes += [(name, fmt or None, k) for k in args.k]
+    modes = [("plain", None, 0, args.spec_rounds[0])]
+    for rounds in args.spec_rounds:
+        for m in args.modes:
+            name, _, fmt = m.partition("-")
+            modes += [(name, fmt or None, k, rounds) for k in args.k]
     records, plain = [], None
     record = _recorder(out, records)
-    for name, fmt, k in modes:
+    for name, fmt, k, rounds in modes:
+        eng = engine(rounds)
+        ngram = eng.drafters["ngram"]
         shared = name == "ngram" and fmt != "own"  # "ngram-own": the request's own tokens only
         fmt = fmt if name == "draft" else None
         if fmt and getattr(eng.drafters.get("draft"), "llm", None) is not drafts[fmt]:
@@ -405,7 +417,9 @@ def main(argv=None) -> None:
                     help="real: the models' weights and activations")
     ap.add_argument("--matmul-precision", default="default", choices=["default", "high", "highest"],
                     help="real: jax_default_matmul_precision (highest: float32 matmuls without TF32)")
-    ap.add_argument("--spec-rounds", type=int, help="speed, real: speculation rounds per device loop call")
+    ap.add_argument("--spec-rounds", type=int, nargs="+", default=[None],
+                    help="speed, real: speculation rounds per device loop call (default: the engine's); "
+                         "several values: the speculative modes at each, in one run")
     ap.add_argument("--outputs", help="real: write the prompts' token ids and their plain greedy outputs here (JSON)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -413,7 +427,7 @@ def main(argv=None) -> None:
         Path(args.out).write_text("")
     run = {"acceptance": acceptance, "speed": speed, "real": real_pair}[args.mode]
     records = run(args) if args.mode == "acceptance" else run(args, out=args.out)
-    cols = ["bench", "drafter", "mode", "draft_format", "ngram_corpus", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
+    cols = ["bench", "drafter", "mode", "draft_format", "ngram_corpus", "spec_rounds", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
             "tokens_per_s", "expected_speedup", "speedup"]
     print(table(records, [c for c in cols if any(c in r for r in records)]))
     if args.out and args.mode == "acceptance":
