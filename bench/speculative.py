@@ -15,7 +15,8 @@ with speculation on and compares its stats and outputs with the replay.
 random weights of the Qwen2.5-Coder 1.5B / 0.5B shapes (the GGUFs are not on the GPU machine)
 drafts are almost never accepted, so each speculative round yields one token and its time is
 the round's cost: verify(k) [+ draft(k)] + host (a lone greedy request runs
-EngineConfig.spec_rounds rounds per call on device: the host's share is one read-back per call).
+EngineConfig.ngram_rounds / spec_rounds rounds per call on device: the host's share is one read-back
+per call).
 The expected speedup for an acceptance profile (from `acceptance`) is tokens-per-round(k) x
 plain-step time / round time(k). With the
 embedded SmolLM2 (when it loads) it also times real n-gram drafting end to end.
@@ -146,8 +147,14 @@ def check_against_engine(target, draft, prompts, ys, args) -> list[dict]:
 
 # -- speed (GPU) --------------------------------------------------------------------------------
 def _spec_rounds(value) -> dict:
-    """EngineConfig keywords for --spec-rounds (none: the engine's default)."""
-    return {} if value is None else {"spec_rounds": value}
+    """EngineConfig keywords for --spec-rounds: both drafters' rounds per device call (none: the
+    engine's defaults)."""
+    return {} if value is None else {"spec_rounds": value, "ngram_rounds": value}
+
+
+def _rounds(eng, drafter: str) -> int:
+    """The rounds per device loop call of `drafter` in this engine."""
+    return eng.cfg.ngram_rounds if drafter == "ngram" else eng.cfg.spec_rounds
 
 
 def _engine(llm, draft=None, spec_rounds=None):
@@ -228,7 +235,7 @@ def speed(args, out=None) -> list[dict]:
     record(dict(bench="speculative_speed", model=model, mode="plain", batch=1, tokens_per_s=plain, **profiled(),
                 **environment()))
     for rounds in args.spec_rounds:
-        if rounds is not None and rounds != eng.cfg.spec_rounds:
+        if rounds is not None and (rounds, rounds) != (eng.cfg.spec_rounds, eng.cfg.ngram_rounds):
             eng = _engine(target, draft, rounds)
         for name, k in ((name, k) for name in ("ngram", "draft") for k in args.k):
             spec = dict(speculative=name, num_draft_tokens=k)
@@ -236,7 +243,7 @@ def speed(args, out=None) -> list[dict]:
             per_round = acc.get((name, k))
             record(dict(
                 bench="speculative_speed", model=model, mode=name, k=k, batch=1, tokens_per_s=tps,
-                spec_rounds=eng.cfg.spec_rounds,
+                spec_rounds=_rounds(eng, name),
                 round_s=1 / tps, plain_step_s=1 / plain, round_cost_in_plain_steps=plain / tps,
                 tokens_per_target_step_cpu=per_round,
                 expected_speedup=None if per_round is None else per_round * tps / plain, **profiled(**spec),
@@ -354,7 +361,7 @@ def real_pair(args, out=None) -> list[dict]:
                                                                    "empty_rounds"))
         differs = [i for i, (a, b) in enumerate(zip(outs, plain["outs"])) if a != b]
         r = dict(bench="speculative_real_pair", target=args.target, draft=args.draft if fmt else None,
-                 dtype=args.dtype, matmul_precision=args.matmul_precision, spec_rounds=eng.cfg.spec_rounds,
+                 dtype=args.dtype, matmul_precision=args.matmul_precision, spec_rounds=_rounds(eng, name),
                  draft_format=fmt, mode=name, k=k or None,
                  ngram_corpus=None if name != "ngram" else ("earlier prompts" if shared else "none"),
                  batch=1, prompts=len(prompts), max_tokens=args.max_tokens,
@@ -418,7 +425,8 @@ def main(argv=None) -> None:
     ap.add_argument("--matmul-precision", default="default", choices=["default", "high", "highest"],
                     help="real: jax_default_matmul_precision (highest: float32 matmuls without TF32)")
     ap.add_argument("--spec-rounds", type=int, nargs="+", default=[None],
-                    help="speed, real: speculation rounds per device loop call (default: the engine's); "
+                    help="speed, real: speculation rounds per device loop call, n-gram and draft model alike "
+                         "(default: the engine's, 4 and 8); "
                          "several values: the speculative modes at each, in one run")
     ap.add_argument("--outputs", help="real: write the prompts' token ids and their plain greedy outputs here (JSON)")
     ap.add_argument("--out")

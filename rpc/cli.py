@@ -40,7 +40,7 @@ def _engine_config(args):
     given = {k: v for k, v in (("max_seqs", args.max_seqs), ("num_pages", args.num_pages),
                                ("page_size", args.page_size), ("max_queue", args.max_queue),
                                ("max_draft_tokens", args.max_draft_tokens),
-                               ("spec_rounds", args.spec_rounds),
+                               ("spec_rounds", args.spec_rounds), ("ngram_rounds", args.ngram_rounds),
                                ("ngram_corpus_tokens", args.ngram_corpus_tokens)) if v is not None}
     return dataclasses.replace(base, **given)
 
@@ -93,9 +93,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--max-draft-tokens", type=int, default=None,
                    help="the most drafts a speculative request may verify per step (0: no speculation)")
     s.add_argument("--spec-rounds", type=_non_negative, default=None,
-                   help="speculation rounds a lone greedy speculative request runs per device call (default 8;"
+                   help="draft-model speculation rounds a lone greedy request runs per device call (default 8;"
                         " more spread each call's fixed cost over more tokens, but a request arriving"
                         " meanwhile waits for the call to end; 0: one round per step)")
+    s.add_argument("--ngram-rounds", type=_non_negative, default=None,
+                   help="the same for n-gram speculation (default 4: its calls are chained on device, and"
+                        " rounds after a request's end are wasted; 0: one round per step)")
     s.add_argument("--ngram-corpus-tokens", type=_non_negative, default=None,
                    help="n-gram drafts fall back on up to this many tokens of earlier requests when a request's"
                         " own tokens have no match (default 65536; 0: a request's own tokens only)")

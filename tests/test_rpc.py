@@ -261,11 +261,13 @@ def test_serve_engine_flags_reach_the_engine_config():
 
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers())
-    cfg = _engine_config(parser.parse_args(["serve", "--spec-rounds", "32", "--max-draft-tokens", "6",
+    cfg = _engine_config(parser.parse_args(["serve", "--spec-rounds", "32", "--ngram-rounds", "2",
+                                            "--max-draft-tokens", "6",
                                             "--ngram-corpus-tokens", "0"]))
-    assert cfg.spec_rounds == 32 and cfg.max_draft_tokens == 6 and cfg.ngram_corpus_tokens == 0
+    assert (cfg.spec_rounds, cfg.ngram_rounds, cfg.max_draft_tokens, cfg.ngram_corpus_tokens) == (32, 2, 6, 0)
     default = _engine_config(parser.parse_args(["serve"]))
-    assert default.spec_rounds == 8 and default.ngram_corpus_tokens == 65536  # the engine's defaults
+    # the engine's defaults
+    assert (default.spec_rounds, default.ngram_rounds, default.ngram_corpus_tokens) == (8, 4, 65536)
     with pytest.raises(SystemExit):  # argparse: "--spec-rounds: must be >= 0, got -1"
         parser.parse_args(["serve", "--spec-rounds", "-1"])
 

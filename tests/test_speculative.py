@@ -249,12 +249,13 @@ def test_greedy_reference_cases(engine, reference):
 @pytest.mark.parametrize("drafter", ["ngram", "draft"])
 def test_rounds_on_device_are_exact(smollm_f32, reference, drafter):
     """A lone greedy speculative request runs several rounds per call on device (`ngram_loop`,
-    `draft_loop`): the reference outputs, stop tokens and max_tokens included, and every page free
+    `draft_loop`, each with its own rounds per call, the other drafter's off): the reference outputs, stop tokens and max_tokens included, and every page free
     after. SmolLM2 drafting for itself accepts (nearly: one-token and batched logits may differ in
     the last bits) every draft, which it cannot when the draft's K/V bookkeeping across calls and
     rounds is wrong."""
     e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=128, decode_steps=4,
-                                       max_draft_tokens=8, spec_rounds=3))
+                                       max_draft_tokens=8, spec_rounds=3 if drafter == "draft" else 0,
+                                       ngram_rounds=3 if drafter == "ngram" else 0))
     if drafter == "draft":
         e.attach_draft_model(smollm_f32, num_pages=128)
     for i, case in enumerate(reference["cases"]):
@@ -278,7 +279,7 @@ def test_chained_loop_calls_end_cleanly_on_host_stops(smollm_f32, reference):
     only the host sees, and a cancellation end the request while the next call is in flight. That
     call's tokens are dropped, its pages freed, and requests after it are exact."""
     e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=64, decode_steps=4,
-                                       max_draft_tokens=4, spec_rounds=1))
+                                       max_draft_tokens=4, ngram_rounds=1))
     tok = smollm_f32.tokenizer
     case, other = reference["cases"][0], reference["cases"][1]
     full = tok.decode(case["greedy_ids"])
@@ -317,7 +318,7 @@ def test_ngram_loop_rounds_past_the_end_write_nothing(smollm_f32):
     call leaves) and emit nothing, and a call whose carry has nothing left runs none."""
     ids = [5, 6, 7] * 6  # the lookup always has something to propose
     engines = {r: smollm_f32.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=8, decode_steps=1,
-                                                 max_draft_tokens=4, spec_rounds=r)) for r in (1, 4)}
+                                                 max_draft_tokens=4, ngram_rounds=r)) for r in (1, 4)}
 
     def call(rounds, left, stops=(), pool=None, carry=None):
         e = engines[rounds]
@@ -348,11 +349,11 @@ def test_rounds_with_nothing_drafted_are_counted(smollm_f32):
     that round yields the target's token only, counts as an empty round and not as a
     verification, on the device loop and in the usual step alike."""
     ids = list(range(1000, 1020))  # all distinct: no earlier occurrence of the last token
-    for spec_rounds in (3, 0):
+    for ngram_rounds in (3, 0):
         e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, decode_steps=1,
-                                           max_draft_tokens=4, spec_rounds=spec_rounds))
+                                           max_draft_tokens=4, ngram_rounds=ngram_rounds))
         got, _ = _run(e, [ids], [SamplingParams(max_tokens=6, speculative="ngram", num_draft_tokens=4)],
-                      f"empty{spec_rounds}")
+                      f"empty{ngram_rounds}")
         s = e.stats()
         assert len(got[0]) == 6
         assert s["spec_ngram_empty_rounds"] >= 1, s
@@ -369,11 +370,11 @@ def test_ngram_drafts_fall_back_on_earlier_requests(smollm_f32):
     corpus, so the rounds draft its output (accepted, the output exact), on the device loop and in
     the usual step; with the corpus off (ngram_corpus_tokens=0) most of them draft nothing."""
     ids = list(range(1000, 1020))
-    for spec_rounds in (3, 0):
+    for ngram_rounds in (3, 0):
         empty = {}
         for corpus in (65536, 0):
             e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, decode_steps=1,
-                                               max_draft_tokens=4, spec_rounds=spec_rounds,
+                                               max_draft_tokens=4, ngram_rounds=ngram_rounds,
                                                ngram_corpus_tokens=corpus))
             (plain,), _ = _run(e, [ids], [SamplingParams(max_tokens=12)], f"plain{corpus}")
             assert e.stats()["ngram_corpus_tokens"] == (len(ids) + 12 + 1 if corpus else 0)
@@ -384,12 +385,13 @@ def test_ngram_drafts_fall_back_on_earlier_requests(smollm_f32):
             empty[corpus] = s["spec_ngram_empty_rounds"]
             if corpus:
                 assert s["spec_ngram_accepted_tokens"] >= 8, s
-                assert (s["spec_device_loops"] > 0) == (spec_rounds > 0), s
+                assert (s["spec_device_loops"] > 0) == (ngram_rounds > 0), s
             _assert_all_free(e)
         # with the corpus, at most the last round (room for the target's token only) is empty
         assert empty[65536] <= 1 < empty[0], empty
-    with pytest.raises(ValueError, match="ngram_corpus_tokens"):
-        smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, ngram_corpus_tokens=-1))
+    for bad in ("ngram_corpus_tokens", "ngram_rounds", "spec_rounds"):
+        with pytest.raises(ValueError, match=bad):
+            smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, **{bad: -1}))
 
 
 def test_greedy_humaneval_mixed_batch(engine, smollm_f32):
