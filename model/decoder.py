@@ -34,15 +34,25 @@ input are concatenated along the output axis, one GEMM each instead of two or th
 A group whose quantized weights cannot share one GEMM (`linear.concat_mismatch`: e.g. AWQ
 act_scales that differ) stays separate in that layer. Training, scoring and quantizing use the
 stacked, unfused layout (`quantize.stacked` restores it).
+
+With that layout in dense bf16 weights and `PALLAX_NORM_MATMUL=1`, a step of at most 64 token
+rows (decode, verification) runs on a GPU with each RMSNorm inside the GEMM that reads it and
+the SwiGLU product inside the gate/up GEMM (`kernels_pallas.norm_matmul`, `_fuses_norms`): three
+fewer kernels a layer, but not yet a faster step (`_fuses_norms` says why).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas.norm_matmul import norm_matmul
+from pallax.kernels_pallas.norm_matmul import supported as norm_matmul_supported
 
 from .attention import AttentionCache, NoCache
 from .config import ModelConfig
@@ -150,11 +160,15 @@ def forward(
     def layer(carry, scanned):
         x, state = carry
         p, kv, index = scanned
-        h = rms_norm(x, p["attn_norm"], c.norm_eps)
-        if "wqkv" in p:
-            qkv = linear(h, p["wqkv"], p.get("bqkv"))  # [B, T, q_dim + 2 kv_dim]
+        fused = _fuses_norms(p, x)
+        if fused:  # norm + q/k/v + bias in one kernel
+            qkv = norm_matmul(x.reshape(B * T, c.dim), p["attn_norm"], p["wqkv"], eps=c.norm_eps, bias=p.get("bqkv"))
+            q, k, v = jnp.split(qkv.reshape(B, T, -1), [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+        elif "wqkv" in p:
+            qkv = linear(rms_norm(x, p["attn_norm"], c.norm_eps), p["wqkv"], p.get("bqkv"))  # [B, T, q_dim + 2 kv_dim]
             q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
         else:
+            h = rms_norm(x, p["attn_norm"], c.norm_eps)
             q, k, v = (linear(h, p[w], p.get(b)) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
         q = q.reshape(B, T, c.n_heads, c.head_dim)
         k = k.reshape(B, T, c.n_kv_heads, c.head_dim)
@@ -162,6 +176,9 @@ def forward(
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o, kv, state = cache.attend(kv, q, k, v, positions, segment_ids, state=state, index=index)
         x = x + linear(o.reshape(B, T, c.q_dim), p["wo"])
+        if fused:  # norm + gate/up + SwiGLU in one kernel
+            h = norm_matmul(x.reshape(B * T, c.dim), p["mlp_norm"], p["w_gate_up"], eps=c.norm_eps, swiglu=True)
+            return (x + linear(h.reshape(B, T, c.ffn_dim), p["w_down"]), state), kv
         h = rms_norm(x, p["mlp_norm"], c.norm_eps)
         if "w_gate_up" in p:
             x = x + swiglu_fused(h, p["w_gate_up"], p["w_down"])
@@ -188,6 +205,22 @@ def forward(
         x = jnp.take_along_axis(x, logit_indices[..., None], axis=1)
     x = rms_norm(x, params["final_norm"], c.norm_eps)
     return logits_from_hidden(params, x, c), cache
+
+
+def _fuses_norms(p: Params, x: jax.Array) -> bool:
+    """Whether a layer runs its norms inside the GEMMs that read them (`norm_matmul`: norm + q/k/v
+    + bias, norm + gate/up + SwiGLU): asked for with `PALLAX_NORM_MATMUL=1` (read at trace time),
+    a kernel mode other than the reference, the fused serving layout in dense weights of x's
+    dtype (bf16 / f16), and at most `norm_matmul.MAX_M` token rows (decode and verification
+    steps). Off by default: on an H200 the kernel's GEMMs take twice XLA's, which outweighs the
+    three launches a layer it saves (bench/results/norm_matmul_h200.jsonl)."""
+    if os.environ.get("PALLAX_NORM_MATMUL", "0") != "1" or dispatch.resolve() == "reference":
+        return False
+    ws = [p.get(name) for name in ("wqkv", "w_gate_up")]
+    if not all(isinstance(w, jax.Array) and w.dtype == x.dtype for w in ws):
+        return False
+    m = x.shape[0] * x.shape[1]
+    return all(norm_matmul_supported(m, w.shape[0], w.shape[1] // (1 + (i == 1)), x.dtype) for i, w in enumerate(ws))
 
 
 def unstack_layers(params: Params) -> Params:

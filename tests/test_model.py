@@ -180,6 +180,62 @@ def test_fused_projections_equal_separate(qkv_bias):
     assert unfuse_projections(params) is params
 
 
+def _count_kernels(jaxpr, name: str) -> int:
+    """Pallas calls named `name` that running `jaxpr` makes (inner jaxprs counted per call)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            n += str(eqn.params.get("name", "")) == name
+            continue
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else (v,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    n += _count_kernels(sub.jaxpr, name)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    n += _count_kernels(sub, name)
+    return n
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_small_m_steps_fuse_norms_into_gemms(qkv_bias, monkeypatch):
+    """Steps of few token rows in the fused serving layout run each layer's norms inside the GEMMs
+    that read them (two `norm_matmul` kernels a layer, here in interpret mode): a prefill of 2 x 7
+    rows and cached decode steps of 2 rows give the unfused layers' logits; with
+    PALLAX_NORM_MATMUL=0 (the default) no such kernel runs."""
+    from pallax.kernels_pallas.dispatch import kernel_mode
+
+    c = preset("tiny").replace(qkv_bias=qkv_bias)
+    params = init_params(c, jax.random.key(0), jnp.bfloat16)
+    if qkv_bias:
+        params["layers"].update({b: (0.1 * jax.random.normal(jax.random.key(i), params["layers"][b].shape)
+                                     ).astype(jnp.bfloat16) for i, b in enumerate(("bq", "bk", "bv"))})
+    fused = fuse_projections(unstack_layers(params))
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, c.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+
+    def run(mode):
+        with kernel_mode(mode):
+            cache = DenseCache.create(c, 2, 16, jnp.bfloat16)
+            out, cache = forward(fused, tokens[:, :7], pos[:, :7], cache, config=c)
+            outs = [out]
+            for t in range(7, 10):
+                out, cache = forward(fused, tokens[:, t:t + 1], pos[:, t:t + 1], cache, config=c)
+                outs.append(out)
+            return np.concatenate([np.asarray(o, np.float32) for o in outs], axis=1)
+
+    def kernels(env):
+        monkeypatch.setenv("PALLAX_NORM_MATMUL", env)
+        with kernel_mode("interpret"):
+            jaxpr = jax.make_jaxpr(lambda p: forward(p, tokens[:, :1], pos[:, :1], config=c)[0])(fused)
+        return _count_kernels(jaxpr.jaxpr, "norm_matmul")
+
+    assert kernels("1") == 2 * c.n_layers and kernels("0") == 0
+    monkeypatch.setenv("PALLAX_NORM_MATMUL", "1")
+    want, got = run("reference"), run("interpret")
+    np.testing.assert_allclose(got, want, atol=0.03 * np.abs(want).max())
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
 def test_attention_reference_matches_jax_nn():
     B, T, H, KVH, D = 2, 9, 8, 2, 16
     ks = jax.random.split(jax.random.key(2), 3)
