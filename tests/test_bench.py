@@ -71,3 +71,18 @@ def test_plot_speculative_real_points(tmp_path):
     src.write_text("\n".join(json.dumps(r) for r in recs))
     assert plot_speculative.main(["--real", str(src), str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_norm_matmul_bench_runs_every_op_of_a_layer():
+    """bench.norm_matmul on the tiny preset, kernels in interpret mode: a record for each op the
+    kernel fuses, its output checked against XLA's composition."""
+    import argparse
+
+    from pallax.bench import norm_matmul as bench
+    from pallax.kernels_pallas.dispatch import kernel_mode
+
+    args = argparse.Namespace(presets=["tiny"], m=[2], sweep=1, steps=1)
+    with kernel_mode("interpret"):
+        records = bench.run(args)
+    assert [r["op"] for r in records] == ["qkv", "gate_up"]
+    assert all(r["rel_err"] < 0.02 and r["n"] % 16 == 0 for r in records), records
