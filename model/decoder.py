@@ -216,11 +216,12 @@ def _fuses_norms(p: Params, x: jax.Array) -> bool:
     three launches a layer it saves (bench/results/norm_matmul_h200.jsonl)."""
     if os.environ.get("PALLAX_NORM_MATMUL", "0") != "1" or dispatch.resolve() == "reference":
         return False
-    ws = [p.get(name) for name in ("wqkv", "w_gate_up")]
-    if not all(isinstance(w, jax.Array) and w.dtype == x.dtype for w in ws):
+    wqkv, w_gate_up = p.get("wqkv"), p.get("w_gate_up")
+    if not all(isinstance(w, jax.Array) and w.dtype == x.dtype for w in (wqkv, w_gate_up)):
         return False
-    m = x.shape[0] * x.shape[1]
-    return all(norm_matmul_supported(m, w.shape[0], w.shape[1] // (1 + (i == 1)), x.dtype) for i, w in enumerate(ws))
+    m, dim = x.shape[0] * x.shape[1], x.shape[-1]
+    return (norm_matmul_supported(m, dim, wqkv.shape[1], x.dtype)
+            and norm_matmul_supported(m, dim, w_gate_up.shape[1] // 2, x.dtype))  # SwiGLU halves it
 
 
 def unstack_layers(params: Params) -> Params:
