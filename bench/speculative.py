@@ -152,10 +152,6 @@ def _spec_rounds(value) -> dict:
     return {} if value is None else {"spec_rounds": value, "ngram_rounds": value}
 
 
-def _rounds(eng, drafter: str) -> int:
-    """The rounds per device loop call of `drafter` in this engine."""
-    return eng.cfg.ngram_rounds if drafter == "ngram" else eng.cfg.spec_rounds
-
 
 def _engine(llm, draft=None, spec_rounds=None):
     """A batch-1 engine serving plain and speculative requests alike (`spec_rounds`: rounds per
@@ -243,7 +239,7 @@ def speed(args, out=None) -> list[dict]:
             per_round = acc.get((name, k))
             record(dict(
                 bench="speculative_speed", model=model, mode=name, k=k, batch=1, tokens_per_s=tps,
-                spec_rounds=_rounds(eng, name),
+                spec_rounds=eng.cfg.loop_rounds(name),
                 round_s=1 / tps, plain_step_s=1 / plain, round_cost_in_plain_steps=plain / tps,
                 tokens_per_target_step_cpu=per_round,
                 expected_speedup=None if per_round is None else per_round * tps / plain, **profiled(**spec),
@@ -361,7 +357,7 @@ def real_pair(args, out=None) -> list[dict]:
                                                                    "empty_rounds"))
         differs = [i for i, (a, b) in enumerate(zip(outs, plain["outs"])) if a != b]
         r = dict(bench="speculative_real_pair", target=args.target, draft=args.draft if fmt else None,
-                 dtype=args.dtype, matmul_precision=args.matmul_precision, spec_rounds=_rounds(eng, name),
+                 dtype=args.dtype, matmul_precision=args.matmul_precision, spec_rounds=eng.cfg.loop_rounds(name),
                  draft_format=fmt, mode=name, k=k or None,
                  ngram_corpus=None if name != "ngram" else ("earlier prompts" if shared else "none"),
                  batch=1, prompts=len(prompts), max_tokens=args.max_tokens,

@@ -81,6 +81,10 @@ class EngineConfig:
     # Drafts do not change greedy outputs; the corpus is shared by every request the engine serves.
     ngram_corpus_tokens: int = 65536
 
+    def loop_rounds(self, drafter: str) -> int:
+        """Rounds per device loop call of `drafter` ("ngram" or "draft")."""
+        return self.ngram_rounds if drafter == "ngram" else self.spec_rounds
+
     def seq_buckets(self) -> list[int]:
         """Batch sizes of pure-decode calls: powers of four up to max_seqs (a batch of 1 reads the
         weights once without 63 padded rows' worth of compute), none below MIN_ROWS."""
@@ -494,7 +498,8 @@ class Scheduler:
         n_steps = cfg.decode_steps if decode_only and cfg.decode_steps > 1 and not speculative else 1
         if n_steps > 1 and any(s.total + n_steps > self.max_context for s in self.running):
             n_steps = 1
-        if speculative and decode_only and len(self.running) == 1 and (self._ngram_loop is not None or self._draft_loops):
+        loops = self._ngram_loop is not None or self._draft_loops
+        if speculative and decode_only and len(self.running) == 1 and loops:
             launched = self._launch_spec_loop(self.running[0])
             if launched is not None:
                 return launched
@@ -617,8 +622,7 @@ class Scheduler:
 
     def _loop_tokens(self, drafter: str) -> int:
         """The most tokens one device loop call of `drafter` emits: its rounds of K + 1 each."""
-        rounds = self.cfg.ngram_rounds if drafter == "ngram" else self.cfg.spec_rounds
-        return rounds * (self.cfg.max_draft_tokens + 1)
+        return self.cfg.loop_rounds(drafter) * (self.cfg.max_draft_tokens + 1)
 
     def _loop_k_and_stops(self, seq: Seq) -> tuple[int, tuple[int, ...]]:
         """A device loop call's drafts per round and the stop token ids it checks."""

@@ -249,10 +249,10 @@ def test_greedy_reference_cases(engine, reference):
 @pytest.mark.parametrize("drafter", ["ngram", "draft"])
 def test_rounds_on_device_are_exact(smollm_f32, reference, drafter):
     """A lone greedy speculative request runs several rounds per call on device (`ngram_loop`,
-    `draft_loop`, each with its own rounds per call, the other drafter's off): the reference outputs, stop tokens and max_tokens included, and every page free
-    after. SmolLM2 drafting for itself accepts (nearly: one-token and batched logits may differ in
-    the last bits) every draft, which it cannot when the draft's K/V bookkeeping across calls and
-    rounds is wrong."""
+    `draft_loop`, each with its own rounds per call, the other drafter's off): the reference
+    outputs, stop tokens and max_tokens included, and every page free after. SmolLM2 drafting for
+    itself accepts (nearly: one-token and batched logits may differ in the last bits) every draft,
+    which it cannot when the draft's K/V bookkeeping across calls and rounds is wrong."""
     e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=128, decode_steps=4,
                                        max_draft_tokens=8, spec_rounds=3 if drafter == "draft" else 0,
                                        ngram_rounds=3 if drafter == "ngram" else 0))
