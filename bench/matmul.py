@@ -3,7 +3,8 @@
     python3 -m pallax.bench.matmul --out $OUT/matmul.json
 
 1. HBM copy bandwidth (the ceiling for weight streaming).
-2. Correctness on the device: every kernel against its reference (fresh random data, odd M).
+2. Correctness on the device: every kernel against its reference (fresh random data, odd M;
+   the Hopper int4 kernel where it applies, M = 33 among them: more than one TMA tile of rows).
 3. Decode shapes ``[K, N]`` = 4096x14336 and 14336x4096 at M = 1, 4, 16, 64: bf16 XLA dot vs
    int4 g128 (ours, block sizes tuned in the run: the best is reported) vs int8 (ours: Pallas
    kernel and XLA convert-in-dot), and on Hopper the Mosaic GPU int4 kernel on the same weights
@@ -79,7 +80,7 @@ def int4_variations(best: i4.BlockSizes, m: int):
 def check_correctness(records, smoke):
     key = jax.random.key(1)
     shapes = [(7, 256, 384), (1, 256, 384), (16, 512, 256)] if smoke else \
-        [(1, 4096, 14336), (7, 14336, 4096), (64, 4096, 14336), (300, 1024, 768)]
+        [(1, 4096, 14336), (7, 14336, 4096), (33, 4096, 14336), (64, 4096, 14336), (300, 1024, 768)]
     for m, k, n in shapes:
         k1, k2, key = jax.random.split(key, 3)
         x = jax.random.normal(k1, (m, k), jnp.bfloat16)
@@ -90,6 +91,10 @@ def check_correctness(records, smoke):
             r = i4.int4_matmul_reference(x, p, s, z, group_size=GROUP)
             records.append(emit({"check": "int4", "sym": sym, "m": m, "k": k, "n": n,
                                  "rel_err": _rel(y, r), "finite": bool(jnp.isfinite(y).all())}))
+            if sym and not smoke and dispatch.on_hopper() and i4h.applies(m, k, n, GROUP):
+                y = i4h.int4_matmul_mgpu(x, *i4h.to_hopper_layout(p, s, group_size=GROUP), group_size=GROUP)
+                records.append(emit({"check": "int4-hopper", "m": m, "k": k, "n": n,
+                                     "rel_err": _rel(y, r), "finite": bool(jnp.isfinite(y).all())}))
         wq, ws = quantize_int8(w)
         for impl in i8.IMPLS:
             y = i8.int8_matmul(x, wq, ws, impl=impl)

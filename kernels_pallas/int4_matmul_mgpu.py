@@ -4,7 +4,8 @@
 
 It is swapped-operand: the kernel computes `y^T = W^T x^T`, so the weights are wgmma's A operand
 (64 output channels x one group per wgmma) and the few activation rows (M, read as a multiple of
-8: TMA fills the rows past M with zeros) its N dimension.
+8: TMA fills the rows past M with zeros up to 8 rows; more rows are padded to a multiple of 8
+first) its N dimension.
 
 The weight layout (`to_hopper_layout`, built once from the portable `[K // 2, N]` packing) is
 `words: [N // 64, K // g, g // 16, 128] int32`: the unsigned codes `q + 8`, eight to a word, each
@@ -460,9 +461,10 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
     m_pad = round_up(M, 8)
     sched = Schedule.make(K, N, blocks, num_sms)
     # On the GPU the producer's TMA reads M_pad rows of x, the rows past M as zeros (TMA fills
-    # out-of-bounds reads), so x needs no padded copy; the interpreter gets one.
+    # out-of-bounds reads), so x of up to 8 rows needs no padded copy; more rows than that must
+    # be a whole number of TMA's 8-row tiles, and the interpreter always gets the padded copy.
     xb = x.astype(jnp.bfloat16)
-    xp = jnp.pad(xb, ((0, m_pad - M), (0, 0))) if interpret else xb
+    xp = jnp.pad(xb, ((0, m_pad - M), (0, 0))) if interpret or (M > 8 and M % 8) else xb
     kernel = plgpu.kernel(
         functools.partial(_kernel, group_size=g, blocks=blocks, sched=sched,
                           in_place=not interpret),
