@@ -1,5 +1,6 @@
 """Benchmark plumbing that can be checked without a GPU."""
 
+import dataclasses
 import json
 
 import jax
@@ -86,3 +87,18 @@ def test_norm_matmul_bench_runs_every_op_of_a_layer():
         records = bench.run(args)
     assert [r["op"] for r in records] == ["qkv", "gate_up"]
     assert all(r["rel_err"] < 0.02 and r["n"] % 16 == 0 for r in records), records
+
+
+def test_int4_sweep_times_the_projections_the_engine_serves():
+    """bench.int4_sweep's shapes are the [K, N] of the weights a served layer holds (q/k/v and
+    gate/up fused), for a GQA preset and one with biases."""
+    from pallax.bench.decode import random_llm
+    from pallax.bench.int4_sweep import layer_shapes
+    from pallax.decode.scheduler import serving_layout
+    from pallax.model.config import preset
+
+    names = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}
+    for name in ("tiny", "qwen2.5-0.5b"):
+        cfg = dataclasses.replace(preset(name), n_layers=1)  # the real shapes, one layer
+        layer = serving_layout(random_llm(cfg).params)["layers"][0]
+        assert {op: layer[w].shape for op, w in names.items()} == layer_shapes(cfg)
