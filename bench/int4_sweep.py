@@ -48,9 +48,8 @@ TILINGS = [
 
 def layer_shapes(cfg) -> dict[str, tuple[int, int]]:
     """`[K, N]` of each projection of one layer, as the engine serves them (fused q/k/v, gate/up)."""
-    d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
-    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
-    return {"qkv": (d, qkv), "o": (cfg.n_heads * hd, d), "gate_up": (d, 2 * f), "down": (f, d)}
+    d, f = cfg.dim, cfg.ffn_dim
+    return {"qkv": (d, cfg.q_dim + 2 * cfg.kv_dim), "o": (cfg.q_dim, d), "gate_up": (d, 2 * f), "down": (f, d)}
 
 
 def main():

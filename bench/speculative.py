@@ -152,7 +152,6 @@ def _spec_rounds(value) -> dict:
     return {} if value is None else {"spec_rounds": value, "ngram_rounds": value}
 
 
-
 def _engine(llm, draft=None, spec_rounds=None):
     """A batch-1 engine serving plain and speculative requests alike (`spec_rounds`: rounds per
     device loop call, None: the engine's default). Not warmed up: each measurement's first,
