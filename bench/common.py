@@ -102,7 +102,10 @@ def kernel_profile(run: Callable[[], Any], steps: int, top: int = 40) -> dict[st
     """Device time by kernel over `steps` calls of `run` (which blocks on its result), from a
     profiler trace: per kernel name (the streams' events) and per XLA op (the `XLA Ops` line),
     in microseconds per call, plus the streams' busy time per call (the union of their kernels'
-    intervals) against the wall time per call; the difference is where the device sat idle."""
+    intervals) against the wall time per call, and `idle_in_call_us` (`idle_within_calls`): the
+    device's idle time inside a call's kernels. Under the profiler the host is slower, so the
+    time between calls says little; to know whether a program keeps the device busy, compare
+    `idle_in_call_us` and the busy time with the unprofiled time per call."""
     import glob
     import tempfile
 
@@ -131,12 +134,31 @@ def kernel_profile(run: Callable[[], Any], steps: int, top: int = 40) -> dict[st
                     for e in line.events:
                         kernels[e.name] = kernels.get(e.name, 0.0) + e.duration_ns
                         intervals.append((e.start_ns, e.end_ns))
-    busy, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e > end:
-            busy += e - max(s, end)
-            end = e
+    idle = idle_within_calls(intervals, steps)
     per_call = lambda d: {k: v / steps / 1e3 for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]}  # noqa: E731
-    return {"wall_us": wall * 1e6, "busy_us": busy / steps / 1e3,
+    return {"wall_us": wall * 1e6, "busy_us": _union_ns(intervals) / steps / 1e3,
+            "idle_in_call_us": None if idle is None else idle / 1e3,
             "kernel_us_total": sum(kernels.values()) / steps / 1e3, "kernel_launches": len(intervals) / steps,
             "kernels_us": per_call(kernels), "ops_us": per_call(ops), "lines": lines_seen}
+
+
+def _union_ns(intervals) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def idle_within_calls(intervals, calls: int) -> float | None:
+    """Idle time per call inside the calls' kernels, from the kernel intervals of `calls` calls
+    of one program, each launching the same kernels: the time-ordered intervals are cut into
+    `calls` runs of equal count, and each run's span less its busy time is its idle time. None
+    when the count does not divide (the calls launched different kernels)."""
+    if not intervals or len(intervals) % calls:
+        return None
+    ordered, n = sorted(intervals), len(intervals) // calls
+    runs = [ordered[i * n:(i + 1) * n] for i in range(calls)]
+    return sum(max(e for _, e in r) - r[0][0] - _union_ns(r) for r in runs) / calls

@@ -11,8 +11,9 @@ rewrites by the compiler. For the engine's own pure-decode program (`--batch` se
   (fusion kinds, custom-call targets such as Pallas/Triton kernels and cuBLAS GEMMs, copies,
   ...), in total and per layer, following while loops and command buffers into their bodies;
 - the step's time over back-to-back calls, host dispatch included (what a batch-1 user sees);
-- with `--profile`, device time by kernel from a profiler trace, and the device's busy time
-  against the wall time (where the host kept it waiting);
+- with `--profile`, device time by kernel from a profiler trace, the device's busy time, and its
+  idle time inside a step (between the step's own kernels). A step time above busy + idle is
+  the host's: the device waited between steps for the next one to be queued;
 - with `--hlo FILE`, the optimized program's text, to read;
 - with `--quantize int4` (or int8, fp8), the same for quantized random weights.
 
@@ -216,8 +217,10 @@ def main(argv=None) -> None:
     print(f"{total} kernels, {total / L:.1f} per layer; step {dt * 1e3:.2f} ms ({dt * 1e6 / L:.0f} us per layer), "
           f"host dispatch {dispatch * 1e3:.2f} ms")
     if profile:
-        print(f"traced: wall {profile['wall_us']:.0f} us/step, device busy {profile['busy_us']:.0f} us, "
-              f"{profile['kernel_launches']:.0f} kernels")
+        idle = profile["idle_in_call_us"]
+        print(f"traced: device busy {profile['busy_us']:.0f} us/step, idle inside the step "
+              f"{'?' if idle is None else f'{idle:.0f}'} us, {profile['kernel_launches']:.0f} kernels "
+              f"(wall {profile['wall_us']:.0f} us/step under the profiler)")
         for name, us in list(profile["kernels_us"].items())[:25]:
             print(f"{us:9.1f} us  {name[:110]}")
     if args.out:

@@ -27,6 +27,20 @@ def test_kernel_census_counts_device_work_and_enters_loops():
     assert census["dot"] <= 1
 
 
+def test_idle_within_calls_counts_gaps_inside_each_call_only():
+    """Three calls of three kernels each (ns), with long host waits between the calls: only the
+    gaps between a call's own kernels count, and overlapping kernels (two streams) are no gap."""
+    from pallax.bench.common import idle_within_calls
+
+    calls = [[(0, 10), (12, 20), (25, 30)],          # gaps 2 + 5
+             [(1000, 1010), (1010, 1020), (1021, 1030)],  # gap 1
+             [(5000, 5010), (5005, 5020), (5020, 5030)]]  # overlap: no gap
+    intervals = [iv for c in calls for iv in reversed(c)]  # order of the trace lines is free
+    assert idle_within_calls(intervals, 3) == (7 + 1 + 0) / 3
+    assert idle_within_calls(intervals[:-1], 3) is None  # a call launched fewer kernels
+    assert idle_within_calls([], 3) is None
+
+
 def test_plot_kernels_draws_both_panels(tmp_path):
     """The kernel plot from records shaped like bench/attention.py's and bench/matmul.py's."""
     from pallax.bench import plot_kernels
@@ -102,3 +116,4 @@ def test_int4_sweep_times_the_projections_the_engine_serves():
         cfg = dataclasses.replace(preset(name), n_layers=1)  # the real shapes, one layer
         layer = serving_layout(random_llm(cfg).params)["layers"][0]
         assert {op: layer[w].shape for op, w in names.items()} == layer_shapes(cfg)
+
