@@ -117,3 +117,17 @@ def test_int4_sweep_times_the_projections_the_engine_serves():
         layer = serving_layout(random_llm(cfg).params)["layers"][0]
         assert {op: layer[w].shape for op, w in names.items()} == layer_shapes(cfg)
 
+
+def test_dense_gemv_bench_times_every_layout_against_the_served_dot():
+    """bench.dense_gemv on the tiny preset's projections: every spelling computes the served
+    product (the transposed layout included) and gets a time."""
+    import argparse
+
+    from pallax.bench import dense_gemv as bench
+
+    args = argparse.Namespace(presets=["tiny"], ops=["qkv", "down"], m=[1, 2], variants=list(bench.VARIANTS),
+                              min_bytes=1)
+    records = bench.run(args)
+    assert len(records) == 2 * 2 * len(bench.VARIANTS)
+    assert {r["variant"] for r in records} == set(bench.VARIANTS)
+    assert all(r["rel_err_vs_dot"] < 0.02 and r["us"] > 0 for r in records), records
