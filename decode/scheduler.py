@@ -36,6 +36,7 @@ import numpy as np
 
 from pallax.kernels_pallas import dispatch
 from pallax.model.decoder import fuse_projections, unstack_layers
+from pallax.model.linear import transposed_layout
 from pallax.model.quant_weights import hopper_layout
 
 from .engine import MIN_ROWS, PENALTY_WINDOW, compile_step, empty_batch, pack, to_device
@@ -66,6 +67,10 @@ class EngineConfig:
     # instead of five; decoder.fuse_projections): batch-1 decode is bound by kernel launches. False
     # leaves the layout as it is (parameters another engine fused stay fused).
     fuse_projections: bool = True
+    # Serve the small dense projections stored [N, K] (`linear.transposed_layout`): on a GPU XLA then
+    # runs a batch-1 step's products as row reductions instead of narrow GEMMs. Off by default until
+    # measured in a step; speculative verification stays a GEMM, so it helps plain decode most.
+    transposed_projections: bool = False
     max_draft_tokens: int = 0  # K: the most drafts a speculative row may carry; 0: no speculation
     adaptive_draft: bool = True  # k follows each request's running acceptance rate (up to its k)
     # A lone greedy speculative request runs several rounds per call on device (`speculative.ngram_loop`,
@@ -170,14 +175,17 @@ class _Counters:
 _LOOP_STOP_IDS = 16  # stop token ids an ngram_loop / draft_loop call checks on device
 
 
-def serving_layout(params, *, fuse: bool = True):
+def serving_layout(params, *, fuse: bool = True, transpose: bool = False):
     """Parameters as an engine serves them: per-layer buffers, the projections that read one
-    input fused when `fuse`, and symmetric int4 in the Hopper kernel's layout on Hopper GPUs."""
+    input fused when `fuse`, symmetric int4 in the Hopper kernel's layout on Hopper GPUs, and with
+    `transpose` the small dense projections stored [N, K] (`linear.transposed_layout`)."""
     params = unstack_layers(params)
     if fuse:
         params = fuse_projections(params)
     if dispatch.resolve() == "pallas" and dispatch.on_hopper():
         params = hopper_layout(params)
+    if transpose:
+        params = transposed_layout(params)
     return params
 
 
@@ -235,7 +243,7 @@ class Scheduler:
         self.counters = _Counters()
 
     def _serving_layout(self, params):
-        return serving_layout(params, fuse=self.cfg.fuse_projections)
+        return serving_layout(params, fuse=self.cfg.fuse_projections, transpose=self.cfg.transposed_projections)
 
     # -- Engine protocol -------------------------------------------------------------------------
     @property

@@ -7,6 +7,9 @@ reference elsewhere) and `dequantize(dtype)`. Model code calls `linear` and neve
 The formats are in `quant_weights.py` (`Int8Weight`, `Int4Weight`, `Fp8Weight`); `quantize.py`
 makes them from a dense model.
 
+`TransposedWeight` holds a dense weight stored `[N, K]`, which serves narrow projections to
+one-row products faster on a GPU (`transposed_layout`, an engine option).
+
 `concat_out` / `split_out` join weights that read the same input into one `[in, sum(out)]` weight
 (one GEMM instead of several) and split it back; a format takes part by naming, in `out_axes`,
 the axis of each field that runs over the output channels.
@@ -15,11 +18,13 @@ the axis of each field that runs over the output channels.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
+from jax import lax
 
 
 @runtime_checkable
@@ -66,6 +71,67 @@ def gemm_rows(dot, x: jax.Array) -> jax.Array:
     if x.shape[0] == 1 and jax.default_backend() == "gpu":
         return dot(jnp.pad(x, ((0, 1), (0, 0))))[:1]
     return dot(x)
+
+
+@struct.dataclass
+class TransposedWeight:
+    """A dense weight stored `wt [N, K]` (each output channel's K weights contiguous), for serving
+    narrow projections to one-row products (`transposed_layout`).
+
+    XLA's GPU compiler turns a one-row product with a matrix under ten million elements into a
+    reduction over K (see `gemm_rows`). Over a `[K, N]` weight that is a column reduction at a
+    fraction of the bandwidth; over `[N, K]` it is a row reduction: on an H200 the Qwen2.5 q/k/v
+    and o weights stream at 2.2-2.9 TB/s that way, against 0.28-0.59 TB/s for the two-row GEMM
+    on `[K, N]` (bench/dense_gemv.py). So `matmul` gives each row of a product of up to `ROWS`
+    rows its own one-row product (a batch-1 step's second row is dead padding: `engine.MIN_ROWS`),
+    and runs larger products (prefill, verification) as one GEMM over the transposed operand."""
+
+    wt: jax.Array  # [..., N, K]
+    format: ClassVar[str] = "dense-nk"
+    out_axes: ClassVar[dict[str, int]] = {"wt": -2}  # see concat_out
+    ROWS: ClassVar[int] = 2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.wt.shape[-1], self.wt.shape[-2]
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        k = self.wt.shape[-1]
+        if x.shape[-1] != k:
+            raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+        x2, wt = x.reshape(-1, k), self.wt.astype(x.dtype)
+        dot = lambda a: lax.dot_general(a, wt, (((1,), (1,)), ((), ())),  # noqa: E731
+                                        preferred_element_type=jnp.float32)
+        m = x2.shape[0]
+        y = jnp.concatenate([dot(x2[i:i + 1]) for i in range(m)]) if m <= self.ROWS else dot(x2)
+        return y.reshape(*x.shape[:-1], wt.shape[-2]).astype(x.dtype)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return jnp.swapaxes(self.wt, -1, -2).astype(dtype)
+
+
+# The projections `transposed_layout` may store [N, K]: at most this many weights (K * N). On an
+# H200 (bench/results/dense_gemv_h200.jsonl) the one-row product over [N, K] beat the served
+# two-row GEMM up to Qwen2.5-0.5B's down projection (4864 x 896, 4.4M) and lost from 1.5B's
+# (8960 x 1536, 13.8M) and the 8B shapes' (16.8M and more) on.
+TRANSPOSED_MAX_WEIGHTS = 5_000_000
+
+
+def transposed_layout(params, max_weights: int = TRANSPOSED_MAX_WEIGHTS):
+    """Unstacked parameters (`decoder.unstack_layers`) with every dense layer projection of at most
+    `max_weights` weights as a `TransposedWeight`; everything else (embedding, norms, biases,
+    quantized weights, larger projections) unchanged. Stacked layers raise ValueError."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError("transposed_layout takes unstacked parameters (decoder.unstack_layers)")
+
+    def convert(name, w):
+        if (name.startswith("w") and isinstance(w, jax.Array) and w.ndim == 2
+                and w.shape[0] * w.shape[1] <= max_weights):
+            return TransposedWeight(w.T)
+        return w
+
+    return {**params, "layers": [{name: convert(name, w) for name, w in p.items()} for p in layers]}
 
 
 def weight_format(w) -> str:

@@ -33,7 +33,7 @@ from pallax.kernels_pallas.int4_matmul import int4_matmul
 from pallax.kernels_pallas.int8_matmul import int8_matmul
 from pallax.kernels_pallas.quant_formats import (check_group_size, dequantize_int4, quantize_fp8,
                                                  quantize_int4, quantize_int8)
-from pallax.model.linear import dense_matmul, gemm_rows
+from pallax.model.linear import TransposedWeight, dense_matmul, gemm_rows
 
 # The fp8 path on GPU: XLA's own e4m3 x e4m3 dot (cuBLASLt on Hopper FP8 tensor cores) or our
 # Pallas kernel. Measured on an H100 at M = N = K = 8192 (bench/results/matmul_h100.json): bf16
@@ -207,9 +207,16 @@ def hopper_layout(params):
 
 
 def portable_layout(params):
-    """The inverse of `hopper_layout`."""
-    return jax.tree.map(lambda w: w.to_int4() if isinstance(w, Int4HopperWeight) else w, params,
-                        is_leaf=lambda w: isinstance(w, Int4HopperWeight))
+    """The inverse of `hopper_layout` and `linear.transposed_layout`: serving-only layouts back to
+    the portable ones (int4 packing, dense `[K, N]`)."""
+    def convert(w):
+        if isinstance(w, Int4HopperWeight):
+            return w.to_int4()
+        if isinstance(w, TransposedWeight):
+            return w.dequantize(w.wt.dtype)
+        return w
+
+    return jax.tree.map(convert, params, is_leaf=lambda w: isinstance(w, (Int4HopperWeight, TransposedWeight)))
 
 
 @struct.dataclass

@@ -173,8 +173,9 @@ def quantize(llm, format: str, *, group_size: int = 128, symmetric: bool = True,
 
 def stacked(params: Params) -> Params:
     """Parameters in the standard layout: `layers` stacked on a leading axis, projections separate,
-    int4 in the portable packing (undoes `decoder.unstack_layers`, `decoder.fuse_projections` and
-    `quant_weights.hopper_layout`, as an engine holds them)."""
+    int4 in the portable packing, dense weights `[K, N]` (undoes `decoder.unstack_layers`,
+    `decoder.fuse_projections`, `quant_weights.hopper_layout` and `linear.transposed_layout`, as an
+    engine holds them)."""
     params = portable_layout(params)
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):

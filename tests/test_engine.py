@@ -222,6 +222,27 @@ def test_int8_kv_cache(smollm_f32, reference):
     _assert_all_free(e)
 
 
+def test_transposed_projections_serve_the_reference_outputs(smollm_f32, reference):
+    """EngineConfig(transposed_projections=True): SmolLM2's projections (all under the size limit)
+    are served stored [N, K], and greedy decoding still gives the reference tokens."""
+    import copy
+
+    import jax
+
+    from pallax.model.linear import TransposedWeight
+
+    llm = copy.copy(smollm_f32)  # the shared model keeps its own layout
+    e = llm.engine(EngineConfig(max_seqs=4, token_budget=64, num_pages=96, transposed_projections=True))
+    assert all(isinstance(p[w], TransposedWeight) for p in llm.params["layers"] for w in ("wqkv", "wo", "w_down"))
+    kept = jax.tree.leaves(smollm_f32.params, is_leaf=lambda w: isinstance(w, TransposedWeight))
+    assert not any(isinstance(w, TransposedWeight) for w in kept)
+    cases = reference["cases"]
+    outs = _run(e, [c["input_ids"] for c in cases])
+    for case, o in zip(cases, outs):
+        assert _tokens(o) == case["greedy_ids"]
+    _assert_all_free(e)
+
+
 def test_no_compilation_after_warmup(smollm_f32, reference):
     e = smollm_f32.engine(EngineConfig(max_seqs=4, token_budget=64, num_pages=96, decode_steps=4))
     before = e.compiled_programs()  # step programs are shared by engines of the same model

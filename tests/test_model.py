@@ -180,6 +180,57 @@ def test_fused_projections_equal_separate(qkv_bias):
     assert unfuse_projections(params) is params
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_transposed_weight_computes_the_dense_product(rows):
+    """A weight stored [N, K] gives x @ W for one-row, two-row (each row its own product) and
+    larger products, leading axes kept; its dense form is W."""
+    from pallax.model.linear import TransposedWeight, linear
+
+    w = jax.random.normal(jax.random.key(0), (48, 40), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (1, rows, 48), jnp.float32)
+    t = TransposedWeight(w.T)
+    assert t.shape == (48, 40)
+    np.testing.assert_allclose(linear(x, t), linear(x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(t.dequantize(jnp.float32), w)
+    with pytest.raises(ValueError, match="features"):
+        t.matmul(x[..., :47])
+
+
+def test_transposed_layout_takes_small_dense_projections_only():
+    """The serving option: projections of at most `max_weights` weights become [N, K], the rest
+    (larger ones, norms, biases, the embedding, quantized weights) stay; the forward pass is the
+    same, and `stacked` gives back the standard layout."""
+    from pallax.model.linear import TransposedWeight, transposed_layout
+    from pallax.model.quant_weights import Int8Weight
+
+    c = preset("tiny").replace(qkv_bias=True, ffn_dim=192)
+    params = init_params(c, jax.random.key(0), jnp.float32)
+    fused = fuse_projections(unstack_layers(params))
+    limit = c.dim * (c.q_dim + 2 * c.kv_dim)  # q/k/v and smaller; gate/up and down are larger
+    assert c.dim * 2 * c.ffn_dim > limit and c.ffn_dim * c.dim > limit
+    out = transposed_layout(fused, max_weights=limit)
+    kinds = {k: type(v).__name__ for k, v in out["layers"][0].items()}
+    assert kinds == {"attn_norm": "ArrayImpl", "wqkv": "TransposedWeight", "bqkv": "ArrayImpl",
+                     "wo": "TransposedWeight", "mlp_norm": "ArrayImpl", "w_gate_up": "ArrayImpl",
+                     "w_down": "ArrayImpl"}
+    assert out["embed"] is fused["embed"]
+    int8 = Int8Weight.quantize(fused["layers"][1]["wo"])
+    mixed = {**fused, "layers": [fused["layers"][0], {**fused["layers"][1], "wo": int8}]}
+    assert transposed_layout(mixed, max_weights=limit)["layers"][1]["wo"] is int8
+    assert isinstance(out["layers"][0]["wqkv"], TransposedWeight)
+    assert out["layers"][0]["wqkv"].wt.shape == (c.q_dim + 2 * c.kv_dim, c.dim)
+    tokens = jax.random.randint(jax.random.key(1), (1, 2), 0, c.vocab_size)  # a two-row step
+    pos = jnp.broadcast_to(jnp.arange(2), (1, 2))
+    want, _ = forward(fused, tokens, pos, config=c)
+    got, _ = forward(out, tokens, pos, config=c)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    back = stacked(out)
+    assert jax.tree.structure(back) == jax.tree.structure(stacked(fused))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(stacked(fused))))
+    with pytest.raises(ValueError, match="unstacked"):
+        transposed_layout(params)
+
+
 def _count_kernels(jaxpr, name: str) -> int:
     """Pallas calls named `name` that running `jaxpr` makes (inner jaxprs counted per call)."""
     n = 0
