@@ -73,6 +73,18 @@ def gemm_rows(dot, x: jax.Array) -> jax.Array:
     return dot(x)
 
 
+def flat_rows(x: jax.Array, k: int) -> jax.Array:
+    """x [..., K] -> [M, K] for a weight of K inputs (ValueError naming both when x has others)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    return x.reshape(-1, k)
+
+
+def unflat_rows(y: jax.Array, x: jax.Array) -> jax.Array:
+    """y [M, N] back to x's leading axes: [..., N]."""
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 @struct.dataclass
 class TransposedWeight:
     """A dense weight stored `wt [N, K]` (each output channel's K weights contiguous), for serving
@@ -96,15 +108,12 @@ class TransposedWeight:
         return self.wt.shape[-1], self.wt.shape[-2]
 
     def matmul(self, x: jax.Array) -> jax.Array:
-        k = self.wt.shape[-1]
-        if x.shape[-1] != k:
-            raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
-        x2, wt = x.reshape(-1, k), self.wt.astype(x.dtype)
+        x2, wt = flat_rows(x, self.wt.shape[-1]), self.wt.astype(x.dtype)
         dot = lambda a: lax.dot_general(a, wt, (((1,), (1,)), ((), ())),  # noqa: E731
                                         preferred_element_type=jnp.float32)
         m = x2.shape[0]
         y = jnp.concatenate([dot(x2[i:i + 1]) for i in range(m)]) if m <= self.ROWS else dot(x2)
-        return y.reshape(*x.shape[:-1], wt.shape[-2]).astype(x.dtype)
+        return unflat_rows(y, x).astype(x.dtype)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return jnp.swapaxes(self.wt, -1, -2).astype(dtype)

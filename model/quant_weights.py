@@ -33,22 +33,12 @@ from pallax.kernels_pallas.int4_matmul import int4_matmul
 from pallax.kernels_pallas.int8_matmul import int8_matmul
 from pallax.kernels_pallas.quant_formats import (check_group_size, dequantize_int4, quantize_fp8,
                                                  quantize_int4, quantize_int8)
-from pallax.model.linear import TransposedWeight, dense_matmul, gemm_rows
+from pallax.model.linear import TransposedWeight, dense_matmul, flat_rows, gemm_rows, unflat_rows
 
 # The fp8 path on GPU: XLA's own e4m3 x e4m3 dot (cuBLASLt on Hopper FP8 tensor cores) or our
 # Pallas kernel. Measured on an H100 at M = N = K = 8192 (bench/results/matmul_h100.json): bf16
 # XLA 685 TFLOP/s, XLA fp8 1136 TFLOP/s (1.66x), Pallas fp8 514 TFLOP/s (0.75x); so XLA.
 FP8_IMPL = "xla"
-
-
-def _flat(x: jax.Array, k: int) -> jax.Array:
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
-    return x.reshape(-1, k)  # [M, K]
-
-
-def _unflat(y: jax.Array, x: jax.Array) -> jax.Array:
-    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @struct.dataclass
@@ -72,7 +62,7 @@ class Int8Weight:
 
     def matmul(self, x: jax.Array) -> jax.Array:
         k, _ = self.shape
-        return _unflat(int8_matmul(_flat(x, k), self.w_q, self.scale), x)
+        return unflat_rows(int8_matmul(flat_rows(x, k), self.w_q, self.scale), x)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return (self.w_q.astype(jnp.float32) * self.scale.astype(jnp.float32)[..., None, :]).astype(dtype)
@@ -112,11 +102,11 @@ class Int4Weight:
 
     def matmul(self, x: jax.Array) -> jax.Array:
         k, _ = self.shape
-        x2 = _flat(x, k)
+        x2 = flat_rows(x, k)
         if self.act_scale is not None:
             x2 = (x2.astype(jnp.float32) / self.act_scale.astype(jnp.float32)).astype(x.dtype)
         y = int4_matmul(x2, self.packed, self.scales, self.zeros, group_size=self.group_size)
-        return _unflat(y, x)
+        return unflat_rows(y, x)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The effective dense weight (AWQ scale divided back out)."""
@@ -167,7 +157,7 @@ class Int4HopperWeight:
 
     def matmul(self, x: jax.Array) -> jax.Array:
         k, n = self.shape
-        x2 = _flat(x, k)
+        x2 = flat_rows(x, k)
         if self.act_scale is not None:
             x2 = (x2.astype(jnp.float32) / self.act_scale.astype(jnp.float32)).astype(x.dtype)
         mode = dispatch.resolve()
@@ -177,7 +167,7 @@ class Int4HopperWeight:
                                                   interpret=mode == "interpret")
         else:
             y = dense_matmul(x2, self._scaled_codes().astype(x2.dtype))
-        return _unflat(y, x)
+        return unflat_rows(y, x)
 
     def _scaled_codes(self) -> jax.Array:
         """`q * s` as f32 `[..., K, N]` (the stored weight, AWQ scale still in)."""
@@ -244,7 +234,7 @@ class Fp8Weight:
 
     def matmul(self, x: jax.Array) -> jax.Array:
         k, _ = self.shape
-        x2 = _flat(x, k)
+        x2 = flat_rows(x, k)
         mode = dispatch.resolve()
         if mode == "reference":
             x_q, x_s = quantize_fp8(x2, axis=-1)  # [M, K] e4m3, [M, 1] f32
@@ -253,7 +243,7 @@ class Fp8Weight:
             y = fp8_linear(x2, self.w_q, self.scale, w_layout="nk", interpret=mode == "interpret")
         else:
             y = _fp8_xla(x2, self.w_q, self.scale)
-        return _unflat(y, x)
+        return unflat_rows(y, x)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         w = self.w_q.astype(jnp.float32) * self.scale.astype(jnp.float32)[..., :, None]  # [..., N, K]
