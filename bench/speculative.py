@@ -152,15 +152,16 @@ def _spec_rounds(value) -> dict:
     return {} if value is None else {"spec_rounds": value, "ngram_rounds": value}
 
 
-def _engine(llm, draft=None, spec_rounds=None):
+def _engine(llm, draft=None, spec_rounds=None, transposed=False):
     """A batch-1 engine serving plain and speculative requests alike (`spec_rounds`: rounds per
-    device loop call, None: the engine's default). Not warmed up: each measurement's first,
-    discarded run compiles the programs it needs, and only those."""
+    device loop call, None: the engine's default; `transposed`: EngineConfig.transposed_projections,
+    the draft model's too). Not warmed up: each measurement's first, discarded run compiles the
+    programs it needs, and only those."""
     from pallax.decode.scheduler import EngineConfig
 
     eng = llm.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=64, decode_steps=4, max_draft_tokens=8,
                                   adaptive_draft=False, ngram_corpus_tokens=0,  # one prompt, run again and again
-                                  **_spec_rounds(spec_rounds)))
+                                  transposed_projections=transposed, **_spec_rounds(spec_rounds)))
     if draft is not None:
         eng.attach_draft_model(draft, num_pages=64)
     return eng
@@ -210,12 +211,13 @@ def speed(args, out=None) -> list[dict]:
         from pallax.model.quantize import quantize
 
         draft = quantize(draft, "int4", group_size=128, quantize_head=True)
-    model = f"{args.target_preset} random bf16 (draft {args.draft_preset}{' int4 g128' if args.draft_int4 else ''})"
+    model = (f"{args.target_preset} random bf16 (draft {args.draft_preset}{' int4 g128' if args.draft_int4 else ''})"
+             + (", small projections stored [N, K]" if args.transposed else ""))
     # a repeating prompt: the lookup always finds k tokens to propose (random weights reject them)
     prompt = list(range(100, 164)) * 4
     records = []
     record = _recorder(out, records)
-    eng = _engine(target, draft, args.spec_rounds[0])
+    eng = _engine(target, draft, args.spec_rounds[0], args.transposed)
 
     def profiled(**spec) -> dict:
         """Device busy time against wall time per token of one request, from a profiler trace."""
@@ -231,7 +233,7 @@ def speed(args, out=None) -> list[dict]:
                 **environment()))
     for rounds in args.spec_rounds:
         if rounds is not None and (rounds, rounds) != (eng.cfg.spec_rounds, eng.cfg.ngram_rounds):
-            eng = _engine(target, draft, rounds)
+            eng = _engine(target, draft, rounds, args.transposed)
         for name, k in ((name, k) for name in ("ngram", "draft") for k in args.k):
             spec = dict(speculative=name, num_draft_tokens=k)
             tps = _tokens_per_s(eng, prompt, args.max_tokens, **spec)
@@ -289,7 +291,8 @@ def real_pair(args, out=None) -> list[dict]:
         if rounds not in engines:
             eng = engines[rounds] = target.engine(EngineConfig(
                 max_seqs=1, token_budget=256, num_pages=256, decode_steps=4, max_draft_tokens=max(args.k),
-                adaptive_draft=False, prefix_caching=False, **_spec_rounds(rounds)))
+                adaptive_draft=False, prefix_caching=False, transposed_projections=args.transposed,
+                **_spec_rounds(rounds)))
             # The n-gram corpus learns each prompt's tokens from the bench, after its timed run (a
             # rerun must not find its own first run's output there), and starts empty in every mode.
             eng.drafters["ngram"].remember = lambda tokens: None
@@ -357,6 +360,7 @@ def real_pair(args, out=None) -> list[dict]:
         differs = [i for i, (a, b) in enumerate(zip(outs, plain["outs"])) if a != b]
         r = dict(bench="speculative_real_pair", target=args.target, draft=args.draft if fmt else None,
                  dtype=args.dtype, matmul_precision=args.matmul_precision, spec_rounds=eng.cfg.loop_rounds(name),
+                 transposed_projections=args.transposed,
                  draft_format=fmt, mode=name, k=k or None,
                  ngram_corpus=None if name != "ngram" else ("earlier prompts" if shared else "none"),
                  batch=1, prompts=len(prompts), max_tokens=args.max_tokens,
@@ -415,6 +419,8 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="speed: also device busy time per token, from a profiler trace of one request")
     ap.add_argument("--skip-smollm", action="store_true", help="speed: no SmolLM2 end-to-end run")
+    ap.add_argument("--transposed", action="store_true",
+                    help="speed, real: EngineConfig(transposed_projections=True) for target and draft")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="real: the models' weights and activations")
     ap.add_argument("--matmul-precision", default="default", choices=["default", "high", "highest"],
