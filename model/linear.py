@@ -93,7 +93,7 @@ class TransposedWeight:
     XLA's GPU compiler turns a one-row product with a matrix under ten million elements into a
     reduction over K (see `gemm_rows`). Over a `[K, N]` weight that is a column reduction at a
     fraction of the bandwidth; over `[N, K]` it is a row reduction: on an H200 the Qwen2.5 q/k/v
-    and o weights stream at 2.2-2.9 TB/s that way, against 0.28-0.59 TB/s for the two-row GEMM
+    and o weights stream at 2.2-2.9 TB/s that way, against 0.37-0.42 TB/s for the two-row GEMM
     on `[K, N]` (bench/dense_gemv.py). So `matmul` gives each row of a product of up to `ROWS`
     rows its own one-row product (a batch-1 step's second row is dead padding: `engine.MIN_ROWS`),
     and runs larger products (prefill, verification) as one GEMM over the transposed operand."""
