@@ -68,9 +68,10 @@ class EngineConfig:
     # leaves the layout as it is (parameters another engine fused stay fused).
     fuse_projections: bool = True
     # Serve the small dense projections stored [N, K] (`linear.transposed_layout`): on a GPU XLA then
-    # runs a batch-1 step's products as row reductions instead of narrow GEMMs. Off by default until
-    # measured in a step; speculative verification stays a GEMM, so it helps plain decode most.
-    transposed_projections: bool = False
+    # runs a step of up to two rows as row reductions instead of narrow GEMMs (one H200: Qwen2.5-1.5B
+    # batch-1 step 1.59 -> 1.49 ms, 0.5B 0.94 -> 0.83; bench/results/transposed_h200.jsonl). Larger
+    # steps, speculative verification included, stay GEMMs. None: on where the backend is a GPU.
+    transposed_projections: bool | None = None
     max_draft_tokens: int = 0  # K: the most drafts a speculative row may carry; 0: no speculation
     adaptive_draft: bool = True  # k follows each request's running acceptance rate (up to its k)
     # A lone greedy speculative request runs several rounds per call on device (`speculative.ngram_loop`,
@@ -175,6 +176,11 @@ class _Counters:
 _LOOP_STOP_IDS = 16  # stop token ids an ngram_loop / draft_loop call checks on device
 
 
+def transposes(setting: bool | None) -> bool:
+    """`EngineConfig.transposed_projections` resolved: None is on where the backend is a GPU."""
+    return jax.default_backend() == "gpu" if setting is None else setting
+
+
 def serving_layout(params, *, fuse: bool = True, transpose: bool = False):
     """Parameters as an engine serves them: per-layer buffers, the projections that read one
     input fused when `fuse`, symmetric int4 in the Hopper kernel's layout on Hopper GPUs, and with
@@ -243,7 +249,8 @@ class Scheduler:
         self.counters = _Counters()
 
     def _serving_layout(self, params):
-        return serving_layout(params, fuse=self.cfg.fuse_projections, transpose=self.cfg.transposed_projections)
+        return serving_layout(params, fuse=self.cfg.fuse_projections,
+                              transpose=transposes(self.cfg.transposed_projections))
 
     # -- Engine protocol -------------------------------------------------------------------------
     @property

@@ -8,7 +8,7 @@ The formats are in `quant_weights.py` (`Int8Weight`, `Int4Weight`, `Fp8Weight`);
 makes them from a dense model.
 
 `TransposedWeight` holds a dense weight stored `[N, K]`, which serves narrow projections to
-one-row products faster on a GPU (`transposed_layout`, an engine option).
+batch-1 decode faster on a GPU (`transposed_layout`, the engine's default there).
 
 `concat_out` / `split_out` join weights that read the same input into one `[in, sum(out)]` weight
 (one GEMM instead of several) and split it back; a format takes part by naming, in `out_axes`,
@@ -88,15 +88,20 @@ def unflat_rows(y: jax.Array, x: jax.Array) -> jax.Array:
 @struct.dataclass
 class TransposedWeight:
     """A dense weight stored `wt [N, K]` (each output channel's K weights contiguous), for serving
-    narrow projections to one-row products (`transposed_layout`).
+    narrow projections to one- and two-row products (`transposed_layout`).
 
     XLA's GPU compiler turns a one-row product with a matrix under ten million elements into a
     reduction over K (see `gemm_rows`). Over a `[K, N]` weight that is a column reduction at a
     fraction of the bandwidth; over `[N, K]` it is a row reduction: on an H200 the Qwen2.5 q/k/v
     and o weights stream at 2.2-2.9 TB/s that way, against 0.37-0.42 TB/s for the two-row GEMM
-    on `[K, N]` (bench/dense_gemv.py). So `matmul` gives each row of a product of up to `ROWS`
-    rows its own one-row product (a batch-1 step's second row is dead padding: `engine.MIN_ROWS`),
-    and runs larger products (prefill, verification) as one GEMM over the transposed operand."""
+    on `[K, N]` (bench/dense_gemv.py). So `matmul` runs a product of up to `ROWS` rows (a batch-1
+    step is two, the second dead padding: `engine.MIN_ROWS`) as one multiply and f32 sum over K
+    of `x[:, None, :] * wt`, which XLA makes one row reduction reading the weight once for both
+    rows. Each row its own one-row product would read it twice: in the Qwen2.5-1.5B step the
+    dead row's q/k/v product cost as much as the live one's (bench/step_anatomy.py). Larger
+    products (batches, prefill, verification) run as one GEMM over the transposed operand; the
+    reduction over 9 rows made an n-gram verification round cost 1.35 plain steps against 1.11
+    as a GEMM (bench/results/transposed_h200.jsonl)."""
 
     wt: jax.Array  # [..., N, K]
     format: ClassVar[str] = "dense-nk"
@@ -109,10 +114,10 @@ class TransposedWeight:
 
     def matmul(self, x: jax.Array) -> jax.Array:
         x2, wt = flat_rows(x, self.wt.shape[-1]), self.wt.astype(x.dtype)
-        dot = lambda a: lax.dot_general(a, wt, (((1,), (1,)), ((), ())),  # noqa: E731
-                                        preferred_element_type=jnp.float32)
-        m = x2.shape[0]
-        y = jnp.concatenate([dot(x2[i:i + 1]) for i in range(m)]) if m <= self.ROWS else dot(x2)
+        if x2.shape[0] <= self.ROWS:
+            y = jnp.sum(x2[:, None, :].astype(jnp.float32) * wt[None].astype(jnp.float32), axis=-1)
+        else:
+            y = lax.dot_general(x2, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return unflat_rows(y, x).astype(x.dtype)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -122,7 +127,10 @@ class TransposedWeight:
 # The projections `transposed_layout` may store [N, K]: at most this many weights (K * N). On an
 # H200 (bench/results/dense_gemv_h200.jsonl) the one-row product over [N, K] beat the served
 # two-row GEMM up to Qwen2.5-0.5B's down projection (4864 x 896, 4.4M) and lost from 1.5B's
-# (8960 x 1536, 13.8M) and the 8B shapes' (16.8M and more) on.
+# (8960 x 1536, 13.8M) and the 8B shapes' (16.8M and more) on. In the batch-1 step likewise
+# (bench/results/transposed_h200.jsonl): with the limit at 16M (1.5B down, 0.5B gate/up too) the
+# 1.5B step took 1.57 ms and the 0.5B 1.01, at 30M (1.5B gate/up too) 1.89 and 1.01, against
+# 1.49 and 0.83 at 5M.
 TRANSPOSED_MAX_WEIGHTS = 5_000_000
 
 

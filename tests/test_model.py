@@ -182,8 +182,8 @@ def test_fused_projections_equal_separate(qkv_bias):
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_transposed_weight_computes_the_dense_product(rows):
-    """A weight stored [N, K] gives x @ W for one-row, two-row (each row its own product) and
-    larger products, leading axes kept; its dense form is W."""
+    """A weight stored [N, K] gives x @ W for one-row, two-row (one multiply-reduce) and larger
+    (one GEMM) products, leading axes kept; its dense form is W."""
     from pallax.model.linear import TransposedWeight, linear
 
     w = jax.random.normal(jax.random.key(0), (48, 40), jnp.float32)
@@ -194,6 +194,21 @@ def test_transposed_weight_computes_the_dense_product(rows):
     np.testing.assert_array_equal(t.dequantize(jnp.float32), w)
     with pytest.raises(ValueError, match="features"):
         t.matmul(x[..., :47])
+    # up to ROWS rows: one reduction over K for all of them (the weight read once), no GEMM
+    prims = [e.primitive.name for e in jax.make_jaxpr(t.matmul)(x).jaxpr.eqns]
+    if rows <= TransposedWeight.ROWS:
+        assert "dot_general" not in prims and prims.count("reduce_sum") == 1
+    else:
+        assert prims.count("dot_general") == 1 and "reduce_sum" not in prims
+
+
+def test_transposed_projections_default_to_gpus_only():
+    """EngineConfig.transposed_projections: None means on where the backend is a GPU."""
+    from pallax.decode.scheduler import EngineConfig, transposes
+
+    assert EngineConfig().transposed_projections is None
+    assert transposes(None) is (jax.default_backend() == "gpu")
+    assert transposes(True) is True and transposes(False) is False
 
 
 def test_transposed_layout_takes_small_dense_projections_only():
