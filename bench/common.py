@@ -162,3 +162,18 @@ def idle_within_calls(intervals, calls: int) -> float | None:
     ordered, n = sorted(intervals), len(intervals) // calls
     runs = [ordered[i * n:(i + 1) * n] for i in range(calls)]
     return sum(max(e for _, e in r) - r[0][0] - _union_ns(r) for r in runs) / calls
+
+
+TRANSPOSED_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+def add_transposed_flag(ap) -> None:
+    """`--transposed auto|on|off`: EngineConfig.transposed_projections (auto: the engine's default,
+    on where the backend is a GPU); read it with `transposed_setting`."""
+    ap.add_argument("--transposed", choices=list(TRANSPOSED_CHOICES), default="auto",
+                    help="small dense projections stored [N, K] (EngineConfig.transposed_projections; "
+                         "auto: the engine's default, on a GPU)")
+
+
+def transposed_setting(args) -> bool | None:
+    return TRANSPOSED_CHOICES[args.transposed]

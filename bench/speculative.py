@@ -41,7 +41,7 @@ import zipfile
 from pathlib import Path
 
 
-from pallax.bench.common import emit, environment, kernel_profile, table
+from pallax.bench.common import add_transposed_flag, emit, environment, kernel_profile, table, transposed_setting
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "speculative_humaneval.json"
 
@@ -152,7 +152,7 @@ def _spec_rounds(value) -> dict:
     return {} if value is None else {"spec_rounds": value, "ngram_rounds": value}
 
 
-def _engine(llm, draft=None, spec_rounds=None, transposed=False):
+def _engine(llm, draft=None, spec_rounds=None, transposed=None):
     """A batch-1 engine serving plain and speculative requests alike (`spec_rounds`: rounds per
     device loop call, None: the engine's default; `transposed`: EngineConfig.transposed_projections,
     the draft model's too). Not warmed up: each measurement's first, discarded run compiles the
@@ -199,6 +199,7 @@ def speed(args, out=None) -> list[dict]:
     """Plain and speculative batch-1 speed on one engine (records are also appended to `out` as
     they come)."""
     from pallax.bench.decode import random_llm
+    from pallax.decode.scheduler import transposes
     from pallax.model.config import preset
 
     acc = {}
@@ -212,12 +213,12 @@ def speed(args, out=None) -> list[dict]:
 
         draft = quantize(draft, "int4", group_size=128, quantize_head=True)
     model = (f"{args.target_preset} random bf16 (draft {args.draft_preset}{' int4 g128' if args.draft_int4 else ''})"
-             + (", small projections stored [N, K]" if args.transposed else ""))
+             + (", small projections stored [N, K]" if transposes(transposed_setting(args)) else ""))
     # a repeating prompt: the lookup always finds k tokens to propose (random weights reject them)
     prompt = list(range(100, 164)) * 4
     records = []
     record = _recorder(out, records)
-    eng = _engine(target, draft, args.spec_rounds[0], args.transposed)
+    eng = _engine(target, draft, args.spec_rounds[0], transposed_setting(args))
 
     def profiled(**spec) -> dict:
         """Device busy time against wall time per token of one request, from a profiler trace."""
@@ -233,7 +234,7 @@ def speed(args, out=None) -> list[dict]:
                 **environment()))
     for rounds in args.spec_rounds:
         if rounds is not None and (rounds, rounds) != (eng.cfg.spec_rounds, eng.cfg.ngram_rounds):
-            eng = _engine(target, draft, rounds, args.transposed)
+            eng = _engine(target, draft, rounds, transposed_setting(args))
         for name, k in ((name, k) for name in ("ngram", "draft") for k in args.k):
             spec = dict(speculative=name, num_draft_tokens=k)
             tps = _tokens_per_s(eng, prompt, args.max_tokens, **spec)
@@ -271,7 +272,7 @@ def real_pair(args, out=None) -> list[dict]:
 
     import pallax
     from pallax.decode.requests import Request, SamplingParams
-    from pallax.decode.scheduler import EngineConfig
+    from pallax.decode.scheduler import EngineConfig, transposes
     from pallax.model.quantize import quantize
 
     BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -291,7 +292,7 @@ def real_pair(args, out=None) -> list[dict]:
         if rounds not in engines:
             eng = engines[rounds] = target.engine(EngineConfig(
                 max_seqs=1, token_budget=256, num_pages=256, decode_steps=4, max_draft_tokens=max(args.k),
-                adaptive_draft=False, prefix_caching=False, transposed_projections=args.transposed,
+                adaptive_draft=False, prefix_caching=False, transposed_projections=transposed_setting(args),
                 **_spec_rounds(rounds)))
             # The n-gram corpus learns each prompt's tokens from the bench, after its timed run (a
             # rerun must not find its own first run's output there), and starts empty in every mode.
@@ -360,7 +361,7 @@ def real_pair(args, out=None) -> list[dict]:
         differs = [i for i, (a, b) in enumerate(zip(outs, plain["outs"])) if a != b]
         r = dict(bench="speculative_real_pair", target=args.target, draft=args.draft if fmt else None,
                  dtype=args.dtype, matmul_precision=args.matmul_precision, spec_rounds=eng.cfg.loop_rounds(name),
-                 transposed_projections=args.transposed,
+                 transposed_projections=transposes(transposed_setting(args)),
                  draft_format=fmt, mode=name, k=k or None,
                  ngram_corpus=None if name != "ngram" else ("earlier prompts" if shared else "none"),
                  batch=1, prompts=len(prompts), max_tokens=args.max_tokens,
@@ -419,8 +420,7 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="speed: also device busy time per token, from a profiler trace of one request")
     ap.add_argument("--skip-smollm", action="store_true", help="speed: no SmolLM2 end-to-end run")
-    ap.add_argument("--transposed", action="store_true",
-                    help="speed, real: EngineConfig(transposed_projections=True) for target and draft")
+    add_transposed_flag(ap)  # speed, real: for target and draft
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="real: the models' weights and activations")
     ap.add_argument("--matmul-precision", default="default", choices=["default", "high", "highest"],

@@ -35,7 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pallax.bench.common import emit, environment, kernel_profile
+from pallax.bench.common import add_transposed_flag, emit, environment, kernel_profile, transposed_setting
 
 # Instructions that launch nothing: they name, reshape or bundle buffers.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
@@ -162,8 +162,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quantize-head", action="store_true", help="the output head in --quantize too")
     ap.add_argument("--unfused", action="store_true",
                     help="separate q/k/v and gate/up GEMMs (EngineConfig.fuse_projections=False)")
-    ap.add_argument("--transposed", action="store_true",
-                    help="small dense projections stored [N, K] (EngineConfig.transposed_projections)")
+    add_transposed_flag(ap)
     ap.add_argument("--hlo", help="write the optimized program's text here")
     ap.add_argument("--profile", action="store_true",
                     help="also trace the steps: device time by kernel and by XLA op, and the idle time")
@@ -172,14 +171,15 @@ def main(argv=None) -> None:
 
     from pallax.bench.decode import random_llm
     from pallax.model.config import preset
-    from pallax.decode.scheduler import serving_layout
+    from pallax.decode.scheduler import serving_layout, transposes
 
     llm = random_llm(preset(args.preset))
     if args.quantize:
         from pallax.model.quantize import quantize
 
         llm = quantize(llm, args.quantize, group_size=args.group, quantize_head=args.quantize_head)
-    llm.params = serving_layout(llm.params, fuse=not args.unfused, transpose=args.transposed)  # as the engine runs them
+    transposed = transposes(transposed_setting(args))
+    llm.params = serving_layout(llm.params, fuse=not args.unfused, transpose=transposed)  # as the engine runs them
     step, (params, pool, batch, prev) = decode_program(llm, args.batch, args.n_steps, context=args.context,
                                                           temperature=args.temperature)
     compiled = step.lower(params, pool, batch, prev).compile()
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     L = llm.config.n_layers
     total = sum(census.values())
     rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random {args.quantize or 'bf16'}", batch=args.batch, n_steps=args.n_steps, context=args.context, temperature=args.temperature,
-                    fused=not args.unfused, transposed=args.transposed,
+                    fused=not args.unfused, transposed=transposed,
                     weights=(args.quantize or "bfloat16") + ("+head" if args.quantize_head else ""),
                     step_ms=dt * 1e3, dispatch_ms=dispatch * 1e3, kernels=total, kernels_per_layer=total / L,
                     per_layer_us=dt * 1e6 / L, census=dict(census.most_common()), profile=profile, **environment()))
