@@ -11,7 +11,11 @@ each timed call reading enough weight copies that they cannot sit in L2:
 - `dot_nk`: the same product from the weight stored transposed, [N, K] (each output channel's
   weights contiguous), contracting K of both;
 - `mul_reduce`: the product spelled as a broadcast multiply and an f32 sum over K;
-- `split_k4`: K cut into four slices whose partial products are added.
+- `split_k4`: K cut into four slices whose partial products are added;
+- `served_nk`: what the engine runs for a weight it stores [N, K] (`linear.TransposedWeight`: up to
+  two rows one multiply and f32 sum over K, more rows `dot_nk`);
+- `rows_nk`: each row its own one-row product against [N, K] (`--m 5 9`, the rows of an n-gram
+  verification at k = 4 and 8: whether XLA reads the weight once for all of them).
 
 On an H200 (bench/results/dense_gemv_h200.jsonl) XLA streams the q/k/v and o weights of the
 Qwen2.5 models (K <= 1536, N <= 2048) at 0.28-0.59 TB/s in every spelling but one: a single row
@@ -33,6 +37,7 @@ from pallax.bench.common import device_time, emit, environment, table
 from pallax.bench.int4_sweep import L2_CLEAR_BYTES, layer_shapes
 from pallax.bench.matmul import _summed
 from pallax.model.config import preset
+from pallax.model.linear import TransposedWeight
 
 
 def _dot(x, w):
@@ -47,6 +52,14 @@ def _mul_reduce(x, w):
     return jnp.sum(x[:, :, None].astype(jnp.float32) * w[None].astype(jnp.float32), axis=1)
 
 
+def _served_nk(x, wt):
+    return TransposedWeight(wt).matmul(x).astype(jnp.float32)
+
+
+def _rows_nk(x, wt):
+    return jnp.concatenate([_dot_nk(x[i:i + 1], wt) for i in range(x.shape[0])])
+
+
 def _split_k4(x, w):
     (M, K), N = x.shape, w.shape[1]
     parts = jnp.einsum("smk,skn->smn", x.reshape(M, 4, K // 4).transpose(1, 0, 2), w.reshape(4, K // 4, N),
@@ -56,7 +69,7 @@ def _split_k4(x, w):
 
 # name -> (product of x [M, K] and one weight copy, whether the copy is stored [N, K])
 VARIANTS = {"dot": (_dot, False), "dot_nk": (_dot_nk, True), "mul_reduce": (_mul_reduce, False),
-            "split_k4": (_split_k4, False)}
+            "split_k4": (_split_k4, False), "served_nk": (_served_nk, True), "rows_nk": (_rows_nk, True)}
 
 
 def summed(product, copies: int):
