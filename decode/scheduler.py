@@ -69,7 +69,7 @@ class EngineConfig:
     fuse_projections: bool = True
     # Serve the small dense projections stored [N, K] (`linear.transposed_layout`): on a GPU XLA then
     # runs a step of up to two rows as row reductions instead of narrow GEMMs (one H200: Qwen2.5-1.5B
-    # batch-1 step 1.59 -> 1.49 ms, 0.5B 0.94 -> 0.83; bench/results/transposed_h200.jsonl). Larger
+    # batch-1 step 1.60 -> 1.49 ms, 0.5B 0.99 -> 0.85; bench/results/transposed_h200.jsonl). Larger
     # steps, speculative verification included, stay GEMMs. None: on where the backend is a GPU.
     transposed_projections: bool | None = None
     max_draft_tokens: int = 0  # K: the most drafts a speculative row may carry; 0: no speculation
