@@ -92,19 +92,19 @@ def replay_candidates(y: list[int], propose, k: int, max_tokens: int) -> dict:
     return dict(tokens=len(y), rounds=rounds, verifications=verifications, drafted=drafted, accepted=accepted)
 
 
-def ngram_candidates(tokens: list[int], corpus: list[int], k: int, n: int, max_n: int = 4) -> list[list[int]]:
+def ngram_candidates(tokens: list[int], corpus, k: int, n: int, max_n: int = 4) -> list[list[int]]:
     """Up to n continuations (k tokens at most) of suffix n-gram matches with distinct first
-    tokens, in the request's own tokens and in the corpus (-1 between requests): the longest match
-    first, then the request's own before the corpus's, then the latest (each source's 64 latest
-    matches of each length are looked at)."""
+    tokens, in the request's own tokens and in the corpus (tokens, -1 after each request): the
+    longest match first, then the request's own before the corpus's, then the latest (each
+    source's 64 latest matches of each length are looked at)."""
+    from pallax.decode.speculative import gram_starts
+
     found = []
     for own, src in ((True, tokens), (False, corpus)):
         arr = np.asarray(src, np.int64)
         for m in range(min(max_n, len(tokens) - own, len(arr) - 1), 0, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], m)  # something follows each
-            hits = np.flatnonzero((windows == tokens[len(tokens) - m:]).all(axis=1))[::-1][:64]
-            for order, start in enumerate(hits):
-                cont = src[start + m:start + m + k]
+            for order, start in enumerate(gram_starts(arr, tokens[len(tokens) - m:])[::-1][:64]):
+                cont = arr[start + m:start + m + k].tolist()
                 cont = cont[:cont.index(-1)] if -1 in cont else cont
                 if cont:
                     found.append((-m, not own, order, cont))
@@ -130,15 +130,16 @@ def replay_outputs(args) -> list[dict]:
     records = []
     for k in args.k:
         for n in args.candidates:
-            drafter, corpus, rows = NgramDrafter(max_n=args.max_n, corpus_tokens=args.corpus_tokens), [], []
+            drafter, rows = NgramDrafter(max_n=args.max_n, corpus_tokens=args.corpus_tokens), []
             for p, y in zip(prompts, ys):
                 if n == 1:
                     propose = lambda i, kk, t=p + y: [drafter.lookup(t[:len(p) + i], kk)]  # noqa: E731
-                else:
-                    propose = lambda i, kk, t=p + y: ngram_candidates(t[:len(p) + i], corpus, kk, n, args.max_n)  # noqa: E731
+                else:  # the same corpus the served drafter holds (its capacity, none with 0 tokens)
+                    held = [] if drafter.corpus is None else drafter.corpus.tokens[:drafter.corpus.size]
+                    propose = lambda i, kk, t=p + y, held=held: ngram_candidates(  # noqa: E731
+                        t[:len(p) + i], held, kk, n, args.max_n)
                 rows.append(replay_candidates(y, propose, k, args.max_tokens))
                 drafter.remember(p + y)
-                corpus += [*p, *y, -1]
             records.append(emit(dict(bench="speculative_replay", drafter="ngram" if n == 1 else f"ngram best of {n}",
                                      k=k, candidates=n, rows_per_verification=n * k + 1, outputs=Path(args.replay).name,
                                      target=saved.get("target"), prompts=len(prompts), max_tokens=args.max_tokens,

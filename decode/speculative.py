@@ -502,6 +502,13 @@ class NgramCorpus:
         return self._device
 
 
+def gram_starts(seq: np.ndarray, gram) -> np.ndarray:
+    """The starts s, ascending, of the occurrences `seq[s:s + len(gram)] == gram` that a token of
+    seq follows (len(gram) < len(seq))."""
+    windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], len(gram))
+    return np.flatnonzero((windows == gram).all(axis=1))
+
+
 class NgramDrafter:
     """Prompt lookup (Saxena 2023, "Prompt Lookup Decoding"): find the most recent earlier
     occurrence of the longest suffix n-gram (max_n down to min_n tokens) of the request's tokens
@@ -532,8 +539,7 @@ class NgramDrafter:
         """In the request's own tokens: the continuation and the n-gram's length (0: none)."""
         L = len(arr)
         for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. L-1-n
-            hits = np.flatnonzero((windows == arr[L - n:]).all(axis=1))
+            hits = gram_starts(arr, arr[L - n:])
             if len(hits):
                 start = hits[-1] + n
                 return arr[start:start + k].tolist(), n
