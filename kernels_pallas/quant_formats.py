@@ -75,8 +75,12 @@ def quantize_int4(w: jax.Array, group_size: int = 128, *, symmetric: bool = True
         hi = jnp.maximum(jnp.max(wg, axis=1), 0.0)
         s = jnp.maximum((hi - lo) / 15.0, _TINY).astype(scale_dtype)
         s32 = s.astype(jnp.float32)
-        z = jnp.clip(jnp.round(-lo / s32), 0, 15)
+        # The group's min takes code 0 (z = -round(lo / s)) and its max code 15. Rounded on its
+        # own, the max can land on 14, one code unused: when lo / s is a tie (-2.5: z = 2, then
+        # round(12.5) + 2 = 14) or, with the scale an ulp large, just inside one (-5.4999995).
+        z = jnp.clip(-jnp.round(lo / s32), 0, 15)
         q = jnp.clip(jnp.round(wg / s32[:, None]) + z[:, None], 0, 15)
+        q = jnp.where(wg == hi[:, None], 15.0, q)
         zeros = z.astype(jnp.uint8)
     return pack_int4(q.reshape(k, n)), s, zeros
 

@@ -56,6 +56,20 @@ def test_int4_quantize_round_trip(symmetric, group_size):
         qf.quantize_int4(wd, group_size, symmetric=symmetric, scale_dtype=jnp.float32)[0], packed)
 
 
+def test_int4_asymmetric_group_spans_all_codes():
+    # lo = -2.5, hi = 12.5: scale 1, -lo / s = 2.5 exactly; the group still spans all 16 codes
+    w = jnp.tile(jnp.linspace(-2.5, 12.5, 32, dtype=jnp.float32)[:, None], (1, 4))
+    packed, s, z = qf.quantize_int4(w, 32, symmetric=False, scale_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(s), 1.0)
+    np.testing.assert_array_equal(np.asarray(z), 2)
+    q = np.asarray(qf.unpack_int4(packed))
+    assert q.min() == 0 and q.max() == 15
+    wd = qf.dequantize_int4(packed, s, z, group_size=32)
+    assert np.all(np.abs(np.asarray(wd) - np.asarray(w)) <= 0.5 + 1e-6)
+    np.testing.assert_array_equal(
+        qf.quantize_int4(wd, 32, symmetric=False, scale_dtype=jnp.float32)[0], packed)
+
+
 def test_int8_and_fp8_round_trip():
     w = jax.random.normal(_key(), (128, 40), jnp.float32)
     w_q, scale = qf.quantize_int8(w)
