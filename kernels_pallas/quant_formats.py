@@ -80,7 +80,7 @@ def quantize_int4(w: jax.Array, group_size: int = 128, *, symmetric: bool = True
         # round(12.5) + 2 = 14) or, with the scale an ulp large, just inside one (-5.4999995).
         z = jnp.clip(-jnp.round(lo / s32), 0, 15)
         q = jnp.clip(jnp.round(wg / s32[:, None]) + z[:, None], 0, 15)
-        q = jnp.where(wg == hi[:, None], 15.0, q)
+        q = jnp.where((wg == hi[:, None]) & (hi[:, None] > 0), 15.0, q)  # a group of zeros stays 0
         zeros = z.astype(jnp.uint8)
     return pack_int4(q.reshape(k, n)), s, zeros
 
