@@ -27,8 +27,8 @@ on [N, K] is slower than it (Qwen2.5-1.5B down, 8960x1536: 12.9 against 8.3 us).
 These are products timed back to back, each independent of the last. In a decode step each
 small product waits on the kernel before it and costs 3-6 us whatever its rows: there the
 1.5B q/k/v took 6.2 us a layer as the two-row reduction with the norm fused in, and 4.5 us as
-a 9-row GEMM plus 2.8 for the norm (bench/results/verification_rows_h200.jsonl). Check a layout in a step
-(`bench.step_anatomy --profile`) before trusting a gap measured here.
+a 9-row GEMM plus 2.8 for the norm (bench/results/verification_rows_h200.jsonl). Check a
+layout in a step (`bench.step_anatomy --profile`) before trusting a gap measured here.
 """
 
 from __future__ import annotations
