@@ -98,10 +98,10 @@ class TransposedWeight:
     step is two, the second dead padding: `engine.MIN_ROWS`) as one multiply and f32 sum over K
     of `x[:, None, :] * wt`, which XLA makes one row reduction reading the weight once for both
     rows. Each row its own one-row product would read it twice: in the Qwen2.5-1.5B step the
-    dead row's q/k/v product cost as much as the live one's. Larger
-    products (batches, prefill, verification) run as one GEMM over the transposed operand; the
-    reduction over 9 rows made an n-gram verification round cost 1.35 plain steps against 1.11
-    as a GEMM (bench/results/transposed_h200.jsonl)."""
+    dead row's q/k/v product cost as much as the live one's. Larger products (batches, prefill,
+    verification) run as one GEMM over the transposed operand; the reduction over 9 rows made an
+    n-gram verification round cost 1.35 plain steps against 1.11 as a GEMM
+    (bench/results/transposed_h200.jsonl)."""
 
     wt: jax.Array  # [..., N, K]
     format: ClassVar[str] = "dense-nk"

@@ -66,11 +66,11 @@ def test_int4_asymmetric_group_spans_all_codes():
     assert q.min() == 0 and q.max() == 15
     wd = qf.dequantize_int4(packed, s, z, group_size=32)
     assert np.all(np.abs(np.asarray(wd) - np.asarray(w)) <= 0.5 + 1e-6)
+    np.testing.assert_array_equal(
+        qf.quantize_int4(wd, 32, symmetric=False, scale_dtype=jnp.float32)[0], packed)
     # a group of zeros (no range) dequantizes to zeros exactly
     zero = qf.quantize_int4(jnp.zeros((32, 2), jnp.float32), 32, symmetric=False)
     np.testing.assert_array_equal(qf.dequantize_int4(*zero, group_size=32), 0.0)
-    np.testing.assert_array_equal(
-        qf.quantize_int4(wd, 32, symmetric=False, scale_dtype=jnp.float32)[0], packed)
 
 
 def test_int8_and_fp8_round_trip():
