@@ -29,9 +29,10 @@ tokens of one sequence), one kv head, and one of `kv_splits` slices of the kv ra
   `kv_splits` equal runs of `block_kv` blocks, sized from the actual length at run time; each
   program writes its normalized partial output and log-sum-exp, and a second small kernel
   (`_combine_kernel`, one program per (token, head) row) merges them and writes q.dtype rows
-  `[work, KVH, block_q * G, D]`: for a decode batch that is `[T, H, D]` already, so the step
-  is the two kernels and a free reshape. With `kv_splits == 1` the attention kernel writes the
-  final output directly.
+  `[T, KVH, G, D]`, which is `[T, H, D]`: for a decode batch the work items are the tokens, and
+  for query blocks each program finds its token's work item as the attention kernel does, so
+  the step is the two kernels and a free reshape. With `kv_splits == 1` the attention kernel
+  writes the final output directly (query blocks then gather their rows into token order).
 
 int8 / float8_e4m3fn K/V carry per-token-per-head f32 scales `[P, page_size, KVH]`; the value is
 `x.astype(f32) * scale`. Scores are scaled after the `q @ k` product and `p` before `p @ v`, so
@@ -224,12 +225,14 @@ _COMBINE_ELEMS = 4096
 
 
 def _combine_kernel(
-    o_part_ref,  # [K, D] f32: the K splits' normalized outputs for one (token, head) row
-    lse_ref,     # [K] f32: their base-2 log-sum-exp; _MASK where a split was empty
-    o_ref,       # [D]
-    *, splits: int, chunk: int,
+    o_part_ref,  # [K * N, D] f32: the K splits' normalized outputs, N rows each
+    lse_ref,     # [K * N] f32: their base-2 log-sum-exp; _MASK where a split was empty
+    *rest,       # query_start [S + 1], num_seqs [1] (by token only); o_ref [D]
+    splits: int, chunk: int, n_rows: int, row_of,
 ):
-    """out = sum_k 2^(lse_k - m) o_k / sum_k 2^(lse_k - m), online over chunks of splits.
+    """out = sum_k 2^(lse_k - m) o_k / sum_k 2^(lse_k - m) for one output row, online over
+    chunks of splits. `row_of(*refs)` gives the partials' row n (of N) and whether the output
+    row has one (else it is 0).
 
     Only the splits with keys for this row are read. They are a prefix: split k covers a run of
     kv blocks starting at k * per_split, and a row sees the keys up to its own position, so
@@ -237,22 +240,27 @@ def _combine_kernel(
     table's width), so in a long-context engine a short sequence leaves most of them empty.
     A row with no keys (padding) is 0.
     """
+    *index_refs, o_ref = rest
+    n, valid = row_of(*index_refs)
+    n = jnp.clip(n, 0, n_rows - 1)
     n_chunks = -(-splits // chunk)
 
-    def count(c, n):
+    def rows(c):
         k = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        lse = lse_ref[jnp.minimum(k, splits - 1)]     # chunk is a power of two; splits may not be
-        return n + jnp.sum(((k < splits) & (lse > _MASK)).astype(jnp.int32))
+        return k, jnp.minimum(k, splits - 1) * n_rows + n  # chunk is a power of two; splits may not be
 
-    n_live = lax.fori_loop(0, n_chunks, count, jnp.int32(0))
+    def count(c, live):
+        k, at = rows(c)
+        return live + jnp.sum(((k < splits) & (lse_ref[at] > _MASK)).astype(jnp.int32))
+
+    n_live = jnp.where(valid, lax.fori_loop(0, n_chunks, count, jnp.int32(0)), 0)
 
     def body(c, carry):
         acc, m, l = carry
-        k = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        k, at = rows(c)
         live = k < n_live
-        k = jnp.minimum(k, splits - 1)
-        lse = jnp.where(live, lse_ref[k], _MASK)       # [chunk]
-        o = o_part_ref[k, :]                           # [chunk, D]
+        lse = jnp.where(live, lse_ref[at], _MASK)      # [chunk]
+        o = o_part_ref[at, :]                          # [chunk, D]
         m_new = jnp.maximum(m, jnp.max(lse))
         alpha = jnp.exp2(m - m_new)
         wgt = jnp.where(live, jnp.exp2(lse - m_new), 0.0)
@@ -265,28 +273,65 @@ def _combine_kernel(
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)  # every split empty: 0
 
 
-def _combine(o_part, lse, *, real_rows, out_dtype, interpret, chunk=None):
+def _token_row(query_start_ref, num_seqs_ref, *, num_seqs: int, block_q: int, group: int, kvh: int,
+               rows: int):
+    """For the combine program of output row (token t, kv head h, head g of its group): the
+    partials' row of t's work item (`_kernel`'s numbering: each sequence's tokens in blocks of
+    block_q, the work items in sequence order), and whether t belongs to a live sequence."""
+    t, h, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    i = jnp.arange(_pow2(num_seqs), dtype=jnp.int32)
+    lo = query_start_ref[jnp.minimum(i, num_seqs)]
+    hi = query_start_ref[jnp.minimum(i + 1, num_seqs)]
+    live_seq = i < jnp.minimum(num_seqs_ref[0], num_seqs)
+    n_blk = (jnp.where(live_seq, hi - lo, 0) + (block_q - 1)) // block_q
+    seq = jnp.sum((live_seq & (hi <= t)).astype(jnp.int32))  # the live sequence holding t, if any
+    this = i == seq
+    local = t - jnp.sum(jnp.where(this, lo, 0))
+    w = jnp.sum(jnp.where(this, jnp.cumsum(n_blk) - n_blk, 0)) + local // block_q
+    valid = (jnp.sum((this & live_seq).astype(jnp.int32)) > 0) & (local >= 0)
+    return (w * kvh + h) * rows + (local % block_q) * group + g, valid
+
+
+def _grid_row(*, kvh: int, rows: int):
+    """For the combine program of partials row (work item w, kv head h, row r): that row."""
+    w, h, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    return (w * kvh + h) * rows + r, True
+
+
+def _combine(o_part, lse, *, real_rows, out_dtype, interpret, chunk=None, tokens=None):
     """Merge the kv splits: o_part [K, W, KVH, rows, D] f32, lse [K, W, KVH, rows] f32 ->
     [W, KVH, real_rows, D] out_dtype. Only the first `real_rows` rows are read (the rest pad
     `rows` to a power of two for the tensor cores). One program per (work, kv head, row), so a
-    B=1 decode step still spreads over H programs; each reads K rows of D contiguous floats."""
-    splits, work, kvh, _, d = o_part.shape
+    B=1 decode step still spreads over H programs; each reads K rows of D contiguous floats.
+
+    tokens = (query_start, num_seqs, num_tokens, block_q, group), for work items of block_q
+    tokens: the output is [T, KVH, G, D] in token order instead, one program per (token, kv head,
+    head of the group), rows of tokens outside the live sequences 0; no gather after it."""
+    splits, work, kvh, rows, d = o_part.shape
     if chunk is None:
         chunk = min(_pow2(splits), max(1, _COMBINE_ELEMS // d))
     compiler_params = None
     if not interpret:
         # Not the attention kernel's BlockSizes: a program holds at most _COMBINE_ELEMS floats.
         compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+    inputs = [o_part.reshape(splits * work * kvh * rows, d), lse.reshape(-1)]
+    if tokens is None:
+        grid, row_of = (work, kvh, real_rows), functools.partial(_grid_row, kvh=kvh, rows=rows)
+    else:
+        query_start, num_seqs, num_tokens, block_q, group = tokens
+        grid = (num_tokens, kvh, group)
+        row_of = functools.partial(_token_row, num_seqs=query_start.shape[0] - 1, block_q=block_q, group=group,
+                                   kvh=kvh, rows=rows)
+        inputs += [query_start.astype(jnp.int32), num_seqs.reshape(1).astype(jnp.int32)]
     return pl.pallas_call(
-        functools.partial(_combine_kernel, splits=splits, chunk=chunk),
-        grid=(work, kvh, real_rows),
-        in_specs=[pl.BlockSpec((splits, None, None, None, d), lambda w, h, r: (0, w, h, r, 0)),
-                  pl.BlockSpec((splits, None, None, None), lambda w, h, r: (0, w, h, r))],
-        out_specs=pl.BlockSpec((None, None, None, d), lambda w, h, r: (w, h, r, 0)),
-        out_shape=jax.ShapeDtypeStruct((work, kvh, real_rows, d), out_dtype),
+        functools.partial(_combine_kernel, splits=splits, chunk=chunk, n_rows=work * kvh * rows, row_of=row_of),
+        grid=grid,
+        in_specs=[pl.BlockSpec(x.shape, lambda a, b, c, n=x.ndim: (0,) * n) for x in inputs],
+        out_specs=pl.BlockSpec((None, None, None, d), lambda a, b, c: (a, b, c, 0)),
+        out_shape=jax.ShapeDtypeStruct((*grid, d), out_dtype),
         interpret=interpret, compiler_params=compiler_params,
         name=f"paged_attention_combine_s{splits}",
-    )(o_part, lse)
+    )(*inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
@@ -339,9 +384,13 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
 
     if splits == 1:
         out = outs[0][:, :, : block_q * group]                 # [W, KVH, bq * G, D]
-    else:
-        out = _combine(*outs, real_rows=block_q * group, out_dtype=q.dtype,
-                       interpret=interpret)                    # [W, KVH, bq * G, D]
+    elif block_q == 1:
+        out = _combine(*outs, real_rows=group, out_dtype=q.dtype,
+                       interpret=interpret)                    # [W, KVH, G, D]
+    else:                                                      # [T, KVH, G, D]
+        out = _combine(*outs, real_rows=block_q * group, out_dtype=q.dtype, interpret=interpret,
+                       tokens=(query_start, num_seqs, t, block_q, group))
+        return out.reshape(t, num_heads, d)
     if block_q == 1:
         # Work item w is token w (padding tokens come out as zeros): [T, KVH, G, D] is
         # [T, H, D] already.

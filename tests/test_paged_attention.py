@@ -193,16 +193,18 @@ def _top_level_primitives(fn, *args):
     return outer.params["jaxpr"].jaxpr.eqns
 
 
-def test_split_decode_is_two_kernels_and_a_reshape():
-    """With block_q 1 the combine kernel writes [T, H, D]: nothing runs after it but a
-    reshape (a bitcast), also for a group that is not a power of two."""
+@pytest.mark.parametrize("q_lens,block_q", [([1, 1], None), ([5, 1, 3], 4)])
+def test_split_attention_is_two_kernels_and_a_reshape(q_lens, block_q):
+    """The combine kernel writes [T, H, D]: nothing runs after it but a reshape (a bitcast),
+    for decode tokens and for query blocks (speculative verification), also for a group that
+    is not a power of two."""
     for heads in (8, 14):
-        case = make_case(9, q_lens=[1, 1], kv_lens=[70, 20], heads=heads, kv_heads=2,
-                         dtype=jnp.bfloat16)
+        case = make_case(9, q_lens=q_lens, kv_lens=[70, 20, 33][: len(q_lens)], heads=heads,
+                         kv_heads=2, dtype=jnp.bfloat16)
+        blocks = BlockSizes(block_q=block_q, block_kv=16, kv_splits=4)
         eqns = _top_level_primitives(
             lambda *a: pa._paged_attention_kernel(
-                *a, None, None, sm_scale=0.1, block_sizes=BlockSizes(block_kv=16, kv_splits=4),
-                interpret=False),
+                *a, None, None, sm_scale=0.1, block_sizes=blocks, interpret=False),
             *(case[n] for n in ("q", "k_pages", "v_pages", "page_table", "query_start",
                                 "kv_lens", "num_seqs")))
         names = [e.primitive.name for e in eqns]
