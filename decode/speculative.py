@@ -252,29 +252,30 @@ class LoopOutput:
 
 
 def _greedy_rounds(params, pool: PagePool, f: dict, state, propose, advance, *, config: ModelConfig, K: int,
-                   rounds: int, fixed: bool = False):
+                   rounds: int):
     """The round loop of `ngram_loop` and `draft_loop`: `propose(state, last, pos)` gives drafts
     [K], how many are real, and the drafter's new state; the target verifies them in one step of
     K + 1 query tokens; the longest prefix matching its argmax plus its correction is emitted;
-    `advance(state, drafts, emitted [K+1], accepted, count)` updates the drafter. Stops after a
-    round that emits a stop token or reaches the budget; `fixed`: runs all `rounds`, the later ones
-    dead (no K/V written, nothing emitted, the state as it was). Returns the pool, the state, a
-    LoopOutput, the position of the new last token, the new last token, how many tokens the
-    rounds emitted, and whether one of them was a stop token."""
+    `advance(state, drafts, emitted [K+1], accepted, count)` updates the drafter. The loop has
+    a fixed trip count, `rounds`; the rounds after one that emits a stop token or reaches the
+    budget are dead: each round is a `cond` on whether it is live, which on a GPU is evaluated on
+    the device (`LOOP_COMPILER_OPTIONS`), so a dead round runs no kernel and the host never waits
+    for a predicate. Returns the pool, the state, a LoopOutput, the position of the new last
+    token, the new last token, how many tokens the rounds emitted, and whether one of them was a
+    stop token."""
     page_table, stop_ids = f["page_table"], f["stop_ids"]
     ps, K1 = pool.page_size, K + 1
     j = jnp.arange(K1)
     out0 = LoopOutput(jnp.zeros((rounds, K1), jnp.int32), jnp.zeros(rounds, jnp.int32), jnp.zeros(rounds, jnp.int32))
 
     def round_(carry):
-        r, pool, state, last, pos, emitted, stopped, out = carry
-        live = ~stopped & (emitted < f["budget"])  # always so in the while loop
+        r, pool, state, last, pos, emitted, stopped, out = carry  # a live round (`gated`)
         drafts, nd, state = propose(state, last, pos)
         nd = jnp.clip(jnp.minimum(nd, f["k"]), 0, f["budget"] - emitted - 1)
         tokens = jnp.concatenate([last[None], drafts])  # the last token, then the drafts
         positions = pos + j
         page = page_table[jnp.minimum(positions // ps, page_table.shape[0] - 1)]
-        slots = jnp.where((j <= nd) & live, page * ps + positions % ps, -1)
+        slots = jnp.where(j <= nd, page * ps + positions % ps, -1)
         cache = PagedCache(pool, slots, page_table[None], jnp.stack([0, nd + 1]).astype(jnp.int32),
                            (pos + nd + 1)[None], jnp.int32(1))
         logits, cache = forward(params, tokens[None], positions[None], cache, config=config, logit_indices=j[None])
@@ -285,17 +286,17 @@ def _greedy_rounds(params, pool: PagePool, f: dict, state, propose, advance, *, 
         emit = jnp.where(j < a, padded, jnp.where(j == a, best[a], 0))
         is_stop = (emit[:, None] == stop_ids[None, :]).any(axis=1) & (j <= a)
         first_stop = jnp.min(jnp.where(is_stop, j, K1))
-        c = jnp.where(live, jnp.minimum(a + 1, first_stop + 1), 0)
+        c = jnp.minimum(a + 1, first_stop + 1)
         state = advance(state, drafts, emit, a, c)
-        out = LoopOutput(out.tokens.at[r].set(emit), out.counts.at[r].set(c), out.drafted.at[r].set(jnp.where(live, nd, 0)))
-        return (r + 1, cache.pool, state, jnp.where(live, emit[c - 1], last), pos + c, emitted + c,
-                stopped | (live & (first_stop < K1)), out)
+        out = LoopOutput(out.tokens.at[r].set(emit), out.counts.at[r].set(c), out.drafted.at[r].set(nd))
+        return r + 1, cache.pool, state, emit[c - 1], pos + c, emitted + c, first_stop < K1, out
 
     carry = (jnp.int32(0), pool, state, f["last"], f["pos"], jnp.int32(0), jnp.bool_(False), out0)
-    if fixed:
-        carry = jax.lax.fori_loop(0, rounds, lambda _, c: round_(c), carry)
-    else:
-        carry = jax.lax.while_loop(lambda c: (c[0] < rounds) & ~c[6] & (c[5] < f["budget"]), round_, carry)
+
+    def gated(_, c):
+        return jax.lax.cond(~c[6] & (c[5] < f["budget"]), round_, lambda c: (c[0] + 1, *c[1:]), c)
+
+    carry = jax.lax.fori_loop(0, rounds, gated, carry)
     _, pool, state, last, pos, emitted, stopped, out = carry
     return pool, state, out, pos, last, emitted, stopped
 
@@ -315,41 +316,34 @@ def ngram_loop(params, pool: PagePool, packed: Packed, carry: dict, corpus: jax.
     Returns the pool, the LoopOutput and the next call's carry (left 0 after a stop token), so a
     next call can be dispatched before this one is read back (`Scheduler._chain_spec_loop`).
 
-    The call always runs `rounds` rounds (those after a stop token or the budget are dead: no
-    K/V written, nothing emitted), unless its carry has nothing left, when it runs none. On a GPU,
-    XLA reads a while loop's predicate back to the host after every iteration, and the call's
-    dispatch does not return until the loop ends: the next call could then only be queued after
-    this one. With a known trip count the rounds are queued at once; the one predicate read left
-    (the `cond`: is anything left?) waits for the previous call only, and a chained call after
-    the request's last one costs next to nothing."""
-    def run(pool, carry):
-        f = dict(packed.unpack(), last=carry["last"], pos=carry["pos"],
-                 budget=jnp.minimum(carry["left"], rounds * (K + 1)))
+    The call always runs `rounds` rounds; those after a stop token or the budget, all of them
+    when the carry has nothing left, are dead: no K/V written, nothing emitted, and on a GPU no
+    device work (`_greedy_rounds`; a call with nothing left takes about 1.9 ms, the host's
+    launches). On a GPU, XLA reads a while loop's predicate, or a `cond`'s,
+    back to the host before it queues what follows, and the call's dispatch waits for it: with a
+    stopping while loop, or one `cond` around the call, the next call could only be queued after
+    this one ended and the device idled while the host queued it. With a known trip count and
+    each round's `cond` evaluated on the device, nothing waits: the host queues call after call."""
+    f = dict(packed.unpack(), last=carry["last"], pos=carry["pos"],
+             budget=jnp.minimum(carry["left"], rounds * (K + 1)))
 
-        def propose(state, last, pos):
-            hist, n_hist = state
-            drafts, nd = ngram_propose(hist, n_hist, corpus, K)
-            return drafts, nd, state
+    def propose(state, last, pos):
+        hist, n_hist = state
+        drafts, nd = ngram_propose(hist, n_hist, corpus, K)
+        return drafts, nd, state
 
-        def advance(state, drafts, emit, a, c):
-            hist, n_hist = state
-            return jax.lax.dynamic_update_slice(hist, emit, (n_hist,)), n_hist + c  # entries past c: never read
+    def advance(state, drafts, emit, a, c):
+        hist, n_hist = state
+        return jax.lax.dynamic_update_slice(hist, emit, (n_hist,)), n_hist + c  # entries past c: never read
 
-        pool, (hist, n_hist), out, pos, last, emitted, stopped = _greedy_rounds(
-            params, pool, f, (carry["hist"], carry["n_hist"]), propose, advance, config=config, K=K, rounds=rounds,
-            fixed=True)
-        # The history keeps its length: the oldest tokens give way to the new ones (the lookup window).
-        W, keep = carry["hist"].shape[0], carry["hist"].shape[0] - (rounds + 1) * (K + 1)
-        drop = jnp.maximum(n_hist - keep, 0)
-        hist = jax.lax.dynamic_slice(jnp.concatenate([hist, jnp.zeros(W, hist.dtype)]), (drop,), (W,))
-        left = jnp.where(stopped, 0, carry["left"] - emitted)
-        return pool, out, dict(hist=hist, n_hist=n_hist - drop, last=last, pos=pos, left=left)
-
-    def skip(pool, carry):
-        z = jnp.zeros((rounds,), jnp.int32)
-        return pool, LoopOutput(jnp.zeros((rounds, K + 1), jnp.int32), z, z), carry
-
-    return jax.lax.cond(carry["left"] > 0, run, skip, pool, carry)
+    pool, (hist, n_hist), out, pos, last, emitted, stopped = _greedy_rounds(
+        params, pool, f, (carry["hist"], carry["n_hist"]), propose, advance, config=config, K=K, rounds=rounds)
+    # The history keeps its length: the oldest tokens give way to the new ones (the lookup window).
+    W, keep = carry["hist"].shape[0], carry["hist"].shape[0] - (rounds + 1) * (K + 1)
+    drop = jnp.maximum(n_hist - keep, 0)
+    hist = jax.lax.dynamic_slice(jnp.concatenate([hist, jnp.zeros(W, hist.dtype)]), (drop,), (W,))
+    left = jnp.where(stopped, 0, carry["left"] - emitted)
+    return pool, out, dict(hist=hist, n_hist=n_hist - drop, last=last, pos=pos, left=left)
 
 
 def draft_loop(params, pool: PagePool, draft_params, draft_pool: PagePool, packed: Packed, *, config: ModelConfig,
@@ -404,15 +398,35 @@ def draft_loop(params, pool: PagePool, draft_params, draft_pool: PagePool, packe
     return pool, draft_pool, out, pos - fill.astype(jnp.int32)
 
 
+# XLA's default command buffer types plus CONDITIONAL: a `cond` becomes a conditional node of the
+# CUDA graph, its predicate read on the device, not by the host. Measured on an H200 (random
+# Qwen2.5-1.5B, n-gram k = 8, 4 rounds a call; bench/results/speculative_round_cond_h200.jsonl,
+# kind round_cond): the host no longer waits at a call's dispatch (1.3-1.4 ms instead of 7 ms, the
+# previous call's end), and a round went from 1.10 to 1.08 plain steps. With WHILE as well, the
+# whole call one graph, a round cost 1.8 plain steps (kind loop_variants), so the round loop stays
+# the host's, with a known trip count.
+LOOP_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer":
+                         "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL"}
+
+
+def _loop_compiler_options() -> dict | None:
+    return LOOP_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None
+
+
 @functools.lru_cache(maxsize=None)
 def compile_draft_loop(config: ModelConfig, draft_config: ModelConfig, k: int, rounds: int):
+    """`draft_loop` compiled; on a GPU with `LOOP_COMPILER_OPTIONS` (each round's `cond` on the
+    device)."""
     fn = functools.partial(draft_loop, config=config, draft_config=draft_config, k=k, rounds=rounds)
-    return jax.jit(fn, donate_argnums=(1, 3))
+    return jax.jit(fn, donate_argnums=(1, 3), compiler_options=_loop_compiler_options())
 
 
 @functools.lru_cache(maxsize=None)
 def compile_ngram_loop(config: ModelConfig, K: int, rounds: int):
-    return jax.jit(functools.partial(ngram_loop, config=config, K=K, rounds=rounds), donate_argnums=(1, 3))
+    """`ngram_loop` compiled; on a GPU with `LOOP_COMPILER_OPTIONS` (each round's `cond` on the
+    device)."""
+    return jax.jit(functools.partial(ngram_loop, config=config, K=K, rounds=rounds), donate_argnums=(1, 3),
+                   compiler_options=_loop_compiler_options())
 
 
 # -- drafters ----------------------------------------------------------------------------------

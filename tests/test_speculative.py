@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallax.decode import speculative
 from pallax.decode.requests import Request, RequestError, SamplingParams
 from pallax.decode.sampling import SamplingArrays
 from pallax.decode.scheduler import EngineConfig
@@ -310,6 +311,26 @@ def test_chained_loop_calls_end_cleanly_on_host_stops(smollm_f32, reference):
         got, _ = _run(e, [other["input_ids"]], [sp], f"after-{drafter}")
         assert got[0] == other["greedy_ids"]
     _assert_all_free(e)
+
+
+def test_loop_rounds_are_device_side_conds(smollm_f32):
+    """Nothing in a device loop call makes the host wait for a predicate: its rounds are a loop
+    of fixed trip count (a `scan`, no `while_loop` stopping at the request's end) and each
+    round is a `cond` on whether it is live (on a GPU the loops compile with XLA's CONDITIONAL
+    command buffers, `speculative.LOOP_COMPILER_OPTIONS`, so the device evaluates it); no `cond`
+    wraps the call."""
+    e = smollm_f32.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=8, decode_steps=1,
+                                       max_draft_tokens=4, ngram_rounds=3))
+    args = (smollm_f32.params, e.pool, e._loop_inputs([2, 3], 4, ()), e._ngram_carry([5, 6, 7], 2, 9), e._corpus())
+    (call,) = jax.make_jaxpr(e._ngram_loop)(*args).jaxpr.eqns  # the jitted program
+    top = call.params["jaxpr"].jaxpr.eqns
+    names = [q.primitive.name for q in top]
+    assert "cond" not in names and "while" not in names, names
+    (loop,) = [q for q in top if q.primitive.name == "scan"]
+    assert loop.params["length"] == 3
+    assert "cond" in [q.primitive.name for q in loop.params["jaxpr"].jaxpr.eqns]
+    assert "xla_gpu_enable_command_buffer" in speculative.LOOP_COMPILER_OPTIONS
+    assert "CONDITIONAL" in speculative.LOOP_COMPILER_OPTIONS["xla_gpu_enable_command_buffer"].split(",")
 
 
 def test_ngram_loop_rounds_past_the_end_write_nothing(smollm_f32):
