@@ -307,7 +307,8 @@ def speed(args, out=None) -> list[dict]:
     for rounds in args.spec_rounds:
         if rounds is not None and (rounds, rounds) != (eng.cfg.spec_rounds, eng.cfg.ngram_rounds):
             eng = _engine(target, draft, rounds, transposed_setting(args))
-        for name, k in ((name, k) for name in ("ngram", "draft") for k in args.k):
+        drafters = [name for name in ("ngram", "draft") if any(m.startswith(name) for m in args.modes)]
+        for name, k in ((name, k) for name in drafters for k in args.k):
             spec = dict(speculative=name, num_draft_tokens=k)
             tps = _tokens_per_s(eng, prompt, args.max_tokens, **spec)
             per_round = acc.get((name, k))
@@ -487,7 +488,7 @@ def main(argv=None) -> None:
     ap.add_argument("--target-preset", default="qwen2.5-1.5b", help="speed: random weights of this shape")
     ap.add_argument("--draft-preset", default="qwen2.5-0.5b")
     ap.add_argument("--modes", nargs="+", default=["ngram", "draft-bf16"],
-                    choices=["ngram", "ngram-own", "draft-bf16", "draft-int4"], help="real: what runs after plain")
+                    choices=["ngram", "ngram-own", "draft-bf16", "draft-int4"], help="what runs after plain (speed: the drafters named)")
     ap.add_argument("--draft-int4", action="store_true", help="speed: the random draft in int4 g128, head too")
     ap.add_argument("--profile", action="store_true",
                     help="speed: also device busy time per token, from a profiler trace of one request")
