@@ -39,7 +39,8 @@ def real_points(records: list[dict]) -> list[tuple[str, float, float]]:
         if per_round is None:
             continue
         corpus = " + corpus" if r.get("ngram_corpus") == "earlier prompts" else ""
-        label = f"{r['mode']}{corpus} k={r['k']}" + (f" (run {run})" if runs > 1 else "")
+        variant = f", {r['variant']}" if r.get("variant") else ""  # what a later run changed, if it says
+        label = f"{r['mode']}{corpus} k={r['k']}{variant}" + (f" (run {run})" if runs > 1 else "")
         points.append((label, per_round / r["speedup"], per_round))
     return points
 
@@ -70,8 +71,9 @@ def plot_real(srcs: list[str], dst: str) -> int:
         ax.scatter([x], [y], s=40, label=f"{label}: {y / x:.2f}x")
         name = label.split(" (run")[0]
         if name not in named:  # each mode named once, beside its first run
-            named.add(name)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(-6, 6), ha="right", fontsize=8)
+            named.add(name)  # stacked, so names of nearby points do not overwrite each other
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(-6, 6 + 11 * (len(named) - 1)), ha="right",
+                        fontsize=8)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     rates = ", ".join(sorted({f"{r['tokens_per_s']:.0f}" for r in plains}))
