@@ -488,7 +488,8 @@ def main(argv=None) -> None:
     ap.add_argument("--target-preset", default="qwen2.5-1.5b", help="speed: random weights of this shape")
     ap.add_argument("--draft-preset", default="qwen2.5-0.5b")
     ap.add_argument("--modes", nargs="+", default=["ngram", "draft-bf16"],
-                    choices=["ngram", "ngram-own", "draft-bf16", "draft-int4"], help="what runs after plain (speed: the drafters named)")
+                    choices=["ngram", "ngram-own", "draft-bf16", "draft-int4"],
+                    help="what runs after plain (speed: the drafters named)")
     ap.add_argument("--draft-int4", action="store_true", help="speed: the random draft in int4 g128, head too")
     ap.add_argument("--profile", action="store_true",
                     help="speed: also device busy time per token, from a profiler trace of one request")

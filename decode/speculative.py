@@ -319,11 +319,11 @@ def ngram_loop(params, pool: PagePool, packed: Packed, carry: dict, corpus: jax.
     The call always runs `rounds` rounds; those after a stop token or the budget, all of them
     when the carry has nothing left, are dead: no K/V written, nothing emitted, and on a GPU no
     device work (`_greedy_rounds`; a call with nothing left takes about 1.9 ms, the host's
-    launches). On a GPU, XLA reads a while loop's predicate, or a `cond`'s,
-    back to the host before it queues what follows, and the call's dispatch waits for it: with a
-    stopping while loop, or one `cond` around the call, the next call could only be queued after
-    this one ended and the device idled while the host queued it. With a known trip count and
-    each round's `cond` evaluated on the device, nothing waits: the host queues call after call."""
+    launches). On a GPU, XLA reads a while loop's predicate, or a `cond`'s, back to the host
+    before it queues what follows, and the call's dispatch waits for it: with a stopping while
+    loop, or one `cond` around the call, the next call could only be queued after this one ended,
+    and the device idled while the host queued it. With a known trip count and each round's
+    `cond` evaluated on the device, nothing waits: the host queues call after call."""
     f = dict(packed.unpack(), last=carry["last"], pos=carry["pos"],
              budget=jnp.minimum(carry["left"], rounds * (K + 1)))
 

@@ -305,8 +305,9 @@ def _combine(o_part, lse, *, real_rows, out_dtype, interpret, chunk=None, tokens
     B=1 decode step still spreads over H programs; each reads K rows of D contiguous floats.
 
     tokens = (query_start, num_seqs, num_tokens, block_q, group), for work items of block_q
-    tokens: the output is [T, KVH, G, D] in token order instead, one program per (token, kv head,
-    head of the group), rows of tokens outside the live sequences 0; no gather after it."""
+    tokens: the output is [T, KVH, G, D] in token order instead (real_rows unused), one program
+    per (token, kv head, head of the group), rows of tokens outside the live sequences 0; no
+    gather after it."""
     splits, work, kvh, rows, d = o_part.shape
     if chunk is None:
         chunk = min(_pow2(splits), max(1, _COMBINE_ELEMS // d))
