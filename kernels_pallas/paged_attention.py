@@ -129,6 +129,19 @@ class BlockSizes:
         return block_q, block_kv, splits
 
 
+def _query_blocks(query_start_ref, num_seqs_ref, *, num_seqs: int, block_q: int):
+    """The batch's layout in query blocks, as vectors over the sequence slots (padded to a power
+    of two): slot index i, token range [lo, hi), whether the slot is a live sequence, its query
+    length (0 if not) and its number of query blocks (work items). `_kernel` and the combine's
+    `_token_row` both number work items from these: each sequence's blocks, in sequence order."""
+    i = jnp.arange(_pow2(num_seqs), dtype=jnp.int32)
+    lo = query_start_ref[jnp.minimum(i, num_seqs)]
+    hi = query_start_ref[jnp.minimum(i + 1, num_seqs)]
+    live_seq = i < jnp.minimum(num_seqs_ref[0], num_seqs)
+    q_lens = jnp.where(live_seq, hi - lo, 0)
+    return i, lo, hi, live_seq, q_lens, (q_lens + (block_q - 1)) // block_q
+
+
 def _kernel(
     query_start_ref,  # [S + 1] int32
     kv_lens_ref,      # [S] int32
@@ -153,13 +166,8 @@ def _kernel(
     w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     # --- which sequence and query block this work item is (no host preprocessing) ---------
-    sp = _pow2(num_seqs)
-    i = jnp.arange(sp, dtype=jnp.int32)
-    lo = query_start_ref[jnp.minimum(i, num_seqs)]
-    hi = query_start_ref[jnp.minimum(i + 1, num_seqs)]
-    live_seq = i < jnp.minimum(num_seqs_ref[0], num_seqs)
-    q_lens = jnp.where(live_seq, hi - lo, 0)
-    n_blk = (q_lens + (block_q - 1)) // block_q
+    i, lo, _, live_seq, q_lens, n_blk = _query_blocks(query_start_ref, num_seqs_ref, num_seqs=num_seqs,
+                                                      block_q=block_q)
     ends = jnp.cumsum(n_blk)                       # work items end (exclusive) per sequence
     seq = jnp.sum((ends <= w).astype(jnp.int32))   # first sequence whose range holds w
     this = i == seq
@@ -279,11 +287,8 @@ def _token_row(query_start_ref, num_seqs_ref, *, num_seqs: int, block_q: int, gr
     partials' row of t's work item (`_kernel`'s numbering: each sequence's tokens in blocks of
     block_q, the work items in sequence order), and whether t belongs to a live sequence."""
     t, h, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    i = jnp.arange(_pow2(num_seqs), dtype=jnp.int32)
-    lo = query_start_ref[jnp.minimum(i, num_seqs)]
-    hi = query_start_ref[jnp.minimum(i + 1, num_seqs)]
-    live_seq = i < jnp.minimum(num_seqs_ref[0], num_seqs)
-    n_blk = (jnp.where(live_seq, hi - lo, 0) + (block_q - 1)) // block_q
+    i, lo, hi, live_seq, _, n_blk = _query_blocks(query_start_ref, num_seqs_ref, num_seqs=num_seqs,
+                                                  block_q=block_q)
     seq = jnp.sum((live_seq & (hi <= t)).astype(jnp.int32))  # the live sequence holding t, if any
     this = i == seq
     local = t - jnp.sum(jnp.where(this, lo, 0))
