@@ -286,6 +286,7 @@ def _int4_case(m, k, n, group_size, symmetric=True):
     (16, 1024, 256, 128, i4h.BlockSizes(tile_k=256, num_stages=2, ctas=3)),  # blocks shared by CTAs
     (9, 512, 256, 64, i4h.BlockSizes(tile_k=128, num_stages=3, consumers=4)),  # 4 consumers
     (33, 256, 128, 128, i4h.BlockSizes(tile_k=128, num_stages=2, consumers=1)),  # 1 consumer
+    (3, 512, 256, 128, i4h.BlockSizes(tile_k=256, num_stages=2, consumers=1, ctas=4)),  # a block a CTA
     (2, 384, 256, 128, None),  # K % 256 != 0: blocks_for(K) takes 128-wide steps, 8 stages
 ])
 def test_int4_hopper_kernel_matches_float64(m, k, n, group_size, blocks):
