@@ -299,6 +299,31 @@ def load(model: str | os.PathLike | None = None, dtype: str = "bfloat16", progre
     return LLM(config=config, params=params, tokenizer=tokenizer, dtype=jnp.dtype(jdtype).name, path=path)
 
 
+COMPILE_CACHE_BYTES = 4 << 30  # the persistent cache's bound; the least recently used programs go first
+
+
+def use_compile_cache(path: str | os.PathLike | None = None) -> Path:
+    """Keep compiled programs in JAX's persistent compilation cache at `path` (default: the one
+    JAX is already given, else `$PALLAX_CACHE/compiled`, i.e. `~/.cache/pallax/compiled`), at most
+    `COMPILE_CACHE_BYTES` of them: a later process that compiles the same program (same model
+    shapes, engine settings, flags, devices and jax version) loads it instead, so a restarted
+    server's warm-up takes a fraction of the first one. For the whole process; call it before the
+    first compile. Returns the directory; a path that cannot be a writable directory is a
+    ValueError naming it."""
+    from pallax.model.registry import cache_dir
+
+    d = Path(path or jax.config.jax_compilation_cache_dir or cache_dir() / "compiled").expanduser()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"compile cache {str(d)!r}: {e.strerror or e}") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"compile cache {str(d)!r} is not a writable directory")
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
+    return d
+
+
 def _progress_bar(desc: str):
     from tqdm import tqdm
 

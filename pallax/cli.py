@@ -2,8 +2,9 @@
 
     pallax generate "prompt" [--chat] [--max-tokens N] [--temperature T] [--model M]
                     [--speculative ngram|draft] [--draft-model D] [--num-draft-tokens K]
+                    [--compile-cache DIR|none]
     pallax info [MODEL]
-    pallax serve [--model M] [--host H] [--port P] [--metrics-port P]
+    pallax serve [--model M] [--host H] [--port P] [--metrics-port P] [--compile-cache DIR|none]
     pallax client generate --server HOST:PORT "prompt"
 """
 
@@ -14,9 +15,24 @@ import json
 import sys
 
 
+def add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled programs here for later runs (default: $PALLAX_CACHE/compiled,"
+                        " ~/.cache/pallax/compiled; 'none': compile afresh every run)")
+
+
+def apply_compile_cache_flag(args) -> None:
+    """`--compile-cache`: before anything compiles."""
+    if (args.compile_cache or "").lower() != "none":
+        import pallax
+
+        pallax.use_compile_cache(args.compile_cache)
+
+
 def _cmd_generate(args) -> int:
     import pallax
 
+    apply_compile_cache_flag(args)
     llm = pallax.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
     prompt = args.prompt
     if args.chat:
@@ -96,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding: prompt lookup, or a draft model (--draft-model)")
     g.add_argument("--draft-model", default=None, help="with --speculative draft: a smaller model, same tokenizer")
     g.add_argument("--num-draft-tokens", type=int, default=4, help="drafts per verification")
+    add_compile_cache_flag(g)
     g.set_defaults(func=_cmd_generate)
 
     i = sub.add_parser("info", help="describe a model file: architecture, parameters, bytes, quantization")

@@ -62,7 +62,9 @@ def _cmd_serve(args) -> int:
                             max_waiting=args.max_waiting)
     else:
         import pallax
+        from pallax.cli import apply_compile_cache_flag
 
+        apply_compile_cache_flag(args)
         llm = pallax.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
         engine = llm.engine(_engine_config(args))  # a Scheduler of its own, started by the server
         if args.draft_model:  # before the server starts the engine, so warm-up compiles its programs
@@ -102,6 +104,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--ngram-corpus-tokens", type=_non_negative, default=None,
                    help="n-gram drafts fall back on up to this many tokens of earlier requests when a request's"
                         " own tokens have no match (default 65536; 0: a request's own tokens only)")
+    from pallax.cli import add_compile_cache_flag
+
+    add_compile_cache_flag(s)
     s.add_argument("--mock", action="store_true", help="serve the echo mock engine instead of a model (no JAX)")
     s.add_argument("--mock-tick-ms", type=float, default=2.0, help="mock engine: milliseconds per decode step")
     s.add_argument("--max-running", type=int, default=32, help="mock engine: sequences decoded at once")

@@ -198,20 +198,32 @@ def _cli(*args):
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
     for args in (["info", str(tmp_path / "absent.gguf")], ["info", str(tmp_path / "junk.gguf")],
-                 ["info", "no-such-model"], ["generate", "", "--max-tokens", "4"]):
+                 ["info", "no-such-model"], ["generate", "", "--max-tokens", "4"],
+                 ["generate", "hi", "--compile-cache", str(tmp_path / "junk.gguf" / "compiled")]):
         r = _cli(*args)
         assert r.returncode != 0, args
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("pallax: error:"), (args, r.stderr)
+        assert "compile-cache" not in args or "junk.gguf/compiled" in err[0], r.stderr
 
 
-def test_cli_info_and_generate():
+def test_cli_info_and_generate(tmp_path):
     r = _cli("info", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["architecture"] == "llama" and info["layers"] == 30
     assert info["quantization"]["Q4_1"] > 0
     assert 130e6 < info["parameters"] < 140e6
-    r = _cli("generate", "The capital of France is", "--max-tokens", "3", "--dtype", "float32")
+    cache = tmp_path / "compiled"
+    args = ("generate", "The capital of France is", "--max-tokens", "3", "--dtype", "float32", "--compile-cache",
+            str(cache))
+    r = _cli(*args)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(" Paris")
+    # the programs it compiled are in the cache, under keys a later process computes alike: the
+    # second run adds no program and prints the same
+    programs = sorted(p.name for p in cache.glob("*-cache"))
+    assert programs
+    again = _cli(*args)
+    assert again.returncode == 0 and again.stdout == r.stdout, again.stderr
+    assert sorted(p.name for p in cache.glob("*-cache")) == programs
