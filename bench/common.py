@@ -84,6 +84,13 @@ def emit(record: dict[str, Any], stream=sys.stdout) -> dict[str, Any]:
     return record
 
 
+def append_records(path: str, records: list[dict[str, Any]]) -> None:
+    """Append records to a JSON-lines file, one a line."""
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
 def table(records: list[dict[str, Any]], columns: list[str]) -> str:
     """A fixed-width text table of the given columns."""
     def fmt(v):

@@ -12,7 +12,6 @@ must give the tokens the compiled one gave, so compare the two runs' `tokens`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 
@@ -28,7 +27,7 @@ def main(argv=None) -> int:
     import pallax
 
     cache = pallax.use_compile_cache(args.cache)  # before anything compiles
-    from pallax.bench.common import emit, environment
+    from pallax.bench.common import append_records, emit, environment
     from pallax.bench.decode import make_engine, random_llm
     from pallax.decode.requests import Request, SamplingParams
     from pallax.model.config import preset
@@ -49,9 +48,7 @@ def main(argv=None) -> int:
         entries = len(list(cache.glob("*-cache")))
         del engine
     if args.out:
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        append_records(args.out, records)
     return 0
 
 

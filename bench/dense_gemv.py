@@ -34,12 +34,11 @@ layout in a step (`bench.step_anatomy --profile`) before trusting a gap measured
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 
-from pallax.bench.common import device_time, emit, environment, table
+from pallax.bench.common import append_records, device_time, emit, environment, table
 from pallax.bench.int4_sweep import L2_CLEAR_BYTES, layer_shapes
 from pallax.bench.matmul import _summed
 from pallax.model.config import preset
@@ -124,9 +123,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     records = run(args)
     if args.out:
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        append_records(args.out, records)
     print(table(records, ["preset", "op", "m", "variant", "us", "GBps"]))
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 
-from pallax.bench.common import device_time, emit, environment, table
+from pallax.bench.common import append_records, device_time, emit, environment, table
 from pallax.bench.matmul import _summed
 from pallax.kernels_pallas import int4_matmul_mgpu as i4h
 from pallax.kernels_pallas.quant_formats import quantize_int4
@@ -120,9 +119,7 @@ def main():
                 records.append(emit({**base, "kind": "int4-hopper", "blocks": repr(bs), "us": t * 1e6,
                                      "GBps": packed_bytes / t / 1e9, "vs_read": t_read / t,
                                      "vs_bf16": t_bf16 / t}))
-    with open(args.out, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    append_records(args.out, records)
     print(table([r for r in records if "us" in r], ["op", "m", "kind", "blocks", "us", "GBps"]))
 
 

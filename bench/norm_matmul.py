@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import jax
 import jax.numpy as jnp
 
-from pallax.bench.common import emit, environment, kernel_profile, table
+from pallax.bench.common import append_records, emit, environment, kernel_profile, table
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas.norm_matmul import BlockSizes, norm_matmul, norm_matmul_reference
 from pallax.model.config import preset
@@ -118,9 +117,7 @@ def main():
         args.presets, args.m, args.sweep, args.steps = ["tiny"], [2], 1, 1
     records = run(args)
     if args.out:
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        append_records(args.out, records)
     print(table(records, ["preset", "op", "m", "k", "n", "xla_us", "xla_kernels", "ours_us", "speedup",
                           "best_us", "best_speedup", "best_block_sizes", "rel_err"]))
 

@@ -26,7 +26,6 @@ Run it once per XLA_FLAGS variant to compare, e.g. with command buffers (CUDA gr
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from collections import Counter
@@ -35,7 +34,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pallax.bench.common import add_transposed_flag, emit, environment, kernel_profile, transposed_setting
+from pallax.bench.common import (add_transposed_flag, append_records, emit, environment, kernel_profile,
+                                 transposed_setting)
 
 # Instructions that launch nothing: they name, reshape or bundle buffers.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
@@ -226,8 +226,7 @@ def main(argv=None) -> None:
         for name, us in list(profile["kernels_us"].items())[:25]:
             print(f"{us:9.1f} us  {name[:110]}")
     if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_records(args.out, [rec])
 
 
 if __name__ == "__main__":

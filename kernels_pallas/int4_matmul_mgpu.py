@@ -68,8 +68,9 @@ Tried on this kernel and dropped:
   fusion per call, and the XLA sum it replaces fuses into the consumer anyway (in the benchmark,
   into the sum of the four weight copies). Matmul 16.3-18.0 us against 14.7-15.9; Llama-3-8B
   int4 decode 2.05x bf16 against 2.19x.
-- one whole row block a CTA over the full K (`BlockSizes(ctas=N // rows)`: no partial sums, y
-  the kernel's output reshaped), on an H200 at M = 2 (`python3 -m pallax.bench.int4_sweep
+- one whole row block a CTA over the full K (`BlockSizes(ctas=N // rows)`: no partial sums; the
+  run read y as the kernel's output reshaped, where this code takes the same rows through a
+  gather of one slot a block), on an H200 at M = 2 (`python3 -m pallax.bench.int4_sweep
   --only-direct`): slower on every Llama-3-8B projection (q/k/v 8.5 us at best against 7.3,
   gate/up 23.8 against 20.7): fewer CTAs than SMs do not pull the bytes. In the decode step the
   partial sums fuse into their consumers either way (530 kernels both), and the step went from
