@@ -75,6 +75,14 @@ Tried on this kernel and dropped:
   gate/up 23.8 against 20.7): fewer CTAs than SMs do not pull the bytes. In the decode step the
   partial sums fuse into their consumers either way (530 kernels both), and the step went from
   2.56 to 2.94 ms.
+- programmatic dependent launch (`plgpu.griddepcontrol_wait`, which makes Mosaic GPU launch the
+  kernel as a dependent of the one before it), so the ring could start on the weights, which no
+  earlier kernel writes, while that kernel still runs. In the Llama-3-8B int4 step on an H200
+  (bench/results/int4_pdl_h200.jsonl) it overlapped nothing: the wait alone 2.37 ms against 2.36,
+  the first `num_stages` steps' weight tiles loaded before the wait 2.46 (x's tiles then come
+  after every slot's weights, which delays the first step), TMA L2 prefetches of them before the
+  wait 2.60, the same with XLA's own PDL flags on; with command buffers off the step is bound by
+  the host (3.1-5.2 ms) whatever the launch.
 
 Earlier experiments, on the previous upcast (profiler kernel time, M = 1 and 16, 15.6-17.5 us):
 - folding the scale into the A operand (`a = upcast(q) * s`), one accumulator for every group
