@@ -213,12 +213,18 @@ def _assert_all_free(engine):
     assert draft is None or (draft.allocator.num_in_use == 0 and not draft.state)
 
 
+def _config(**kw) -> EngineConfig:
+    """The engines of these tests share their shapes (rows, token budget, pool, drafts, rounds a
+    call), so one compile of each program serves the whole file; each test changes what it tests."""
+    return EngineConfig(**{**dict(max_seqs=4, token_budget=64, num_pages=128, decode_steps=4,
+                                  max_draft_tokens=8, spec_rounds=3, ngram_rounds=3), **kw})
+
+
 @pytest.fixture(scope="module")
 def engine(smollm_f32):
     # SmolLM2 is its own draft model here: same tokenizer, and greedy drafts must all be accepted.
-    e = smollm_f32.engine(EngineConfig(max_seqs=4, token_budget=64, num_pages=192, decode_steps=4,
-                                       max_draft_tokens=8))
-    e.attach_draft_model(smollm_f32, num_pages=192)
+    e = smollm_f32.engine(_config())
+    e.attach_draft_model(smollm_f32, num_pages=128)
     yield e
     _assert_all_free(e)
 
@@ -254,9 +260,8 @@ def test_rounds_on_device_are_exact(smollm_f32, reference, drafter):
     outputs, stop tokens and max_tokens included, and every page free after. SmolLM2 drafting for
     itself accepts (nearly: one-token and batched logits may differ in the last bits) every draft,
     which it cannot when the draft's K/V bookkeeping across calls and rounds is wrong."""
-    e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=128, decode_steps=4,
-                                       max_draft_tokens=8, spec_rounds=3 if drafter == "draft" else 0,
-                                       ngram_rounds=3 if drafter == "ngram" else 0))
+    e = smollm_f32.engine(_config(spec_rounds=3 if drafter == "draft" else 0,
+                                  ngram_rounds=3 if drafter == "ngram" else 0))
     if drafter == "draft":
         e.attach_draft_model(smollm_f32, num_pages=128)
     for i, case in enumerate(reference["cases"]):
@@ -279,8 +284,7 @@ def test_chained_loop_calls_end_cleanly_on_host_stops(smollm_f32, reference):
     """Chained n-gram loop calls (one round each, so a request chains many): a stop string, which
     only the host sees, and a cancellation end the request while the next call is in flight. That
     call's tokens are dropped, its pages freed, and requests after it are exact."""
-    e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=64, decode_steps=4,
-                                       max_draft_tokens=4, ngram_rounds=1))
+    e = smollm_f32.engine(_config(ngram_rounds=1))
     tok = smollm_f32.tokenizer
     case, other = reference["cases"][0], reference["cases"][1]
     full = tok.decode(case["greedy_ids"])
@@ -319,8 +323,7 @@ def test_loop_rounds_are_device_side_conds(smollm_f32):
     round is a `cond` on whether it is live (on a GPU the loops compile with XLA's CONDITIONAL
     command buffers, `speculative.LOOP_COMPILER_OPTIONS`, so the device evaluates it); no `cond`
     wraps the call."""
-    e = smollm_f32.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=8, decode_steps=1,
-                                       max_draft_tokens=4, ngram_rounds=3))
+    e = smollm_f32.engine(_config())
     args = (smollm_f32.params, e.pool, e._loop_inputs([2, 3], 4, ()), e._ngram_carry([5, 6, 7], 2, 9), e._corpus())
     (call,) = jax.make_jaxpr(e._ngram_loop)(*args).jaxpr.eqns  # the jitted program
     top = call.params["jaxpr"].jaxpr.eqns
@@ -338,8 +341,7 @@ def test_ngram_loop_rounds_past_the_end_write_nothing(smollm_f32):
     round): rounds after a stop token or the budget write no K/V (the pool is the one a one-round
     call leaves) and emit nothing, and a call whose carry has nothing left runs none."""
     ids = [5, 6, 7] * 6  # the lookup always has something to propose
-    engines = {r: smollm_f32.engine(EngineConfig(max_seqs=1, token_budget=64, num_pages=8, decode_steps=1,
-                                                 max_draft_tokens=4, ngram_rounds=r)) for r in (1, 4)}
+    engines = {r: smollm_f32.engine(_config(ngram_rounds=r)) for r in (1, 3)}
 
     def call(rounds, left, stops=(), pool=None, carry=None):
         e = engines[rounds]
@@ -352,14 +354,14 @@ def test_ngram_loop_rounds_past_the_end_write_nothing(smollm_f32):
     first = int(call(1, 10)[1][0, 0])  # the first token the rounds emit
     for left, stops in ((10, (first,)), (1, ())):
         one, _, one_counts, _ = call(1, left, stops)
-        pool, tokens, counts, carry = call(4, left, stops)
-        assert counts.tolist() == [one_counts[0], 0, 0, 0] and int(carry["left"]) == 0, counts
+        pool, tokens, counts, carry = call(3, left, stops)
+        assert counts.tolist() == [one_counts[0], 0, 0] and int(carry["left"]) == 0, counts
         assert tokens[0, counts[0] - 1] == first
         for a, b in zip(jax.tree.leaves(pool), jax.tree.leaves(one)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     before, pos = jax.tree.map(np.asarray, pool), int(carry["pos"])
-    pool, _, counts, nxt = call(4, 0, pool=pool, carry=carry)
+    pool, _, counts, nxt = call(3, 0, pool=pool, carry=carry)
     assert not counts.any() and int(nxt["left"]) == 0 and int(nxt["pos"]) == pos
     for a, b in zip(jax.tree.leaves(pool), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -371,8 +373,7 @@ def test_rounds_with_nothing_drafted_are_counted(smollm_f32):
     verification, on the device loop and in the usual step alike."""
     ids = list(range(1000, 1020))  # all distinct: no earlier occurrence of the last token
     for ngram_rounds in (3, 0):
-        e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, decode_steps=1,
-                                           max_draft_tokens=4, ngram_rounds=ngram_rounds))
+        e = smollm_f32.engine(_config(ngram_rounds=ngram_rounds))
         got, _ = _run(e, [ids], [SamplingParams(max_tokens=6, speculative="ngram", num_draft_tokens=4)],
                       f"empty{ngram_rounds}")
         s = e.stats()
@@ -394,9 +395,7 @@ def test_ngram_drafts_fall_back_on_earlier_requests(smollm_f32):
     for ngram_rounds in (3, 0):
         empty = {}
         for corpus in (65536, 0):
-            e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, decode_steps=1,
-                                               max_draft_tokens=4, ngram_rounds=ngram_rounds,
-                                               ngram_corpus_tokens=corpus))
+            e = smollm_f32.engine(_config(ngram_rounds=ngram_rounds, ngram_corpus_tokens=corpus))
             (plain,), _ = _run(e, [ids], [SamplingParams(max_tokens=12)], f"plain{corpus}")
             assert e.stats()["ngram_corpus_tokens"] == (len(ids) + 12 + 1 if corpus else 0)
             (got,), _ = _run(e, [ids], [SamplingParams(max_tokens=12, speculative="ngram", num_draft_tokens=4)],
