@@ -243,8 +243,11 @@ def test_transposed_projections_serve_the_reference_outputs(smollm_f32, referenc
     _assert_all_free(e)
 
 
+THREADED = EngineConfig(max_seqs=4, token_budget=32, num_pages=64, decode_steps=2)  # started: warmed up
+
+
 def test_no_compilation_after_warmup(smollm_f32, reference):
-    e = smollm_f32.engine(EngineConfig(max_seqs=4, token_budget=64, num_pages=96, decode_steps=4))
+    e = smollm_f32.engine(THREADED)  # test_threaded_loop's warm-up then finds every program compiled
     before = e.compiled_programs()  # step programs are shared by engines of the same model
     e.warmup()
     n = e.compiled_programs()
@@ -292,7 +295,7 @@ def test_bad_input_rejected_before_allocation(engine, smollm_f32):
 def test_threaded_loop(smollm_f32, reference):
     import threading
 
-    e = smollm_f32.engine(EngineConfig(max_seqs=4, token_budget=32, num_pages=64, decode_steps=2))
+    e = smollm_f32.engine(THREADED)
     e.start()
     try:
         assert e.ready
