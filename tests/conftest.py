@@ -43,7 +43,7 @@ def smollm_bf16():
     return pallax.load("smollm2-135m-instruct", dtype="bfloat16")
 
 
-# The files that take longest on two CPU cores, longest first (each 2-7 minutes alone from an
+# The files that take longest on two CPU cores, longest first (each 1-7 minutes alone from an
 # empty compile cache): `make test` hands whole files to its two workers in collection order, so
 # these go first and the short files fill in after them, instead of a long one starting last.
 HEAVY_FILES = ("test_speculative.py", "test_engine.py", "test_model.py", "test_rpc_real.py",
