@@ -41,15 +41,3 @@ def smollm_bf16():
     import pallax
 
     return pallax.load("smollm2-135m-instruct", dtype="bfloat16")
-
-
-# The files that take longest on two CPU cores, longest first (each 1-7 minutes alone from an
-# empty compile cache): `make test` hands whole files to its two workers in collection order, so
-# these go first and the short files fill in after them, instead of a long one starting last.
-HEAVY_FILES = ("test_speculative.py", "test_engine.py", "test_model.py", "test_rpc_real.py",
-               "test_quantize.py", "test_flash_attention.py", "test_bench.py", "test_loading.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(HEAVY_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FILES)))  # stable: order within a file kept
