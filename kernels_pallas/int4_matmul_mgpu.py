@@ -58,6 +58,18 @@ the Triton kernel, tuned in the same run: 0.39-0.46 at 4096x14336).
   (pipeline fill, tail, the fixup fusion), whatever its size. The default tiling was the fastest
   of 12 on all four (6 or 8 stages, 1 or 4 consumers, 512-wide steps, 2 or 3 CTAs an SM).
 
+Where a call's time goes (`python3 -m pallax.bench.int4_timeline`, the kernel's own on-device
+timeline from Mosaic GPU's profiler; bench/results/int4_timeline_h200.jsonl, one H200, a
+Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
+- in steady state a consumer never waits: each step's wait is 60-90 cycles (the barrier check),
+  its math (unpack, wgmma, scale) 850-1000 cycles, so a step takes 0.53 us, and 132 SMs then
+  stream 4.3 TB/s of words and scales, about what the HBM gives (XLA's bf16 GEMMs: 4.1);
+- the fixed costs are the rest: 0.33 us from a CTA's entry to its first copy (barrier
+  setup, register reallocation), 0.6-1.2 us until the first slot lands back to back (1.7 us for a
+  call on an idle GPU), 0.6 us after the last one (its math, the flush), and about 1 us of the
+  profiler's kernel time outside every CTA's run (launch, teardown). On q/k/v (5.8 steps a CTA)
+  they are half the call.
+
 Tried on this kernel and dropped:
 - the partial sums added in the kernel instead (an ordered stream-K fixup: the CTA holding a row
   block's first unit waits on a GMEM semaphore for the block's other CTAs, adds their partials in
@@ -380,7 +392,8 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
             def step(i, acc):
                 u = u0 + i
                 slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(ready.at[slot])
+                with jax.named_scope("wait"):  # a region of the timeline (`profile_dir`) only
+                    plgpu.barrier_wait(ready.at[slot])
 
                 def group_dots(*parts):
                     # Every group's wgmma is issued before any is awaited: the next group's
@@ -399,13 +412,14 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                         plgpu.wgmma(part, a, x_smem.at[slot, :, pl.ds(gi * g, g)].transpose((1, 0)))
                     return [part[...] for part in parts]
 
-                parts = pl.run_scoped(
-                    group_dots, *[plgpu.ACC((_ROWS, m_pad), jnp.float32) for _ in range(gps)])
-                scales = [plgpu.load(s_smem.at[slot, gi, rows], layout=plgpu.Layout.WGMMA.reduce(1))
-                          for gi in range(gps)]
-                plgpu.barrier_arrive(free.at[slot])  # every read of this slot is done
-                for part, s in zip(parts, scales):
-                    acc = acc + part * lax.broadcast_in_dim(s, part.shape, [0])
+                with jax.named_scope("math"):
+                    parts = pl.run_scoped(
+                        group_dots, *[plgpu.ACC((_ROWS, m_pad), jnp.float32) for _ in range(gps)])
+                    scales = [plgpu.load(s_smem.at[slot, gi, rows],
+                                         layout=plgpu.Layout.WGMMA.reduce(1)) for gi in range(gps)]
+                    plgpu.barrier_arrive(free.at[slot])  # every read of this slot is done
+                    for part, s in zip(parts, scales):
+                        acc = acc + part * lax.broadcast_in_dim(s, part.shape, [0])
 
                 # The row block's last K step, or this CTA's last unit: store the partial sum in
                 # the block's slot and start the next block from zero.
@@ -413,6 +427,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                 flush = (lax.rem(u + 1, sched.steps) == 0) | (i == n_units - 1)
 
                 @pl.when(flush)
+                @jax.named_scope("flush")
                 def _flush():
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store read it
                     out_smem.at[wg][...] = acc
@@ -422,7 +437,8 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                 return lax.select(lax.broadcast_in_dim(flush, acc.shape, ()), zeros, acc)
 
             lax.fori_loop(0, n_units, step, zeros)
-            plgpu.wait_smem_to_gmem(0)
+            with jax.named_scope("drain"):
+                plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == nc)
         def _producer():
@@ -433,15 +449,17 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                 u = u0 + i
                 block = lax.div(u, sched.steps)
                 k0 = lax.rem(u, sched.steps) * tile_k
-                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)],
-                                        w_smem.at[slot], ready.at[slot])
-                plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, m_pad), pl.ds(k0, tile_k)], x_smem.at[slot],
-                                        ready.at[slot])
-                plgpu.copy_gmem_to_smem(
-                    s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)],
-                    s_smem.at[slot], ready.at[slot])
+                with jax.named_scope("issue"):
+                    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)],
+                                            w_smem.at[slot], ready.at[slot])
+                    plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, m_pad), pl.ds(k0, tile_k)],
+                                            x_smem.at[slot], ready.at[slot])
+                    plgpu.copy_gmem_to_smem(
+                        s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)],
+                        s_smem.at[slot], ready.at[slot])
 
-            stream_ring(load, n_units, stages, free)
+            with jax.named_scope("ring"):
+                stream_ring(load, n_units, stages, free)
 
     pl.run_scoped(
         body,
@@ -459,11 +477,16 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
     )
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "blocks", "num_sms", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group_size", "blocks", "num_sms", "interpret",
+                                             "profile_dir"))
 def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | None = None,
-                     num_sms: int = 132, interpret: bool = False):
+                     num_sms: int = 132, interpret: bool = False, profile_dir: str | None = None):
     """x [M, K] bf16/f16 @ the int4 weight (`to_hopper_layout`) -> [M, N] in x's dtype, on
-    `blocks.ctas` or `num_sms` CTAs (`blocks`: `blocks_for(K)` by default)."""
+    `blocks.ctas` or `num_sms` CTAs (`blocks`: `blocks_for(K)` by default).
+
+    `profile_dir` (GPU only): each call also writes its timeline there, a Perfetto trace of every
+    warpgroup's regions (the consumers' `wait`, `math`, `flush`, `drain`, the producer's `ring`
+    and `issue`; Mosaic GPU's on-device profiler, SM clock cycles from each CTA's start)."""
     M, K = x.shape
     blocks = blocks or blocks_for(K)
     N = words.shape[0] * _ROWS
@@ -485,9 +508,14 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
     # be a whole number of TMA's 8-row tiles, and the interpreter always gets the padded copy.
     xb = x.astype(jnp.bfloat16)
     xp = jnp.pad(xb, ((0, m_pad - M), (0, 0))) if interpret or (M > 8 and M % 8) else xb
+    params = None
+    if profile_dir:  # room for every region a warpgroup records: 3 a step at most, and 2 more
+        space = 3 * -(-sched.units // sched.ctas) + 2
+        params = plgpu.CompilerParams(profile_space=space, profile_dir=profile_dir)
     kernel = plgpu.kernel(
         functools.partial(_kernel, group_size=g, blocks=blocks, sched=sched,
                           in_place=not interpret),
+        compiler_params=params,
         out_type=jax.ShapeDtypeStruct((sched.ctas, sched.flushes, blocks.rows, m_pad), jnp.float32),
         grid=(sched.ctas,),
         grid_names=("cta",),

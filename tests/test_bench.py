@@ -5,6 +5,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from pallax.bench.step_anatomy import computations, kernel_census
 
@@ -116,6 +117,44 @@ def test_int4_sweep_times_the_projections_the_engine_serves():
         cfg = dataclasses.replace(preset(name), n_layers=1)  # the real shapes, one layer
         layer = serving_layout(random_llm(cfg).params)["layers"][0]
         assert {op: layer[w].shape for op, w in names.items()} == layer_shapes(cfg)
+
+
+def test_int4_timeline_reads_mosaic_gpu_profiler_dumps(tmp_path):
+    """bench.int4_timeline's figures from a trace written by Mosaic GPU's own dump (two CTAs,
+    two consumers and a producer each, 1000 MHz so a cycle is a nanosecond)."""
+    import numpy as np
+    from jax.experimental.mosaic.gpu import profiler
+
+    from pallax.bench import int4_timeline as tl
+
+    spec = profiler.ProfilerSpec(64, dump_path=str(tmp_path))
+    B, E = spec.ENTER, spec.EXIT
+
+    def consumer(shift):  # waits end at 1000 and 2100 cycles after the first event, ends at 3400
+        ev = [("wait", B, 100), ("wait", E, 1100), ("math", B, 1101), ("math", E, 2101),
+              ("wait", B, 2150), ("wait", E, 2200), ("math", B, 2201), ("math", E, 3201),
+              ("flush", B, 3210), ("flush", E, 3400 + shift), ("drain", B, 3401 + shift),
+              ("drain", E, 3500 + shift)]
+        return [(spec.intern_name(n) | m, t) for n, m, t in ev]
+
+    producer = [(spec.intern_name("issue") | m, t) for m, t in ((B, 50), (E, 250), (B, 300), (E, 500))]
+    buf = np.zeros((2, 3, 64), np.uint32)
+    for cta, start in enumerate((1000, 1500)):  # global timer at each CTA's entry, ns
+        for wg, events in enumerate((consumer(0), consumer(100 * cta), producer)):
+            buf[cta, wg, :3] = (start, cta, 2 * len(events))
+            buf[cta, wg, 3:3 + 2 * len(events)] = np.ravel(events)
+    path = tmp_path / "trace.json"
+    with open(path, "w") as f:
+        spec.dump(buf.reshape(-1), f, grid=(2, 1, 1), block=(384, 1, 1))
+
+    s = tl.summarize(tl.traces(str(path)), traces_per_cta=3, consumers=2, mhz=1000.0)
+    assert s["ctas"] == 2 and s["start_spread_us"] == pytest.approx(0.5)
+    assert s["first_data_us"] == pytest.approx(1.0) and s["step_us"] == pytest.approx(1.1)
+    assert s["cta_us"] == pytest.approx(3.4) and s["cta_max_us"] == pytest.approx(3.5)
+    assert s["tail_us"] == pytest.approx(1.3) and s["span_us"] == pytest.approx(0.5 + 3.5)
+    assert s["wait_frac"] == pytest.approx(np.mean([1050 / 3400] * 3 + [1050 / 3500]))
+    tl.plot(str(path), str(tmp_path / "t.png"), consumers=2, mhz=1000.0)
+    assert (tmp_path / "t.png").stat().st_size > 1000
 
 
 def test_dense_gemv_bench_times_every_layout_against_the_served_dot():
