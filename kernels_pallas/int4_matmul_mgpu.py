@@ -27,9 +27,11 @@ units; each of `min(132, units)` CTAs streams an equal run of them through one T
   group, and fold it into the running sum with the group's scale (`acc += partial * s`; exact:
   the codes are small integers in bf16). A step's groups are all issued before any is awaited,
   so converting one overlaps the tensor cores' work on another;
-- where a row block ends (or the CTA's run does) the consumers store the partial sum in the
-  CTA's slot for it; one small XLA fusion then adds each block's slots in a fixed order and
-  transposes. Deterministic, unlike adding in place with TMA reductions.
+- where a row block ends (or the CTA's run does) the consumers store the partial sum, transposed
+  to `[M_pad, rows]`, in the CTA's slot for it; one small XLA fusion then adds each block's slots
+  of the M real rows in a fixed order (deterministic, unlike adding in place with TMA
+  reductions). At M = 1 the sum is already y's layout, so it fuses into y's consumers with no
+  transpose kernel of its own.
 
 `interpret=True` runs the kernel in Pallas's GPU interpret mode on a CPU: the same words and ring,
 the operand unpacked by `_word_map` in jnp and staged through shared memory (the interpreter runs
@@ -69,6 +71,11 @@ Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
   call on an idle GPU), 0.6 us after the last one (its math, the flush), and about 1 us of the
   profiler's kernel time outside every CTA's run (launch, teardown). On q/k/v (5.8 steps a CTA)
   they are half the call.
+- Storing the partial sums row-major in M (above) instead of `[rows, M_pad]` removed the
+  transpose kernels that added them (two a layer at M = 1): the Llama-3-8B int4 batch-1 step
+  went from 2.37 / 2.35 ms to 2.26 / 2.26 ms (465 kernels against 530; bf16 4.22 ms in the
+  same run, so 1.78x -> 1.86x), the same tokens; the matmul alone is unchanged within noise
+  (bench/results/int4_partials_m_major_h200.jsonl).
 
 Tried on this kernel and dropped:
 - the partial sums added in the kernel instead (an ordered stream-K fixup: the CTA holding a row
@@ -113,7 +120,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, llvm
+from jax._src.lib.mlir.dialects import arith, llvm, vector
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import fragmented_array as fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -357,11 +364,23 @@ def _unpack_to_operand(words, g: int):
     return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
+def _store_transposed(acc, ref):
+    """Mosaic GPU (inside `inline_mgpu`): a consumer's `[64, M_pad]` f32 sum (WGMMA layout) into
+    the `[M_pad, 64]` shared-memory tile `ref`, transposed, one 32-bit store a value."""
+    layout = acc.layout
+    index = ir.IndexType.get()
+    for reg, (r, col) in zip(acc.registers.flat, layout.thread_idxs(acc.shape)):
+        for v in range(layout.vector_length):
+            cv = arith.addi(col, arith.constant(index, v)) if v else col
+            vector.store(mgpu_utils.vector_slice(reg, slice(v, v + 1)), ref, [cv, r])
+
+
 def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sched: Schedule,
             in_place: bool):
     # x_ref: [M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
     # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
-    # out_ref: [ctas, flushes, rows, M_pad] f32 (GMEM: each CTA's partial sums, `Schedule`)
+    # out_ref: [ctas, flushes, M_pad, rows] f32 (GMEM: each CTA's partial sums, `Schedule`,
+    # row-major in M like y, so the sums' reads of the M real rows are contiguous)
     *word_map, out_ref = refs
     m_pad = round_up(x_ref.shape[0], 8)
     tile_k, stages, g = blocks.tile_k, blocks.num_stages, group_size
@@ -376,10 +395,13 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
         arg_types=(words_layout,),
         return_type=plgpu.ShapeDtypeStruct((_ROWS, g), jnp.bfloat16, layout=plgpu.Layout.WGMMA),
     )(lambda ctx, words: _unpack_to_operand(words, g))
+    store_transposed = plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+    )(lambda ctx, acc, ref: _store_transposed(acc, ref))
 
     def body(w_smem, x_smem, s_smem, out_smem, a_smem, ready, free):
         # w_smem: [stages, consumers, gps, g // 16, 128] int32; x_smem: [stages, M_pad, tile_k]
-        # bf16; s_smem: [stages, gps, rows] f32; out_smem: [consumers, 64, M_pad] f32;
+        # bf16; s_smem: [stages, gps, rows] f32; out_smem: [consumers, M_pad, 64] f32;
         # a_smem: [consumers, gps, 64, g] bf16 (interpret mode only)
         wg = lax.axis_index("wg")
 
@@ -430,9 +452,12 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                 @jax.named_scope("flush")
                 def _flush():
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store read it
-                    out_smem.at[wg][...] = acc
+                    if in_place:
+                        store_transposed(acc, out_smem.at[wg])
+                    else:  # the interpreter runs no inline Mosaic GPU
+                        out_smem.at[wg][...] = acc.T
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[c, block - first_block, rows])
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[c, block - first_block, :, rows])
 
                 return lax.select(lax.broadcast_in_dim(flush, acc.shape, ()), zeros, acc)
 
@@ -467,7 +492,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
         plgpu.SMEM((stages, m_pad, tile_k), jnp.bfloat16,
                    transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
         plgpu.SMEM((stages, gps, blocks.rows), jnp.float32),
-        plgpu.SMEM((nc, _ROWS, m_pad), jnp.float32),
+        plgpu.SMEM((nc, m_pad, _ROWS), jnp.float32),
         None if in_place else plgpu.SMEM(
             (nc, gps, _ROWS, g), jnp.bfloat16,
             transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
@@ -516,7 +541,7 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
         functools.partial(_kernel, group_size=g, blocks=blocks, sched=sched,
                           in_place=not interpret),
         compiler_params=params,
-        out_type=jax.ShapeDtypeStruct((sched.ctas, sched.flushes, blocks.rows, m_pad), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((sched.ctas, sched.flushes, m_pad, blocks.rows), jnp.float32),
         grid=(sched.ctas,),
         grid_names=("cta",),
         num_threads=blocks.consumers + 1,
@@ -527,10 +552,10 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
     part = kernel(xp, words, scales.astype(jnp.float32), *word_map)
     # each row block: its slots' partial sums in a fixed order (slots a CTA left unused are
     # never read: the gather names written ones, or one past the end, which reads as zeros)
-    part = part.reshape(-1, blocks.rows, m_pad)
+    part = part.reshape(-1, m_pad, blocks.rows)[:, :M]
     y = jnp.take(part, sched.slots_of_blocks, axis=0, mode="fill", fill_value=0)
-    y = y.sum(axis=1).reshape(N, m_pad)
-    return y[:, :M].T.astype(x.dtype)
+    y = y.sum(axis=1)  # [row blocks, M, rows]: at M = 1 already y's layout, no transpose
+    return jnp.swapaxes(y, 0, 1).reshape(M, N).astype(x.dtype)
 
 
 def int4_matmul_mgpu_reference(x, packed, scales, *, group_size: int):
