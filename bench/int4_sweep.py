@@ -64,6 +64,14 @@ def layer_shapes(cfg) -> dict[str, tuple[int, int]]:
     return {"qkv": (d, cfg.q_dim + 2 * cfg.kv_dim), "o": (cfg.q_dim, d), "gate_up": (d, 2 * f), "down": (f, d)}
 
 
+def projections(cfg, ops=None):
+    """`(op, K, N, copies)` for each projection of `cfg`'s layer (`layer_shapes`; only `ops` if
+    given), with how many weight copies a timed call reads so that they cannot sit in L2."""
+    for op, (k, n) in layer_shapes(cfg).items():
+        if not ops or op in ops:
+            yield op, k, n, max(2, -(-L2_CLEAR_BYTES // (k * n // 2)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama3-8b")
@@ -79,11 +87,8 @@ def main():
     cfg = preset(args.preset)
     records = []
     key = jax.random.key(0)
-    for op, (k, n) in layer_shapes(cfg).items():
-        if args.ops and op not in args.ops:
-            continue
+    for op, k, n, copies in projections(cfg, args.ops):
         packed_bytes = k * n // 2
-        copies = max(2, -(-L2_CLEAR_BYTES // packed_bytes))
         ws_bf16, ws_h, ws_words = [], [], []
         for _ in range(copies):
             key, sub = jax.random.split(key)

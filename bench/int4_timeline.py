@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallax.bench.common import append_records, device_time, emit, environment, kernel_profile, table
-from pallax.bench.int4_sweep import GROUP, L2_CLEAR_BYTES, layer_shapes
+from pallax.bench.int4_sweep import GROUP, projections
 from pallax.bench.matmul import _summed
 from pallax.kernels_pallas import int4_matmul_mgpu as i4h
 from pallax.model.config import preset
@@ -179,12 +179,9 @@ def main():
     cfg = preset(args.preset)
     records = []
     key = jax.random.key(0)
-    for op, (k, n) in layer_shapes(cfg).items():
-        if args.ops and op not in args.ops:
-            continue
+    for op, k, n, copies in projections(cfg, args.ops):
         blocks = i4h.blocks_for(k)
         packed_bytes = k * n // 2
-        copies = max(2, -(-L2_CLEAR_BYTES // packed_bytes))
         ws = []
         for _ in range(copies):
             key, kw, ks = jax.random.split(key, 3)
