@@ -239,7 +239,7 @@ def _default_engine_config():
     from pallax.decode.scheduler import EngineConfig
 
     if jax.default_backend() == "cpu":
-        return EngineConfig(max_seqs=8, token_budget=256, num_pages=512, decode_steps=4, max_draft_tokens=8)
+        return EngineConfig(max_seqs=8, token_budget=128, num_pages=512, decode_steps=4, max_draft_tokens=8)
     return EngineConfig(max_draft_tokens=8)
 
 

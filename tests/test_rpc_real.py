@@ -38,7 +38,7 @@ def llm():
 @pytest.fixture(scope="module")
 def server(llm):
     # the library's CPU-sized pool (a few full contexts), its own instance beside llm.generate's
-    engine = scheduler.Scheduler(llm, scheduler.EngineConfig(max_seqs=8, token_budget=256, num_pages=512,
+    engine = scheduler.Scheduler(llm, scheduler.EngineConfig(max_seqs=8, token_budget=128, num_pages=512,
                                                              decode_steps=4, max_queue=64, max_draft_tokens=4))
     bg = BackgroundServer(engine, tokenizer=llm.tokenizer, metrics_port=0)
     try:
