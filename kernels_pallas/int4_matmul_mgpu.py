@@ -65,7 +65,8 @@ timeline from Mosaic GPU's profiler; bench/results/int4_timeline_h200.jsonl, one
 Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
 - in steady state a consumer never waits: each step's wait is 60-90 cycles (the barrier check),
   its math (unpack, wgmma, scale) 850-1000 cycles, so a step takes 0.53 us, and 132 SMs then
-  stream 4.3 TB/s of words and scales, about what the HBM gives (XLA's bf16 GEMMs: 4.1);
+  stream 4.3 TB/s of words and scales, about what the HBM gives (XLA's bf16 GEMMs: 4.1). The
+  math only just keeps up: a quarter of it taken away did not shorten the kernel (below);
 - the fixed costs are the rest: 0.33 us from a CTA's entry to its first copy (barrier
   setup, register reallocation), 0.6-1.2 us until the first slot lands back to back (1.7 us for a
   call on an idle GPU), 0.6 us after the last one (its math, the flush), and about 1 us of the
@@ -102,6 +103,16 @@ Tried on this kernel and dropped:
   after every slot's weights, which delays the first step), TMA L2 prefetches of them before the
   wait 2.60, the same with XLA's own PDL flags on; with command buffers off the step is bound by
   the host (3.1-5.2 ms) whatever the launch.
+
+- the unpack's `sub.bf16x2` left out (the operand holding q + 136, each group's 136 * sum(x),
+  from an XLA reduction, a fourth TMA tile subtracted from the group's f32 partial): a quarter
+  fewer consumer instructions, the same kernel time on an H200 (q/k/v 6.88 us against 6.82 at
+  M = 1, down 11.44 against 11.59, gate/up 22.6 against 21.7 at M = 16), and its two XLA
+  kernels a call took the Llama-3-8B int4 step from 2.26-2.28 ms to 2.56
+  (bench/results/int4_variants_h200.jsonl);
+- the producer's first `num_stages` copies issued before it gives its registers back (so they
+  leave 0.1-0.2 us sooner): within noise, the same step (2.27-2.31 ms against 2.26-2.30) and
+  kernel time (1.47 ms a step against 1.47-1.48; the same file).
 
 Earlier experiments, on the previous upcast (profiler kernel time, M = 1 and 16, 15.6-17.5 us):
 - folding the scale into the A operand (`a = upcast(q) * s`), one accumulator for every group
