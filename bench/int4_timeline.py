@@ -7,7 +7,8 @@ For each projection of the preset's layer (as the engine serves them), the kerne
 profiler (`int4_matmul_mgpu(profile_dir=...)`): every warpgroup records its regions (consumers:
 `wait` for a slot, `math` on it, `flush`, `drain`; producer: `issue`). From the traces, per call:
 - `start_spread_us`: how far apart the CTAs started (the global timer at each CTA's entry);
-- `first_data_us`: from a consumer's first region to its first slot ready (the ring's fill);
+- `first_data_us`: from a consumer's first event (Pallas's `Init`, at the CTA's entry) to its first
+  slot ready (the ring's fill);
 - `step_us`: a consumer's median time from one slot ready to the next (steady state);
 - `wait_frac`: the share of a consumer's time spent waiting for data;
 - `tail_us`: from the last slot ready to the consumer's end (last math, flush, drain);
@@ -226,8 +227,8 @@ def main():
                                  "kernel_us": mosaic, "fixup_us": prof["kernel_us_total"] - mosaic,
                                  "kernels": prof["kernels_us"], **summary}))
     append_records(args.out, records)
-    print(table(records, ["op", "m", "us", "kernel_us", "fixup_us", "span_us", "cta_us", "start_spread_us", "first_data_us",
-                          "step_us", "tail_us", "wait_frac"]))
+    print(table(records, ["op", "m", "us", "kernel_us", "fixup_us", "span_us", "cta_us", "start_spread_us",
+                          "first_data_us", "step_us", "tail_us", "wait_frac"]))
 
 
 if __name__ == "__main__":

@@ -67,11 +67,11 @@ Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
   its math (unpack, wgmma, scale) 850-1000 cycles, so a step takes 0.53 us, and 132 SMs then
   stream 4.3 TB/s of words and scales, about what the HBM gives (XLA's bf16 GEMMs: 4.1). The
   math only just keeps up: a quarter of it taken away did not shorten the kernel (below);
-- the fixed costs are the rest: 0.33 us from a CTA's entry to its first copy (barrier
-  setup, register reallocation), 0.6-1.2 us until the first slot lands back to back (1.7 us for a
-  call on an idle GPU), 0.6 us after the last one (its math, the flush), and about 1 us of the
-  profiler's kernel time outside every CTA's run (launch, teardown). On q/k/v (5.8 steps a CTA)
-  they are half the call.
+- the fixed costs are the rest: the first copy leaves 0.33 us after a CTA's entry (barrier
+  setup, register reallocation) and the first slot lands 1.05-1.7 us after the entry (median over the
+  CTAs; 1.7 for every projection when the call came alone), 0.6 us follow the last one (its
+  math, the flush), and about 1 us of the profiler's kernel time lies outside every CTA's run
+  (launch, teardown). On q/k/v and o (4-6 steps a CTA) they are 40-50% of the call.
 - Storing the partial sums row-major in M (above) instead of `[rows, M_pad]` removed the
   transpose kernels that added them (two a layer at M = 1): the Llama-3-8B int4 batch-1 step
   went from 2.37 / 2.35 ms to 2.26 / 2.26 ms (465 kernels against 530; bf16 4.22 ms in the
