@@ -537,6 +537,9 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
             f"int4_matmul_mgpu needs 1 <= M <= {_MAX_M}, g in (64, 128) dividing tile_k,"
             f" N % {blocks.rows} == 0, K % tile_k == 0 and the ring in shared memory; got"
             f" {x.shape=}, {N=}, {group_size=}, {blocks}")
+    if profile_dir and interpret:
+        raise ValueError(f"profile_dir={profile_dir!r} needs the GPU: the interpreter runs no on-device"
+                         " profiler")
     m_pad = round_up(M, 8)
     sched = Schedule.make(K, N, blocks, num_sms)
     # On the GPU the producer's TMA reads M_pad rows of x, the rows past M as zeros (TMA fills

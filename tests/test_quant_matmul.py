@@ -394,6 +394,8 @@ def test_int4_hopper_errors():
         i4h.int4_matmul_mgpu(x, words, s[:2], group_size=128)
     with pytest.raises(ValueError, match="words must be"):
         i4h.int4_matmul_mgpu(x, words, s, group_size=64)
+    with pytest.raises(ValueError, match="profile_dir"):
+        i4h.int4_matmul_mgpu(x, words, s, group_size=128, interpret=True, profile_dir="/tmp")
     with pytest.raises(ValueError, match="consumers"):
         i4h.BlockSizes(consumers=5)
     with pytest.raises(ValueError, match="tile_k"):
