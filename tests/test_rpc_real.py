@@ -9,6 +9,7 @@ free. Skipped while `pallax.decode.scheduler` cannot be imported.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -38,8 +39,10 @@ def llm():
 @pytest.fixture(scope="module")
 def server(llm):
     # the library's CPU-sized pool (a few full contexts), its own instance beside llm.generate's
-    engine = scheduler.Scheduler(llm, scheduler.EngineConfig(max_seqs=8, token_budget=128, num_pages=512,
-                                                             decode_steps=4, max_queue=64, max_draft_tokens=4))
+    from pallax import api
+
+    config = dataclasses.replace(api._default_engine_config(), max_queue=64, max_draft_tokens=4)
+    engine = scheduler.Scheduler(llm, config)
     bg = BackgroundServer(engine, tokenizer=llm.tokenizer, metrics_port=0)
     try:
         bg.wait_ready(timeout=900)
