@@ -25,6 +25,9 @@ from flax import struct
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas.paged_attention import paged_attention
+from pallax.kernels_pallas.rope_kv_write import rope_kv_write
+from pallax.kernels_pallas.rope_kv_write import supported as rope_kv_write_supported
+from pallax.model.attention import QKV
 from pallax.model.config import ModelConfig
 from pallax.model.decoder import forward
 
@@ -93,41 +96,55 @@ class PagedCache:
     def with_state(self, pool):
         return self.replace(pool=pool)
 
-    def attend(self, layer, q, k, v, positions, segment_ids=None, *, state=None, index=None):
+    def attend(self, layer, qkv: QKV, positions, segment_ids=None, *, state=None, index=None):
         pool: PagePool = state
         if pool.per_layer:
             # Per-layer buffers (unstacked weights run layers as a Python loop): layer `index`
             # writes and reads its own buffers in place.
-            out, layer_pool = self._attend_pages(pool.layer(index), 0, q, k, v)
+            out, layer_pool = self._attend_pages(pool.layer(index), 0, qkv)
             return out, None, pool.with_layer(index, layer_pool)
         # The whole pool [L, P, page_size, KVH, D] is carried through the layer scan; layer `index`
         # owns pages index * P .. index * P + P - 1 of the flattened [L * P, page_size, KVH, D]
         # view, so the kernel reads it where it lies (reshapes of the carried buffer are free).
         flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), pool)
-        out, flat = self._attend_pages(flat, index * pool.num_pages, q, k, v)
+        out, flat = self._attend_pages(flat, index * pool.num_pages, qkv)
         return out, None, jax.tree.map(lambda a, b: a.reshape(b.shape), flat, pool)
 
-    def _attend_pages(self, pool: PagePool, base, q, k, v):
-        """Write this block's K/V into pages [base, base + P) of a [pages, page_size, KVH, D]
-        pool and attend over them."""
+    def _attend_pages(self, pool: PagePool, base, qkv: QKV):
+        """Rotate q and k, write this block's K/V into pages [base, base + P) of a
+        [pages, page_size, KVH, D] pool and attend over them."""
         NP, ps, KVH, D = pool.k.shape
-        slots = jnp.where(self.slots < 0, NP * ps, base * ps + self.slots)  # padding is dropped
-        quantized = pool.k_scale is not None
+        slots = jnp.where(self.slots < 0, -1, base * ps + self.slots)  # padding: not written
+        mode = dispatch.resolve()
+        if mode != "reference" and rope_kv_write_supported(qkv.heads.dtype, pool.k.dtype, D):
+            # One kernel rotates q and k and writes k and v in place (three XLA kernels otherwise).
+            q, k_pages, v_pages = rope_kv_write(qkv.heads[0], qkv.cos[0], qkv.sin[0], slots, pool.k, pool.v,
+                                                n_kv_heads=KVH, interpret=mode == "interpret")
+            pool = pool.replace(k=k_pages, v=v_pages)
+        else:
+            q, k, v = (x[0] for x in qkv.rotated())
+            pool = _write_pages(pool, jnp.where(slots < 0, NP * ps, slots), k, v)  # padding: dropped
+        attend = paged_attention_blocked if mode == "reference" else paged_attention
+        out = attend(q, pool.k, pool.v, self.page_table + base, self.query_start, self.kv_lens,
+                     self.num_seqs, k_scales=pool.k_scale, v_scales=pool.v_scale)
+        return out[None], pool
 
-        def write(pages, scales, x):  # x [T, KVH, D]
-            flat = pages.reshape(NP * ps, KVH, D)
-            if quantized:
-                x, s = quantize_kv(x, pages.dtype)
-                scales = scales.reshape(NP * ps, KVH).at[slots].set(s, mode="drop").reshape(scales.shape)
-            flat = flat.at[slots].set(x.astype(pages.dtype), mode="drop")
-            return flat.reshape(pages.shape), scales
 
-        k_pages, k_scale = write(pool.k, pool.k_scale, k[0])
-        v_pages, v_scale = write(pool.v, pool.v_scale, v[0])
-        attend = paged_attention_blocked if dispatch.resolve() == "reference" else paged_attention
-        out = attend(q[0], k_pages, v_pages, self.page_table + base, self.query_start, self.kv_lens,
-                     self.num_seqs, k_scales=k_scale, v_scales=v_scale)
-        return out[None], PagePool(k_pages, v_pages, k_scale, v_scale)
+def _write_pages(pool: PagePool, slots, k, v) -> PagePool:
+    """k, v [T, KVH, D] stored at pool rows `slots` (out of range: dropped), quantized with their
+    scales for int8 / fp8 pools."""
+    NP, ps, KVH, D = pool.k.shape
+
+    def write(pages, scales, x):
+        if scales is not None:
+            x, s = quantize_kv(x, pages.dtype)
+            scales = scales.reshape(NP * ps, KVH).at[slots].set(s, mode="drop").reshape(scales.shape)
+        flat = pages.reshape(NP * ps, KVH, D).at[slots].set(x.astype(pages.dtype), mode="drop")
+        return flat.reshape(pages.shape), scales
+
+    k_pages, k_scale = write(pool.k, pool.k_scale, k)
+    v_pages, v_scale = write(pool.v, pool.v_scale, v)
+    return PagePool(k_pages, v_pages, k_scale, v_scale)
 
 
 def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:

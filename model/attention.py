@@ -15,6 +15,10 @@ attention reads its pages in place instead of XLA copying a layer's slice of the
   cached decode loop).
 - the paged cache of the decode engine (`pallax.decode`), with the ragged paged-attention kernel.
 
+The decoder hands a cache the block's projections before RoPE (`QKV`: the q | k | v heads as one
+GEMM writes them, and the rotation's cos/sin), so a cache can rotate and store in one kernel (the
+paged cache on a GPU: `kernels_pallas.rope_kv_write`); the others rotate with `QKV.rotated`.
+
 Shapes: q [B, T, H, D], k/v [B, T, KVH, D], positions [B, T] int32.
 """
 
@@ -27,6 +31,25 @@ import jax.numpy as jnp
 from flax import struct
 
 from pallax.kernels_pallas import dispatch
+
+from .layers import apply_rope
+
+
+@struct.dataclass
+class QKV:
+    """A block's attention inputs before RoPE: heads [B, T, H + 2 KVH, D] (q | k | v, as the fused
+    projection writes them), cos, sin [B, T, D / 2] float32 (`layers.rope_cos_sin`)."""
+
+    heads: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    n_kv_heads: int = struct.field(pytree_node=False)
+
+    def rotated(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B, T, H, D] and k [B, T, KVH, D] rotated, v [B, T, KVH, D]."""
+        n_heads = self.heads.shape[2] - 2 * self.n_kv_heads
+        q, k, v = jnp.split(self.heads, [n_heads, n_heads + self.n_kv_heads], axis=2)
+        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v
 
 
 class AttentionCache(Protocol):
@@ -42,9 +65,9 @@ class AttentionCache(Protocol):
     def with_state(self, state: Any) -> "AttentionCache":
         """A cache holding the updated carried state."""
 
-    def attend(self, layer: Any, q, k, v, positions, segment_ids=None, *, state=None, index=None):
-        """Store k/v of layer `index` and attend; returns out [B, T, H, D], the layer's new
-        scanned state and the new carried state."""
+    def attend(self, layer: Any, qkv: QKV, positions, segment_ids=None, *, state=None, index=None):
+        """Rotate q and k, store k/v of layer `index` and attend; returns out [B, T, H, D], the
+        layer's new scanned state and the new carried state."""
 
 
 def attention_reference(q, k, v, q_pos, kv_pos, kv_valid=None, q_seg=None, kv_seg=None):
@@ -71,7 +94,7 @@ def attention_reference(q, k, v, q_pos, kv_pos, kv_valid=None, q_seg=None, kv_se
     return out.reshape(B, T, H, D).astype(q.dtype)
 
 
-def _self_attention(q, k, v, positions, segment_ids):
+def self_attention(q, k, v, positions, segment_ids=None):
     """Tokens attending to each other, causal by index (positions increase within a segment)."""
     if dispatch.resolve() != "reference":
         try:
@@ -101,8 +124,8 @@ class NoCache:
     def with_state(self, state):
         return self
 
-    def attend(self, layer, q, k, v, positions, segment_ids=None, *, state=None, index=None):
-        return _self_attention(q, k, v, positions, segment_ids), None, state
+    def attend(self, layer, qkv: QKV, positions, segment_ids=None, *, state=None, index=None):
+        return self_attention(*qkv.rotated(), positions, segment_ids), None, state
 
 
 @struct.dataclass
@@ -137,7 +160,8 @@ class DenseCache:
     def with_state(self, state):
         return self
 
-    def attend(self, layer, q, k, v, positions, segment_ids=None, *, state=None, index=None):
+    def attend(self, layer, qkv: QKV, positions, segment_ids=None, *, state=None, index=None):
+        q, k, v = qkv.rotated()
         k_cache, v_cache = layer  # [B, S, KVH, D]
         rows = jnp.arange(q.shape[0])[:, None]
         k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")

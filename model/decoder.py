@@ -54,9 +54,9 @@ from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas.norm_matmul import norm_matmul
 from pallax.kernels_pallas.norm_matmul import supported as norm_matmul_supported
 
-from .attention import AttentionCache, NoCache
+from .attention import QKV, AttentionCache, NoCache
 from .config import ModelConfig
-from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu, swiglu_fused
+from .layers import rms_norm, rope_cos_sin, rope_inv_freq, swiglu, swiglu_fused
 from .linear import concat_mismatch, concat_out, linear, split_out
 
 Params = dict[str, Any]
@@ -161,20 +161,20 @@ def forward(
         x, state = carry
         p, kv, index = scanned
         fused = _fuses_norms(p, x)
+        heads = (B, T, c.n_heads + 2 * c.n_kv_heads, c.head_dim)  # q | k | v heads, before RoPE
         if fused:  # norm + q/k/v + bias in one kernel
-            qkv = norm_matmul(x.reshape(B * T, c.dim), p["attn_norm"], p["wqkv"], eps=c.norm_eps, bias=p.get("bqkv"))
-            q, k, v = jnp.split(qkv.reshape(B, T, -1), [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+            qkv = norm_matmul(x.reshape(B * T, c.dim), p["attn_norm"], p["wqkv"], eps=c.norm_eps,
+                              bias=p.get("bqkv")).reshape(heads)
         elif "wqkv" in p:
-            qkv = linear(rms_norm(x, p["attn_norm"], c.norm_eps), p["wqkv"], p.get("bqkv"))  # [B, T, q_dim + 2 kv_dim]
-            q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+            qkv = linear(rms_norm(x, p["attn_norm"], c.norm_eps), p["wqkv"], p.get("bqkv")).reshape(heads)
         else:
+            # Joined along the heads axis, which QKV.rotated splits again: XLA drops the pair
+            # unless the cache reads the joined heads.
             h = rms_norm(x, p["attn_norm"], c.norm_eps)
-            q, k, v = (linear(h, p[w], p.get(b)) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
-        q = q.reshape(B, T, c.n_heads, c.head_dim)
-        k = k.reshape(B, T, c.n_kv_heads, c.head_dim)
-        v = v.reshape(B, T, c.n_kv_heads, c.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o, kv, state = cache.attend(kv, q, k, v, positions, segment_ids, state=state, index=index)
+            qkv = jnp.concatenate([linear(h, p[w], p.get(b)).reshape(B, T, -1, c.head_dim)
+                                   for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))], axis=2)
+        qkv = QKV(qkv, cos, sin, c.n_kv_heads)
+        o, kv, state = cache.attend(kv, qkv, positions, segment_ids, state=state, index=index)
         x = x + linear(o.reshape(B, T, c.q_dim), p["wo"])
         if fused:  # norm + gate/up + SwiGLU in one kernel
             h = norm_matmul(x.reshape(B * T, c.dim), p["mlp_norm"], p["w_gate_up"], eps=c.norm_eps, swiglu=True)

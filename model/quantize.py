@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import NoCache
+from .attention import self_attention
 from .config import ModelConfig, RopeScaling
 from .decoder import Params, unfuse_projections
 from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
@@ -235,7 +235,7 @@ def _layer_taps(p, x, positions, cos, sin, *, config: ModelConfig):
     k = linear(h, p["wk"], p.get("bk")).reshape(B, T, c.n_kv_heads, c.head_dim)
     v = linear(h, p["wv"], p.get("bv")).reshape(B, T, c.n_kv_heads, c.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o, _, _ = NoCache().attend(None, q, k, v, positions, None)
+    o = self_attention(q, k, v, positions)
     o = o.reshape(B, T, c.q_dim)
     x = x + linear(o, p["wo"])
     h2 = rms_norm(x, p["mlp_norm"], c.norm_eps)
