@@ -25,7 +25,7 @@ from flax import struct
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas.paged_attention import paged_attention
-from pallax.kernels_pallas.rope_kv_write import rope_kv_write
+from pallax.kernels_pallas.rope_kv_write import rope_kv_write, rope_kv_write_reference
 from pallax.kernels_pallas.rope_kv_write import supported as rope_kv_write_supported
 from pallax.model.attention import QKV
 from pallax.model.config import ModelConfig
@@ -113,50 +113,17 @@ class PagedCache:
     def _attend_pages(self, pool: PagePool, base, qkv: QKV):
         """Rotate q and k, write this block's K/V into pages [base, base + P) of a
         [pages, page_size, KVH, D] pool and attend over them."""
-        NP, ps, KVH, D = pool.k.shape
+        ps, KVH, D = pool.k.shape[1:]
         slots = jnp.where(self.slots < 0, -1, base * ps + self.slots)  # padding: not written
-        mode = dispatch.resolve()
-        if mode != "reference" and rope_kv_write_supported(qkv.heads.dtype, pool.k.dtype, D):
-            # One kernel rotates q and k and writes k and v in place (three XLA kernels otherwise).
-            q, k_pages, v_pages = rope_kv_write(qkv.heads[0], qkv.cos[0], qkv.sin[0], slots, pool.k, pool.v,
-                                                n_kv_heads=KVH, interpret=mode == "interpret")
-            pool = pool.replace(k=k_pages, v=v_pages)
-        else:
-            q, k, v = (x[0] for x in qkv.rotated())
-            pool = _write_pages(pool, jnp.where(slots < 0, NP * ps, slots), k, v)  # padding: dropped
-        attend = paged_attention_blocked if mode == "reference" else paged_attention
+        # One kernel rotates q and k and writes k and v (quantized for int8 / fp8 pools) in place;
+        # XLA's ops (the reference) where the kernel does not apply.
+        write = rope_kv_write if rope_kv_write_supported(qkv.heads.dtype, D) else rope_kv_write_reference
+        q, *buffers = write(qkv.heads[0], qkv.cos[0], qkv.sin[0], slots, *pool.buffers, n_kv_heads=KVH)
+        pool = PagePool(*buffers)
+        attend = paged_attention_blocked if dispatch.resolve() == "reference" else paged_attention
         out = attend(q, pool.k, pool.v, self.page_table + base, self.query_start, self.kv_lens,
                      self.num_seqs, k_scales=pool.k_scale, v_scales=pool.v_scale)
         return out[None], pool
-
-
-def _write_pages(pool: PagePool, slots, k, v) -> PagePool:
-    """k, v [T, KVH, D] stored at pool rows `slots` (out of range: dropped), quantized with their
-    scales for int8 / fp8 pools."""
-    NP, ps, KVH, D = pool.k.shape
-
-    def write(pages, scales, x):
-        if scales is not None:
-            x, s = quantize_kv(x, pages.dtype)
-            scales = scales.reshape(NP * ps, KVH).at[slots].set(s, mode="drop").reshape(scales.shape)
-        flat = pages.reshape(NP * ps, KVH, D).at[slots].set(x.astype(pages.dtype), mode="drop")
-        return flat.reshape(pages.shape), scales
-
-    k_pages, k_scale = write(pool.k, pool.k_scale, k)
-    v_pages, v_scale = write(pool.v, pool.v_scale, v)
-    return PagePool(k_pages, v_pages, k_scale, v_scale)
-
-
-def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """Per token, per head symmetric quantization: x [T, KVH, D] -> values, scales [T, KVH]."""
-    x32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x32), axis=-1)
-    qmax = 127.0 if jnp.dtype(dtype) == jnp.int8 else 448.0
-    scale = jnp.maximum(amax, 1e-8) / qmax
-    q = x32 / scale[..., None]
-    if jnp.dtype(dtype) == jnp.int8:
-        q = jnp.clip(jnp.round(q), -127, 127)
-    return q.astype(dtype), scale
 
 
 def apply_repetition_penalty(logits: jax.Array, recent: jax.Array, penalty: jax.Array) -> jax.Array:
