@@ -124,16 +124,16 @@ def kernel_census(hlo: str) -> Counter:
 
 
 def decode_program(llm, batch: int = 1, n_steps: int = 1, page_size: int = 16, context: int = 1024,
-                   temperature: float = 0.0):
+                   temperature: float = 0.0, kv_dtype: str = "bfloat16"):
     """The engine's pure-decode program (`batch` sequences at `context`, `n_steps` model steps per
-    call), its arguments, and the jitted function."""
+    call, a `kv_dtype` page pool), its arguments, and the jitted function."""
     from pallax.decode.engine import MIN_ROWS, compile_step, empty_batch, to_device
     from pallax.decode.kv_cache import create_pool
 
     c = llm.config
     pages = -(-(context + n_steps) // page_size)  # per sequence
     per_layer = isinstance(llm.params["layers"], (list, tuple))
-    pool = create_pool(c, batch * pages + 1, page_size, "bfloat16", per_layer=per_layer)
+    pool = create_pool(c, batch * pages + 1, page_size, kv_dtype, per_layer=per_layer)
     rows = max(batch, MIN_ROWS)  # as the engine pads a batch of one
     host = empty_batch(rows, rows, pages)
     for b in range(batch):  # sequence b owns pages b * pages ... in order
@@ -159,6 +159,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quantize", choices=["int8", "int4", "fp8"],
                     help="the random weights in this format, as `pallax quantize` makes them")
     ap.add_argument("--group", type=int, default=128, help="int4 group size")
+    ap.add_argument("--kv-dtype", default="bfloat16", choices=["bfloat16", "float32", "int8", "fp8"],
+                    help="the page pool's dtype")
     ap.add_argument("--quantize-head", action="store_true", help="the output head in --quantize too")
     ap.add_argument("--unfused", action="store_true",
                     help="separate q/k/v and gate/up GEMMs (EngineConfig.fuse_projections=False)")
@@ -181,7 +183,7 @@ def main(argv=None) -> None:
     transposed = transposes(transposed_setting(args))
     llm.params = serving_layout(llm.params, fuse=not args.unfused, transpose=transposed)  # as the engine runs them
     step, (params, pool, batch, prev) = decode_program(llm, args.batch, args.n_steps, context=args.context,
-                                                          temperature=args.temperature)
+                                                          temperature=args.temperature, kv_dtype=args.kv_dtype)
     compiled = step.lower(params, pool, batch, prev).compile()
     hlo = compiled.as_text()
     if args.hlo:
@@ -211,7 +213,7 @@ def main(argv=None) -> None:
     total = sum(census.values())
     rec = emit(dict(bench="step_anatomy", model=f"{args.preset} random {args.quantize or 'bf16'}", batch=args.batch, n_steps=args.n_steps, context=args.context, temperature=args.temperature,
                     fused=not args.unfused, transposed=transposed,
-                    weights=(args.quantize or "bfloat16") + ("+head" if args.quantize_head else ""),
+                    weights=(args.quantize or "bfloat16") + ("+head" if args.quantize_head else ""), kv_dtype=args.kv_dtype,
                     step_ms=dt * 1e3, dispatch_ms=dispatch * 1e3, kernels=total, kernels_per_layer=total / L,
                     per_layer_us=dt * 1e6 / L, census=dict(census.most_common()), profile=profile, **environment()))
     for kind, n in census.most_common():
