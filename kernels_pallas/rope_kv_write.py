@@ -52,10 +52,6 @@ from pallax.kernels_pallas import dispatch
 _QUANT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Launch parameters (one program per token; the tiles are the token's heads)."""
@@ -112,9 +108,9 @@ def _kernel(
     c = cos_ref[t, :][None, :]  # [1, D / 2]
     s = sin_ref[t, :][None, :]
 
-    def heads(n):  # [pow2(n)] head indices: Triton's vectors are powers of two, so the padding
-        # repeats the last head, and its rows are written twice with the same values
-        return jnp.minimum(jnp.arange(_pow2(n), dtype=jnp.int32), n - 1)
+    def heads(n):  # head indices, padded to a power of two (Triton's vectors) with the last head
+        # again, whose rows are then written twice with the same values
+        return jnp.minimum(jnp.arange(pl.next_power_of_2(n), dtype=jnp.int32), n - 1)
 
     def halves(rows):  # rows [R] of qkv as two [R, D / 2] f32 halves
         return (qkv_ref[rows, pl.ds(0, half)].astype(jnp.float32),
