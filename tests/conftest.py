@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded SmolLM2 model (loaded once per session) and its reference outputs."""
+"""Shared fixtures: the embedded SmolLM2 model (loaded once per session), its reference outputs, and
+lowering a jitted function for CUDA without a GPU."""
 
 from __future__ import annotations
 
@@ -41,3 +42,22 @@ def smollm_bf16():
     import pallax
 
     return pallax.load("smollm2-135m-instruct", dtype="bfloat16")
+
+
+@pytest.fixture
+def lower_for_h100():
+    """lower(fn, *args) -> the StableHLO text of jitted `fn` lowered for CUDA against an abstract
+    H100 (no GPU needed: Pallas Triton kernels are lowered to Triton IR on the way)."""
+    import jax
+
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        pytest.skip("this jax has no AbstractDevice to lower for a GPU without one")
+
+    def lower(fn, *args) -> str:
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                             platform="gpu")
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+        with jax.sharding.use_abstract_mesh(mesh):
+            return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    return lower

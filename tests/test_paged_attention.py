@@ -215,11 +215,9 @@ def test_split_attention_is_two_kernels_and_a_reshape(q_lens, block_q):
 
 
 @pytest.mark.parametrize("q_lens,block_q", [([1, 1, 1], 1), ([1, 4, 1, 9], 16), ([5, 5], 2)])
-def test_kernels_lower_to_triton(q_lens, block_q):
+def test_kernels_lower_to_triton(q_lens, block_q, lower_for_h100):
     """Lowers the attention and combine kernels for CUDA against an abstract H100 (no GPU
     needed): Triton accepts the block shapes, indexing and loops of both."""
-    if not hasattr(jax.sharding, "AbstractDevice"):
-        pytest.skip("this jax has no AbstractDevice to lower for a GPU without one")
     case = make_case(10, q_lens=q_lens, kv_lens=[70, 20, 33, 9][: len(q_lens)], heads=14,
                      kv_heads=2, dtype=jnp.bfloat16, head_dim=64)
     args = [case[n] for n in ("q", "k_pages", "v_pages", "page_table", "query_start",
@@ -227,11 +225,7 @@ def test_kernels_lower_to_triton(q_lens, block_q):
     fn = jax.jit(lambda *a: pa._paged_attention_kernel(
         *a, None, None, sm_scale=0.125, block_sizes=BlockSizes(block_q=block_q, block_kv=16,
                                                                 kv_splits=3), interpret=False))
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                         platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_h100(fn, *args)
     assert f'name = "paged_attention_bq{block_q}_bkv16_s3"' in text
     assert 'name = "paged_attention_combine_s3"' in text
 

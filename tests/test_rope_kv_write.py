@@ -148,20 +148,14 @@ def test_dispatch_is_honoured(monkeypatch):
 
 
 @pytest.mark.parametrize("pool_dtype", [jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn])
-def test_kernel_lowers_to_triton(pool_dtype):
+def test_kernel_lowers_to_triton(pool_dtype, lower_for_h100):
     """Lowered for CUDA against an abstract H100 (no GPU needed): Triton takes the gathers of
     head rows, the half-row slices, the quantization (row maxima, the rounding, int8 and e4m3
     casts, the scales' stores) and the in-place pool outputs (aliased to the inputs)."""
-    if not hasattr(jax.sharding, "AbstractDevice"):
-        pytest.skip("this jax has no AbstractDevice to lower for a GPU without one")
     case = make_case(0, tokens=3, heads=14, kv_heads=2, head_dim=64, pool_dtype=pool_dtype)
     fn = jax.jit(lambda *a: rk._rope_kv_write_kernel(*a, n_kv_heads=2, block_sizes=BlockSizes(),
                                                       interpret=False))
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                         platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = fn.trace(*case).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_h100(fn, *case)
     assert 'name = "rope_kv_write"' in text
     assert "output_operand_aliases" in text
 
