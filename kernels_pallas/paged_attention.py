@@ -174,7 +174,9 @@ def _kernel(
     w_start = jnp.sum(jnp.where(this, ends - n_blk, 0))
     q_begin = jnp.sum(jnp.where(this, lo, 0))
     q_len = jnp.sum(jnp.where(this, q_lens, 0))
-    kv_len = kv_lens_ref[jnp.minimum(seq, num_seqs - 1)]
+    # Every slot's length is loaded beside query_start and this sequence's picked from them, so
+    # the length is not a second round trip to memory after the sequence is known.
+    kv_len = jnp.sum(jnp.where(this, kv_lens_ref[jnp.minimum(i, num_seqs - 1)], 0))
     first = (w - w_start) * block_q                # first query token of the block, in-sequence
     n_q = jnp.clip(q_len - first, 0, block_q)      # 0 for padding work items
     pos0 = kv_len - q_len + first                  # position of the block's first token
