@@ -36,6 +36,7 @@ import numpy as np
 
 from pallax.bench.common import (add_transposed_flag, append_records, emit, environment, kernel_profile,
                                  transposed_setting)
+from pallax.decode.kv_cache import KV_DTYPES
 
 # Instructions that launch nothing: they name, reshape or bundle buffers.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
@@ -159,7 +160,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quantize", choices=["int8", "int4", "fp8"],
                     help="the random weights in this format, as `pallax quantize` makes them")
     ap.add_argument("--group", type=int, default=128, help="int4 group size")
-    ap.add_argument("--kv-dtype", default="bfloat16", choices=["bfloat16", "float32", "int8", "fp8"],
+    ap.add_argument("--kv-dtype", default="bfloat16", choices=sorted(KV_DTYPES),
                     help="the page pool's dtype")
     ap.add_argument("--quantize-head", action="store_true", help="the output head in --quantize too")
     ap.add_argument("--unfused", action="store_true",

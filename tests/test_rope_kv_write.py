@@ -12,8 +12,7 @@ from pallax.decode.engine import PagedCache
 from pallax.decode.kv_cache import PagePool
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas import rope_kv_write as rk
-from pallax.kernels_pallas.rope_kv_write import (BlockSizes, quantize_kv, rope_kv_write,
-                                                 rope_kv_write_reference)
+from pallax.kernels_pallas.rope_kv_write import BlockSizes, rope_kv_write, rope_kv_write_reference
 from pallax.model.attention import QKV
 from pallax.model.layers import apply_rope
 
