@@ -1,5 +1,6 @@
 """What the quantized matmul wrappers (int4, int8, fp8) share: activation dtype check, block
-fitting, zero padding up to whole tiles, and split-K outputs.
+fitting, zero padding up to whole tiles, split-K outputs, and `PartialSums` (a product left
+unreduced for a consumer kernel that adds its partial sums itself).
 
 Split-K (int4, int8): the grid is ``(j: N tiles, s: K splits, i: M tiles)``; with one split each
 program writes its ``[block_m, block_n]`` tile of the output, with several each writes an f32
@@ -7,6 +8,8 @@ partial sum ``[splits, M_pad, N]`` that one small XLA reduction adds.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -67,3 +70,31 @@ def reduce_split_k(out, splits: int, m: int, dtype):
     if splits > 1:
         out = out.sum(axis=0).astype(dtype)
     return out[:m]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PartialSums:
+    """A product y [M, N] left as the partial sums of its row blocks (the stream-K int4 kernel's
+    output), for a consumer that adds them itself (`residual_norm`) instead of one more kernel:
+
+        y[m, b * R + r] = sum_p parts[slots[b, p], m, r], rounded to `dtype`
+
+    over the p with `slots[b, p] < S` (an entry `S`, one past the last slot, is no partial sum),
+    in the order of p. `sum()` is that formula in XLA."""
+
+    parts: jax.Array  # [S, M_pad, R] f32: R output channels of M_pad rows a slot
+    slots: jax.Array  # [B, P] int32: the slots of row block b, B * R = N
+    m: int = dataclasses.field(metadata=dict(static=True))  # rows of y (<= M_pad)
+    dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.m, self.slots.shape[0] * self.parts.shape[2]
+
+    def sum(self) -> jax.Array:
+        """y [M, N] in `dtype`."""
+        part = self.parts[:, :self.m]
+        y = jnp.take(part, self.slots, axis=0, mode="fill", fill_value=0).sum(axis=1)  # [B, M, R]
+        # at M = 1 already y's layout: no transpose
+        return jnp.swapaxes(y, 0, 1).reshape(self.shape).astype(self.dtype)

@@ -31,7 +31,9 @@ units; each of `min(132, units)` CTAs streams an equal run of them through one T
   to `[M_pad, rows]`, in the CTA's slot for it; one small XLA fusion then adds each block's slots
   of the M real rows in a fixed order (deterministic, unlike adding in place with TMA
   reductions). At M = 1 the sum is already y's layout, so it fuses into y's consumers with no
-  transpose kernel of its own.
+  transpose kernel of its own. With `partial=True` the slots are returned unadded
+  (`PartialSums`), for a consumer kernel that adds them itself (the residual add + RMSNorm
+  after the o and down projections: `residual_norm.py`).
 
 `interpret=True` runs the kernel in Pallas's GPU interpret mode on a CPU: the same words and ring,
 the operand unpacked by `_word_map` in jnp and staged through shared memory (the interpreter runs
@@ -139,7 +141,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas._mgpu_common import stream_ring
-from pallax.kernels_pallas._matmul_common import round_up
+from pallax.kernels_pallas._matmul_common import PartialSums, round_up
 from pallax.kernels_pallas.quant_formats import check_group_size, dequantize_int4
 
 _ROWS = 64  # output channels per consumer warpgroup (one wgmma M tile)
@@ -514,11 +516,13 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "blocks", "num_sms", "interpret",
-                                             "profile_dir"))
+                                             "profile_dir", "partial"))
 def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | None = None,
-                     num_sms: int = 132, interpret: bool = False, profile_dir: str | None = None):
+                     num_sms: int = 132, interpret: bool = False, profile_dir: str | None = None,
+                     partial: bool = False):
     """x [M, K] bf16/f16 @ the int4 weight (`to_hopper_layout`) -> [M, N] in x's dtype, on
-    `blocks.ctas` or `num_sms` CTAs (`blocks`: `blocks_for(K)` by default).
+    `blocks.ctas` or `num_sms` CTAs (`blocks`: `blocks_for(K)` by default). `partial=True`
+    returns the CTAs' partial sums unadded, as `PartialSums` (whose `sum()` is the product).
 
     `profile_dir` (GPU only): each call also writes its timeline there, a Perfetto trace of every
     warpgroup's regions (the consumers' `wait`, `math`, `flush`, `drain`, the producer's `ring`
@@ -565,11 +569,10 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
     word_map = (jnp.asarray(_word_map(g), jnp.int32),) if interpret else ()
     part = kernel(xp, words, scales.astype(jnp.float32), *word_map)
     # each row block: its slots' partial sums in a fixed order (slots a CTA left unused are
-    # never read: the gather names written ones, or one past the end, which reads as zeros)
-    part = part.reshape(-1, m_pad, blocks.rows)[:, :M]
-    y = jnp.take(part, sched.slots_of_blocks, axis=0, mode="fill", fill_value=0)
-    y = y.sum(axis=1)  # [row blocks, M, rows]: at M = 1 already y's layout, no transpose
-    return jnp.swapaxes(y, 0, 1).reshape(M, N).astype(x.dtype)
+    # never read: the table names written ones, or one past the end, which reads as zeros)
+    y = PartialSums(part.reshape(-1, m_pad, blocks.rows), jnp.asarray(sched.slots_of_blocks),
+                    M, x.dtype)
+    return y if partial else y.sum()
 
 
 def int4_matmul_mgpu_reference(x, packed, scales, *, group_size: int):

@@ -35,6 +35,11 @@ A group whose quantized weights cannot share one GEMM (`linear.concat_mismatch`:
 act_scales that differ) stays separate in that layer. Training, scoring and quantizing use the
 stacked, unfused layout (`quantize.stacked` restores it).
 
+Each block's output is added to the residual stream by the kernel that norms the sum for the
+next block (`layers.residual_rms_norm`): the layer hands its MLP output to the next layer
+unadded, and where a product is the int4 kernel's partial sums (`linear.linear_partials`), that
+kernel adds them too, so neither the sum nor the add is a kernel of its own.
+
 With that layout in dense bf16 weights and `PALLAX_NORM_MATMUL=1`, a step of at most 64 token
 rows (decode, verification) runs on a GPU with each RMSNorm inside the GEMM that reads it and
 the SwiGLU product inside the gate/up GEMM (`kernels_pallas.norm_matmul`, `_fuses_norms`): three
@@ -56,8 +61,8 @@ from pallax.kernels_pallas.norm_matmul import supported as norm_matmul_supported
 
 from .attention import QKV, AttentionCache, NoCache
 from .config import ModelConfig
-from .layers import rms_norm, rope_cos_sin, rope_inv_freq, swiglu, swiglu_fused
-from .linear import concat_mismatch, concat_out, linear, split_out
+from .layers import added, residual_rms_norm, rms_norm, rope_cos_sin, rope_inv_freq, swiglu, swiglu_fused
+from .linear import concat_mismatch, concat_out, linear, linear_partials, split_out
 
 Params = dict[str, Any]
 
@@ -158,52 +163,63 @@ def forward(
     cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
 
     def layer(carry, scanned):
-        x, state = carry
+        # pending: the last block's output (the MLP's down projection), not yet added to x; the
+        # add happens in the kernel that norms the sum (`residual_rms_norm`)
+        x, pending, state = carry
         p, kv, index = scanned
         fused = _fuses_norms(p, x)
         heads = (B, T, c.n_heads + 2 * c.n_kv_heads, c.head_dim)  # q | k | v heads, before RoPE
         if fused:  # norm + q/k/v + bias in one kernel
+            x = added(x, pending)
             qkv = norm_matmul(x.reshape(B * T, c.dim), p["attn_norm"], p["wqkv"], eps=c.norm_eps,
                               bias=p.get("bqkv")).reshape(heads)
-        elif "wqkv" in p:
-            qkv = linear(rms_norm(x, p["attn_norm"], c.norm_eps), p["wqkv"], p.get("bqkv")).reshape(heads)
         else:
-            # Joined along the heads axis, which QKV.rotated splits again: XLA drops the pair
-            # unless the cache reads the joined heads.
-            h = rms_norm(x, p["attn_norm"], c.norm_eps)
-            qkv = jnp.concatenate([linear(h, p[w], p.get(b)).reshape(B, T, -1, c.head_dim)
-                                   for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))], axis=2)
+            x, h = residual_rms_norm(x, pending, p["attn_norm"], c.norm_eps)
+            if "wqkv" in p:
+                qkv = linear(h, p["wqkv"], p.get("bqkv")).reshape(heads)
+            else:
+                # Joined along the heads axis, which QKV.rotated splits again: XLA drops the pair
+                # unless the cache reads the joined heads.
+                qkv = jnp.concatenate([linear(h, p[w], p.get(b)).reshape(B, T, -1, c.head_dim)
+                                       for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))], axis=2)
         qkv = QKV(qkv, cos, sin, c.n_kv_heads)
         o, kv, state = cache.attend(kv, qkv, positions, segment_ids, state=state, index=index)
-        x = x + linear(o.reshape(B, T, c.q_dim), p["wo"])
+        o = linear_partials(o.reshape(B, T, c.q_dim), p["wo"])
         if fused:  # norm + gate/up + SwiGLU in one kernel
-            h = norm_matmul(x.reshape(B * T, c.dim), p["mlp_norm"], p["w_gate_up"], eps=c.norm_eps, swiglu=True)
-            return (x + linear(h.reshape(B, T, c.ffn_dim), p["w_down"]), state), kv
-        h = rms_norm(x, p["mlp_norm"], c.norm_eps)
-        if "w_gate_up" in p:
-            x = x + swiglu_fused(h, p["w_gate_up"], p["w_down"])
+            x = added(x, o)
+            h = norm_matmul(x.reshape(B * T, c.dim), p["mlp_norm"], p["w_gate_up"], eps=c.norm_eps,
+                            swiglu=True).reshape(B, T, c.ffn_dim)
         else:
-            x = x + swiglu(h, p["w_gate"], p["w_up"], p["w_down"])
-        return (x, state), kv
+            x, h = residual_rms_norm(x, o, p["mlp_norm"], c.norm_eps)
+            h = swiglu_fused(h, p["w_gate_up"]) if "w_gate_up" in p else swiglu(h, p["w_gate"], p["w_up"])
+        return (x, linear_partials(h, p["w_down"]), state), kv
 
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         # Unstacked: one buffer per layer, run as a Python loop. Under `lax.scan`, XLA slices each
         # layer's weights out of the stacked arrays with a copy before the matmuls read them
         # (about 3x the weight bytes per step); separate buffers are read where they lie.
-        state, cache_layers, new = cache.state(), cache.layers(), []
+        state, cache_layers, new, pending = cache.state(), cache.layers(), [], None
         for i, p in enumerate(layers):
             kv = None if cache_layers is None else jax.tree.map(lambda a: a[i], cache_layers)
-            (x, state), kv = layer((x, state), (p, kv, i))
+            (x, pending, state), kv = layer((x, pending, state), (p, kv, i))
             new.append(kv)
         new_layers = None if cache_layers is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
     else:
+        def scanned_layer(carry, scanned):  # a scan's carry keeps one structure: nothing pending
+            x, state = carry
+            (x, pending, state), kv = layer((x, None, state), scanned)
+            return (added(x, pending), state), kv
+
         scanned = (layers, cache.layers(), jnp.arange(c.n_layers, dtype=jnp.int32))
-        (x, state), new_layers = lax.scan(layer, (x, cache.state()), scanned)
+        (x, state), new_layers = lax.scan(scanned_layer, (x, cache.state()), scanned)
+        pending = None
     cache = cache.with_layers(new_layers).with_state(state)
     if logit_indices is not None:
-        x = jnp.take_along_axis(x, logit_indices[..., None], axis=1)
-    x = rms_norm(x, params["final_norm"], c.norm_eps)
+        x = jnp.take_along_axis(added(x, pending), logit_indices[..., None], axis=1)
+        x = rms_norm(x, params["final_norm"], c.norm_eps)
+    else:
+        _, x = residual_rms_norm(x, pending, params["final_norm"], c.norm_eps)
     return logits_from_hidden(params, x, c), cache
 
 

@@ -1,4 +1,5 @@
-"""Small layers of the decoder: RMSNorm, rotary embeddings (with Llama-3 scaling), SwiGLU."""
+"""Small layers of the decoder: RMSNorm (alone or after the residual add), rotary embeddings (with
+Llama-3 scaling), SwiGLU."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallax.kernels_pallas import residual_norm
+from pallax.kernels_pallas._matmul_common import PartialSums
 
 from .config import ModelConfig
 from .linear import linear
@@ -58,12 +62,37 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def swiglu(x: jax.Array, w_gate, w_up, w_down) -> jax.Array:
-    """down(silu(x gate) * (x up)); x [..., D]."""
-    return linear(jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+def swiglu(x: jax.Array, w_gate, w_up) -> jax.Array:
+    """The MLP's hidden activation silu(x gate) * (x up) [..., ffn]; x [..., D]."""
+    return jax.nn.silu(linear(x, w_gate)) * linear(x, w_up)
 
 
-def swiglu_fused(x: jax.Array, w_gate_up, w_down) -> jax.Array:
+def swiglu_fused(x: jax.Array, w_gate_up) -> jax.Array:
     """`swiglu` with gate and up concatenated along the output axis (one GEMM); x [..., D]."""
     gate, up = jnp.split(linear(x, w_gate_up), 2, axis=-1)  # [..., ffn] each
-    return linear(jax.nn.silu(gate) * up, w_down)
+    return jax.nn.silu(gate) * up
+
+
+def residual_rms_norm(x: jax.Array, y, weight: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """(x + y, rms_norm(x + y, weight, eps)): the residual stream and the next block's input,
+    for x [..., D] and y a block's output: an array like x, `PartialSums` of x's rows
+    (`linear_partials`), or None (nothing to add: x and its norm).
+
+    One kernel on a GPU (`kernels_pallas.residual_norm`) where y is `PartialSums`, whose sum it
+    adds itself; a dense y goes to XLA, which fuses the add into the producer's epilogue."""
+    if y is None:
+        return x, rms_norm(x, weight, eps)
+    if not isinstance(y, PartialSums):
+        x = x + y.astype(x.dtype)
+        return x, rms_norm(x, weight, eps)
+    x2, h = residual_norm.residual_rms_norm(x.reshape(y.shape), y, weight, eps=eps)
+    return x2.reshape(x.shape), h.reshape(x.shape)
+
+
+def added(x: jax.Array, y) -> jax.Array:
+    """x + y for y as `residual_rms_norm` takes it."""
+    if y is None:
+        return x
+    if isinstance(y, PartialSums):
+        return x + y.sum().reshape(x.shape).astype(x.dtype)
+    return x + y.astype(x.dtype)

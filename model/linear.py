@@ -55,6 +55,14 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     return y
 
 
+def linear_partials(x: jax.Array, w):
+    """`linear(x, w)` for a consumer that adds partial sums itself (`layers.residual_rms_norm`):
+    `PartialSums` of x's rows where the weight's format leaves its product unreduced (its
+    `matmul_partials`, on the GPU kernel's path), else the product [..., out]."""
+    matmul_partials = getattr(w, "matmul_partials", None)
+    return linear(x, w) if matmul_partials is None else matmul_partials(x)
+
+
 def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [in, out] with f32 accumulation."""
     dot = lambda a: jnp.einsum("ki,io->ko", a, w, preferred_element_type=jnp.float32)  # noqa: E731

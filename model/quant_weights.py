@@ -29,6 +29,7 @@ from jax import lax
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas.fp8_matmul import fp8_linear, fp8_matmul_reference
 from pallax.kernels_pallas import int4_matmul_mgpu
+from pallax.kernels_pallas._matmul_common import PartialSums
 from pallax.kernels_pallas.int4_matmul import int4_matmul
 from pallax.kernels_pallas.int8_matmul import int8_matmul
 from pallax.kernels_pallas.quant_formats import (check_group_size, dequantize_int4, quantize_fp8,
@@ -156,18 +157,22 @@ class Int4HopperWeight:
         return (self.words.shape[-3] * self.group_size, self.words.shape[-4] * 64)
 
     def matmul(self, x: jax.Array) -> jax.Array:
+        y = self.matmul_partials(x)
+        return unflat_rows(y.sum(), x) if isinstance(y, PartialSums) else y
+
+    def matmul_partials(self, x: jax.Array) -> "PartialSums | jax.Array":
+        """The kernel's partial sums of x's rows [M, N], unadded (`linear.linear_partials`), where
+        it runs; else the product [..., N]."""
         k, n = self.shape
         x2 = flat_rows(x, k)
         if self.act_scale is not None:
             x2 = (x2.astype(jnp.float32) / self.act_scale.astype(jnp.float32)).astype(x.dtype)
         mode = dispatch.resolve()
         if mode != "reference" and int4_matmul_mgpu.applies(x2.shape[0], k, n, self.group_size):
-            y = int4_matmul_mgpu.int4_matmul_mgpu(x2, self.words, self.scales,
-                                                  group_size=self.group_size,
-                                                  interpret=mode == "interpret")
-        else:
-            y = dense_matmul(x2, self._scaled_codes().astype(x2.dtype))
-        return unflat_rows(y, x)
+            return int4_matmul_mgpu.int4_matmul_mgpu(x2, self.words, self.scales,
+                                                     group_size=self.group_size,
+                                                     interpret=mode == "interpret", partial=True)
+        return unflat_rows(dense_matmul(x2, self._scaled_codes().astype(x2.dtype)), x)
 
     def _scaled_codes(self) -> jax.Array:
         """`q * s` as f32 `[..., K, N]` (the stored weight, AWQ scale still in)."""
