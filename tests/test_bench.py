@@ -232,3 +232,19 @@ def test_replay_mode_matches_the_served_drafter(tmp_path):
     want = bench.summarize(rows)
     assert {key: recs[0][key] for key in want} == want
     assert recs[1]["tokens"] == want["tokens"] and recs[1]["rounds"] <= want["rounds"] + 1
+
+
+def test_partial_sums_bench_switches_the_kernel():
+    """bench.partial_sums's variants turn the residual norm kernel off and on, and set its
+    num_warps (`norm` restores the defaults)."""
+    from pallax.bench.partial_sums import use_variant
+    from pallax.kernels_pallas import residual_norm as rn
+    from pallax.kernels_pallas._matmul_common import PartialSums
+
+    y = PartialSums(jnp.zeros((4, 8, 128), jnp.float32), jnp.zeros((2, 2), jnp.int32), 1, jnp.dtype(jnp.bfloat16))
+    try:
+        for variant, on, warps in (("xla", False, 32), ("norm-w8", True, 8), ("norm", True, 32)):
+            use_variant(variant)
+            assert rn.supported(y) == on and rn.BlockSizes().num_warps == warps, variant
+    finally:
+        use_variant("norm")

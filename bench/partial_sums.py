@@ -1,0 +1,168 @@
+"""Where the int4 kernel's partial sums are added, in the engine's batch-1 decode step.
+
+The Hopper int4 kernel leaves each row block's partial sums in slots (`PartialSums`). Either XLA
+adds them in a fusion of its own (or fused into the add of the residual stream), or the kernel
+that reads the product next adds them itself: the residual add + RMSNorm kernel
+(`kernels_pallas/residual_norm.py`, after the o and down projections). This bench compiles the
+step once per variant, runs the variants alternately (`--reps` runs of `--steps` back-to-back
+steps each), checks they give the same greedy tokens, and profiles each (device time by kernel):
+
+- `xla`: XLA adds the partial sums and the residual, then norms (two kernels);
+- `norm`: the residual norm kernel (the default; `norm-w8`, `norm-w16`: other num_warps).
+
+Before the steps it checks on the GPU that the kernel gives on the int4 kernel's own partial sums
+(Llama-3-8B's o and down shapes) what it gives on their sum. `--bf16` also times the bf16
+model's step (the int4 target's baseline). Random weights of `--preset`'s shapes:
+
+    python3 -m pallax.bench.partial_sums --bf16 --out results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallax.bench.common import append_records, emit, environment, kernel_profile
+
+VARIANTS = ("xla", "norm", "norm-w8", "norm-w16")
+
+
+def check_kernel(records: list) -> None:
+    """The kernel on the int4 kernel's partial sums against its reference on their sum."""
+    from pallax.kernels_pallas import int4_matmul_mgpu as i4h
+    from pallax.kernels_pallas import quant_formats as qf
+    from pallax.kernels_pallas import residual_norm as rn
+
+    key = jax.random.split(jax.random.key(0), 4)
+    norm = jax.jit(lambda x, y, g: rn.residual_rms_norm(x, y, g, eps=1e-5))
+    for k, n in ((4096, 4096), (14336, 4096)):  # o, down
+        w = 0.02 * jax.random.normal(key[0], (k, n), jnp.float32)
+        packed, scales, _ = qf.quantize_int4(w, 128, symmetric=True)
+        words, s = i4h.to_hopper_layout(packed, scales, group_size=128)
+        for m in (1, 2, 4, 16):
+            a = jax.random.normal(key[1], (m, k), jnp.float32).astype(jnp.bfloat16)
+            run = functools.partial(i4h.int4_matmul_mgpu, a, words, s, group_size=128)
+            parts, y = run(partial=True), run()
+            x = jax.random.normal(key[2], (m, n), jnp.float32).astype(jnp.bfloat16)
+            g = (1 + 0.1 * jax.random.normal(key[3], (n,), jnp.float32)).astype(jnp.bfloat16)
+            got, want = norm(x, parts, g), rn.residual_rms_norm_reference(x, y, g, eps=1e-5)
+            records.append(emit(dict(bench="partial_sums_check", kernel="residual_norm", k=k, n=n, m=m,
+                                     sum_equal=bool(jnp.array_equal(parts.sum(), y)),
+                                     equal=[bool(jnp.array_equal(a, b)) for a, b in zip(got, want)],
+                                     **environment())))
+
+
+@functools.lru_cache(maxsize=None)
+def _originals():
+    from pallax.kernels_pallas import residual_norm as rn
+
+    return rn.supported, rn.BlockSizes
+
+
+def use_variant(variant: str) -> None:
+    """Switch the residual norm kernel off (`xla`) or its num_warps (module attributes read at
+    trace time); `norm` restores the defaults."""
+    from pallax.kernels_pallas import residual_norm as rn
+
+    rn.supported, rn.BlockSizes = _originals()
+    if variant == "xla":
+        rn.supported = lambda y: False
+    elif "-w" in variant:
+        rn.BlockSizes = functools.partial(rn.BlockSizes, num_warps=int(variant.split("-w")[1]))
+
+
+def compiled_steps(llm, variants, context: int) -> dict:
+    """variant -> (the compiled decode program, its arguments, kernels launched)."""
+    from pallax.bench.step_anatomy import decode_program, kernel_census
+    from pallax.decode.engine import compile_step
+
+    out = {}
+    for v in variants:
+        use_variant(v)
+        compile_step.cache_clear()
+        jax.clear_caches()
+        step, args = decode_program(llm, context=context)
+        compiled = step.lower(*args).compile()
+        out[v] = (compiled, list(args), sum(kernel_census(compiled.as_text()).values()))
+    use_variant("norm")
+    return out
+
+
+def time_steps(model: str, progs: dict, reps: int, steps: int, note: str) -> list:
+    tokens, times = {}, {v: [] for v in progs}
+    for v, (step, args, _) in progs.items():
+        args[1], out, args[3] = step(*args)
+        tokens[v] = np.asarray(out.tokens).tolist()
+    for _ in range(reps):
+        for v, (step, args, _) in progs.items():
+            for _ in range(10):
+                args[1], out, args[3] = step(*args)
+            jax.block_until_ready(out.tokens)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                args[1], out, args[3] = step(*args)
+            jax.block_until_ready(out.tokens)
+            times[v].append((time.perf_counter() - t0) / steps * 1e3)
+    records, first = [], next(iter(progs))
+    for v, (step, args, kernels) in progs.items():
+        def run(step=step, args=args):
+            args[1], out, args[3] = step(*args)
+            jax.block_until_ready(out.tokens)
+
+        prof = kernel_profile(run, 20, top=60)
+        records.append(emit(dict(
+            bench="partial_sums", model=model, variant=v, step_ms=times[v], kernels=kernels,
+            tokens=tokens[v], same_tokens=tokens[v] == tokens[first], busy_us=prof["busy_us"],
+            kernels_us=prof["kernels_us"], note=note, **environment())))
+    return records
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--variants", nargs="+", default=["xla", "norm"], choices=VARIANTS)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--bf16", action="store_true", help="also time the bf16 model's step")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--out", help="append the JSON records here")
+    args = ap.parse_args(argv)
+
+    from pallax.bench.decode import random_llm
+    from pallax.decode.scheduler import serving_layout, transposes
+    from pallax.model.config import preset
+    from pallax.model.quantize import quantize
+
+    records: list = []
+    if not args.skip_check:
+        check_kernel(records)
+    llm = random_llm(preset(args.preset))
+    q = quantize(llm, "int4", group_size=128, quantize_head=True)
+    q.params = serving_layout(q.params, transpose=transposes(None))
+    note = (f"the engine's batch-1 decode program (step_anatomy.decode_program), ctx {args.context}, "
+            f"random weights; {args.reps} alternating runs of {args.steps} back-to-back steps; "
+            "kernel times from a profile of 20 steps")
+    records += time_steps(f"{args.preset} random int4+head", compiled_steps(q, args.variants, args.context),
+                          args.reps, args.steps, note)
+    del q
+    if args.bf16:
+        llm.params = serving_layout(llm.params, transpose=transposes(None))
+        records += time_steps(f"{args.preset} random bf16", compiled_steps(llm, ["norm"], args.context),
+                              min(args.reps, 2), args.steps, note)
+    for r in records:
+        if r["bench"] == "partial_sums":
+            us = r["kernels_us"]
+            print(f"{r['model']:30s} {r['variant']:9s} {min(r['step_ms']):.3f} ms  {r['kernels']} kernels  "
+                  f"residual_norm {us.get('residual_norm', 0):.0f} us a step")
+    if args.out:
+        append_records(args.out, records)
+
+
+if __name__ == "__main__":
+    main()
