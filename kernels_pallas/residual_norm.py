@@ -48,23 +48,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas._launch import Launch
 from pallax.kernels_pallas._matmul_common import PartialSums
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
+class BlockSizes(Launch):
     """Launch parameters (one program per row; the tile is the whole row)."""
 
     num_warps: int = 32
-    num_stages: int = 1
-
-    def __post_init__(self):
-        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"{self.num_warps=} must be a power of two")
-        if self.num_stages < 1:
-            raise ValueError(f"{self.num_stages=} must be >= 1")
 
 
 def _kernel(
@@ -112,16 +106,12 @@ def _residual_norm_kernel(x, y: PartialSums, weight, *, eps, block_sizes, interp
     inputs = [x.reshape(-1), y.parts.reshape(-1), y.slots.reshape(-1).astype(jnp.int32), weight]
     out_shape = [jax.ShapeDtypeStruct((m * d,), x.dtype)] * 2
     whole = lambda a: pl.BlockSpec(a.shape, lambda i: (0,))  # noqa: E731
-    compiler_params = None
-    if not interpret:
-        compiler_params = plgpu.CompilerParams(num_warps=block_sizes.num_warps,
-                                               num_stages=block_sizes.num_stages)
     x, h = pl.pallas_call(
         functools.partial(_kernel, n_blocks=n_blocks, n_slots=n_slots, m_pad=m_pad, rows=rows,
                           per_block=per_block, y_dtype=y.dtype, eps=eps),
         grid=(m,), in_specs=[whole(a) for a in inputs], out_specs=[whole(a) for a in out_shape],
-        out_shape=out_shape, interpret=interpret, compiler_params=compiler_params,
-        name="residual_norm",
+        out_shape=out_shape, interpret=interpret,
+        compiler_params=block_sizes.compiler_params(interpret), name="residual_norm",
     )(*inputs)
     return x.reshape(m, d), h.reshape(m, d)
 

@@ -45,25 +45,18 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas._launch import Launch
 
 _QUANT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
+class BlockSizes(Launch):
     """Launch parameters (one program per token; the tiles are the token's heads)."""
 
     num_warps: int = 4
-    num_stages: int = 1
-
-    def __post_init__(self):
-        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"{self.num_warps=} must be a power of two")
-        if self.num_stages < 1:
-            raise ValueError(f"{self.num_stages=} must be >= 1")
 
 
 def _qmax(dtype) -> float:
@@ -157,15 +150,12 @@ def _rope_kv_write_kernel(qkv, cos, sin, slots, k_pages, v_pages, k_scales, v_sc
     out_shape = [jax.ShapeDtypeStruct((t * n_heads, d), qkv.dtype),
                  *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in pool)]
     whole = lambda x: pl.BlockSpec(x.shape, lambda i, n=len(x.shape): (0,) * n)  # noqa: E731
-    compiler_params = None
-    if not interpret:
-        compiler_params = plgpu.CompilerParams(num_warps=block_sizes.num_warps,
-                                               num_stages=block_sizes.num_stages)
     q, *pool = pl.pallas_call(
         functools.partial(_kernel, n_heads=n_heads, n_kv_heads=n_kv_heads),
         grid=(t,), in_specs=[whole(x) for x in inputs], out_specs=[whole(x) for x in out_shape],
         out_shape=out_shape, input_output_aliases={4 + i: 1 + i for i in range(len(pool))},
-        interpret=interpret, compiler_params=compiler_params, name="rope_kv_write",
+        interpret=interpret, compiler_params=block_sizes.compiler_params(interpret),
+        name="rope_kv_write",
     )(*inputs)
     k_pages, v_pages = pool[0].reshape(k_pages.shape), pool[1].reshape(v_pages.shape)
     if k_scales is not None:
