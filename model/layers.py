@@ -80,10 +80,8 @@ def residual_rms_norm(x: jax.Array, y, weight: jax.Array, eps: float) -> tuple[j
 
     One kernel on a GPU (`kernels_pallas.residual_norm`) where y is `PartialSums`, whose sum it
     adds itself; a dense y goes to XLA, which fuses the add into the producer's epilogue."""
-    if y is None:
-        return x, rms_norm(x, weight, eps)
     if not isinstance(y, PartialSums):
-        x = x + y.astype(x.dtype)
+        x = added(x, y)
         return x, rms_norm(x, weight, eps)
     x2, h = residual_norm.residual_rms_norm(x.reshape(y.shape), y, weight, eps=eps)
     return x2.reshape(x.shape), h.reshape(x.shape)
