@@ -77,8 +77,8 @@ def _kernel(
     # The row as a [B, R] tile of its row blocks (each R contiguous values: vector loads), B
     # padded to a power of two (Triton's tiles) with the last block again, whose values are then
     # loaded and stored twice, the same both times, and summed once.
-    live = jnp.arange(pl.next_power_of_2(n_blocks), dtype=jnp.int32)[:, None] < n_blocks  # [B, 1]
-    b = jnp.minimum(jnp.arange(pl.next_power_of_2(n_blocks), dtype=jnp.int32), n_blocks - 1)[:, None]
+    blocks = jnp.arange(pl.next_power_of_2(n_blocks), dtype=jnp.int32)[:, None]  # [B, 1]
+    live, b = blocks < n_blocks, jnp.minimum(blocks, n_blocks - 1)
     col = b * rows + jnp.arange(rows, dtype=jnp.int32)[None, :]  # [B, R]
     # Every load is issued before any sum: the slot table, x, the weight, each slot's rows.
     slots = [slots_ref[b * per_block + p] for p in range(per_block)]  # [B, 1] each
