@@ -1,5 +1,5 @@
-"""Shared fixtures: the embedded SmolLM2 model (loaded once per session), its reference outputs, and
-lowering a jitted function for CUDA without a GPU."""
+"""Shared fixtures: the embedded SmolLM2 model (loaded once per session), its reference outputs,
+lowering a jitted function for CUDA without a GPU, and counting a jaxpr's Pallas kernels."""
 
 from __future__ import annotations
 
@@ -61,3 +61,27 @@ def lower_for_h100():
             return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
     return lower
+
+
+def _count_kernels(jaxpr, name: str) -> int:
+    import jax
+
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            n += str(eqn.params.get("name", "")) == name
+            continue
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else (v,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    n += _count_kernels(sub.jaxpr, name)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    n += _count_kernels(sub, name)
+    return n
+
+
+@pytest.fixture
+def count_kernels():
+    """count(jaxpr, name) -> the Pallas calls named `name` that running `jaxpr` makes (inner
+    jaxprs counted per call)."""
+    return _count_kernels

@@ -246,24 +246,8 @@ def test_transposed_layout_takes_small_dense_projections_only():
         transposed_layout(params)
 
 
-def _count_kernels(jaxpr, name: str) -> int:
-    """Pallas calls named `name` that running `jaxpr` makes (inner jaxprs counted per call)."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            n += str(eqn.params.get("name", "")) == name
-            continue
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else (v,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    n += _count_kernels(sub.jaxpr, name)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    n += _count_kernels(sub, name)
-    return n
-
-
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_small_m_steps_fuse_norms_into_gemms(qkv_bias, monkeypatch):
+def test_small_m_steps_fuse_norms_into_gemms(qkv_bias, monkeypatch, count_kernels):
     """Steps of few token rows in the fused serving layout run each layer's norms inside the GEMMs
     that read them (two `norm_matmul` kernels a layer, here in interpret mode): a prefill of 2 x 7
     rows and cached decode steps of 2 rows give the unfused layers' logits; with
@@ -293,7 +277,7 @@ def test_small_m_steps_fuse_norms_into_gemms(qkv_bias, monkeypatch):
         monkeypatch.setenv("PALLAX_NORM_MATMUL", env)
         with kernel_mode("interpret"):
             jaxpr = jax.make_jaxpr(lambda p: forward(p, tokens[:, :1], pos[:, :1], config=c)[0])(fused)
-        return _count_kernels(jaxpr.jaxpr, "norm_matmul")
+        return count_kernels(jaxpr.jaxpr, "norm_matmul")
 
     assert kernels("1") == 2 * c.n_layers and kernels("0") == 0
     monkeypatch.setenv("PALLAX_NORM_MATMUL", "1")
