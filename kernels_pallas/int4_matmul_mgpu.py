@@ -62,6 +62,16 @@ the Triton kernel, tuned in the same run: 0.39-0.46 at 4096x14336).
   (pipeline fill, tail, the fixup fusion), whatever its size. The default tiling was the fastest
   of 12 on all four (6 or 8 stages, 1 or 4 consumers, 512-wide steps, 2 or 3 CTAs an SM).
 
+Warming L2 for the next call (`next_weight`, `Prefetch`): a decode step's int4 calls follow each
+other, so a call may be given the next call's weight; once its producer has issued its last copy
+it prefetches into L2 (TMA bulk prefetches of the same tiles) the first `PREFETCH_UNITS` units of
+the next call's CTA of its own index, and that call's first slots come from L2. On an H200
+(`python3 -m pallax.bench.l2_prefetch`, bench/results/l2_prefetch_h200.jsonl) one unit took the
+Llama-3-8B int4 step from 2.112 to 2.077 ms (int4 kernels 1.475 -> 1.437 ms a step) and
+Qwen2.5-1.5B's from 1.008 to 0.988; 3, 4, 16 and 64 units were slower than one (the prefetches
+compete with the call's own last copies), and so were prefetches issued by a consumer at the
+kernel's end or in its last steps.
+
 Where a call's time goes (`python3 -m pallax.bench.int4_timeline`, the kernel's own on-device
 timeline from Mosaic GPU's profiler; bench/results/int4_timeline_h200.jsonl, one H200, a
 Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
@@ -148,6 +158,8 @@ _ROWS = 64  # output channels per consumer warpgroup (one wgmma M tile)
 _VEC = 4  # int32 words per 128-bit shared-memory load of the packed codes
 _MAX_M = 64
 _PRODUCER_REGS = 40
+# Units of the next int4 call a CTA prefetches into L2 when asked (`Prefetch`; 0: none).
+PREFETCH_UNITS = 1
 
 
 def _consumer_regs(consumers: int) -> int:
@@ -388,13 +400,54 @@ def _store_transposed(acc, ref):
             vector.store(mgpu_utils.vector_slice(reg, slice(v, v + 1)), ref, [cv, r])
 
 
+@dataclasses.dataclass(frozen=True)
+class Prefetch:
+    """The next int4 call a kernel warms L2 for: its weight's `k`, `n` and `group_size` (which fix
+    its `Schedule` on the same `num_sms`) and `units`, how many of each of its CTAs' first units
+    (their words and scales) this call's CTA of the same index prefetches into L2 once it has
+    issued its own last copy."""
+
+    k: int
+    n: int
+    group_size: int
+    units: int
+
+    def __post_init__(self):
+        if self.units < 1:
+            raise ValueError(f"Prefetch.units={self.units} must be >= 1")
+
+
+def _prefetch_next(c, w_ref, s_ref, pf: Prefetch, num_sms: int):
+    """CTA c's part of `pf`: the first `pf.units` units of the next call's CTA c, as that call's
+    producer will copy them (the same tiles, so the same L2 lines)."""
+    blocks = blocks_for(pf.k)
+    sched = Schedule.make(pf.k, pf.n, blocks, num_sms)
+    g, nc = pf.group_size, blocks.consumers
+    gps = blocks.tile_k // g
+    v0 = lax.div(c * sched.units, sched.ctas)
+    v1 = lax.div((c + 1) * sched.units, sched.ctas)
+
+    @pl.loop(0, pf.units)
+    def _unit(j):
+        v = v0 + j
+
+        @pl.when((c < sched.ctas) & (v < v1))
+        def _():
+            block = lax.div(v, sched.steps)
+            k0 = lax.rem(v, sched.steps) * blocks.tile_k
+            plgpu.async_prefetch(w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)])
+            plgpu.async_prefetch(s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)])
+
+
 def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sched: Schedule,
-            in_place: bool):
+            in_place: bool, prefetch: Prefetch | None, num_sms: int):
     # x_ref: [M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
     # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
     # out_ref: [ctas, flushes, M_pad, rows] f32 (GMEM: each CTA's partial sums, `Schedule`,
     # row-major in M like y, so the sums' reads of the M real rows are contiguous)
     *word_map, out_ref = refs
+    if prefetch is not None:  # the next call's words and scales
+        pw_ref, ps_ref, *word_map = word_map
     m_pad = round_up(x_ref.shape[0], 8)
     tile_k, stages, g = blocks.tile_k, blocks.num_stages, group_size
     gps = tile_k // g
@@ -496,6 +549,11 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                         s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)],
                         s_smem.at[slot], ready.at[slot])
 
+                if prefetch is not None:
+                    @pl.when(i == n_units - 1)
+                    def _warm_next():
+                        _prefetch_next(c, pw_ref, ps_ref, prefetch, num_sms)
+
             with jax.named_scope("ring"):
                 stream_ring(load, n_units, stages, free)
 
@@ -516,17 +574,24 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "blocks", "num_sms", "interpret",
-                                             "profile_dir", "partial"))
+                                             "profile_dir", "partial", "next_group_size",
+                                             "prefetch_units"))
 def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | None = None,
                      num_sms: int = 132, interpret: bool = False, profile_dir: str | None = None,
-                     partial: bool = False):
+                     partial: bool = False, next_weight=None, next_group_size: int = 128,
+                     prefetch_units: int = 0):
     """x [M, K] bf16/f16 @ the int4 weight (`to_hopper_layout`) -> [M, N] in x's dtype, on
     `blocks.ctas` or `num_sms` CTAs (`blocks`: `blocks_for(K)` by default). `partial=True`
     returns the CTAs' partial sums unadded, as `PartialSums` (whose `sum()` is the product).
 
     `profile_dir` (GPU only): each call also writes its timeline there, a Perfetto trace of every
     warpgroup's regions (the consumers' `wait`, `math`, `flush`, `drain`, the producer's `ring`
-    and `issue`; Mosaic GPU's on-device profiler, SM clock cycles from each CTA's start)."""
+    and `issue`; Mosaic GPU's on-device profiler, SM clock cycles from each CTA's start).
+
+    `next_weight` (`(words, scales)` of the int4 call that follows, group `next_group_size`) with
+    `prefetch_units` > 0: once a CTA has issued its last copy it prefetches into L2 the first
+    `prefetch_units` units of the next call's CTA of its index (`Prefetch`), so that call's ring
+    starts from L2 while this call and the kernels between drain."""
     M, K = x.shape
     blocks = blocks or blocks_for(K)
     N = words.shape[0] * _ROWS
@@ -541,6 +606,17 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
             f"int4_matmul_mgpu needs 1 <= M <= {_MAX_M}, g in (64, 128) dividing tile_k,"
             f" N % {blocks.rows} == 0, K % tile_k == 0 and the ring in shared memory; got"
             f" {x.shape=}, {N=}, {group_size=}, {blocks}")
+    prefetch = None
+    if next_weight is not None and prefetch_units > 0:
+        nw, ns = next_weight
+        nk, nn = ns.shape[0] * next_group_size, nw.shape[0] * _ROWS
+        if (nw.shape != (nn // _ROWS, nk // next_group_size, next_group_size // 16, 128)
+                or nw.dtype != jnp.int32 or ns.dtype != jnp.float32
+                or not applies(1, nk, nn, next_group_size)):
+            raise ValueError(f"next_weight must be words [N // 64, K // g, g // 16, 128] int32 and"
+                             f" scales [K // g, N] f32 of a shape the kernel takes, g="
+                             f"{next_group_size}; got {nw.shape} {nw.dtype}, {ns.shape} {ns.dtype}")
+        prefetch = Prefetch(nk, nn, next_group_size, prefetch_units)
     if profile_dir and interpret:
         raise ValueError(f"profile_dir={profile_dir!r} needs the GPU: the interpreter runs no on-device"
                          " profiler")
@@ -557,7 +633,7 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
         params = plgpu.CompilerParams(profile_space=space, profile_dir=profile_dir)
     kernel = plgpu.kernel(
         functools.partial(_kernel, group_size=g, blocks=blocks, sched=sched,
-                          in_place=not interpret),
+                          in_place=not interpret, prefetch=prefetch, num_sms=num_sms),
         compiler_params=params,
         out_type=jax.ShapeDtypeStruct((sched.ctas, sched.flushes, m_pad, blocks.rows), jnp.float32),
         grid=(sched.ctas,),
@@ -567,7 +643,8 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
         interpret=dispatch.mgpu_interpret(interpret),
     )
     word_map = (jnp.asarray(_word_map(g), jnp.int32),) if interpret else ()
-    part = kernel(xp, words, scales.astype(jnp.float32), *word_map)
+    warm = () if prefetch is None else next_weight
+    part = kernel(xp, words, scales.astype(jnp.float32), *warm, *word_map)
     # each row block: its slots' partial sums in a fixed order (slots a CTA left unused are
     # never read: the table names written ones, or one past the end, which reads as zeros)
     y = PartialSums(part.reshape(-1, m_pad, blocks.rows), jnp.asarray(sched.slots_of_blocks),

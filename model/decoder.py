@@ -40,6 +40,10 @@ next block (`layers.residual_rms_norm`): the layer hands its MLP output to the n
 unadded, and where a product is the int4 kernel's partial sums (`linear.linear_partials`), that
 kernel adds them too, so neither the sum nor the add is a kernel of its own.
 
+Unrolled, each matmul is told the weight the step reads next (`linear(..., then=w)`: q/k/v ->
+o -> gate/up -> down -> the next layer's q/k/v, the last layer's down -> the head); the Hopper
+int4 kernel prefetches the first tiles of that weight into L2 as it finishes.
+
 With that layout in dense bf16 weights and `PALLAX_NORM_MATMUL=1`, a step of at most 64 token
 rows (decode, verification) runs on a GPU with each RMSNorm inside the GEMM that reads it and
 the SwiGLU product inside the gate/up GEMM (`kernels_pallas.norm_matmul`, `_fuses_norms`): three
@@ -166,7 +170,7 @@ def forward(
         # pending: the last block's output (the MLP's down projection), not yet added to x; the
         # add happens in the kernel that norms the sum (`residual_rms_norm`)
         x, pending, state = carry
-        p, kv, index = scanned
+        p, kv, index, then = scanned  # then: the weight read after this layer's (`linear`)
         fused = _fuses_norms(p, x)
         heads = (B, T, c.n_heads + 2 * c.n_kv_heads, c.head_dim)  # q | k | v heads, before RoPE
         if fused:  # norm + q/k/v + bias in one kernel
@@ -176,7 +180,7 @@ def forward(
         else:
             x, h = residual_rms_norm(x, pending, p["attn_norm"], c.norm_eps)
             if "wqkv" in p:
-                qkv = linear(h, p["wqkv"], p.get("bqkv")).reshape(heads)
+                qkv = linear(h, p["wqkv"], p.get("bqkv"), then=p["wo"]).reshape(heads)
             else:
                 # Joined along the heads axis, which QKV.rotated splits again: XLA drops the pair
                 # unless the cache reads the joined heads.
@@ -184,15 +188,16 @@ def forward(
                                        for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))], axis=2)
         qkv = QKV(qkv, cos, sin, c.n_kv_heads)
         o, kv, state = cache.attend(kv, qkv, positions, segment_ids, state=state, index=index)
-        o = linear_partials(o.reshape(B, T, c.q_dim), p["wo"])
+        o = linear_partials(o.reshape(B, T, c.q_dim), p["wo"], then=p.get("w_gate_up", p.get("w_gate")))
         if fused:  # norm + gate/up + SwiGLU in one kernel
             x = added(x, o)
             h = norm_matmul(x.reshape(B * T, c.dim), p["mlp_norm"], p["w_gate_up"], eps=c.norm_eps,
                             swiglu=True).reshape(B, T, c.ffn_dim)
         else:
             x, h = residual_rms_norm(x, o, p["mlp_norm"], c.norm_eps)
-            h = swiglu_fused(h, p["w_gate_up"]) if "w_gate_up" in p else swiglu(h, p["w_gate"], p["w_up"])
-        return (x, linear_partials(h, p["w_down"]), state), kv
+            h = (swiglu_fused(h, p["w_gate_up"], then=p["w_down"]) if "w_gate_up" in p
+                 else swiglu(h, p["w_gate"], p["w_up"]))
+        return (x, linear_partials(h, p["w_down"], then=then), state), kv
 
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
@@ -200,15 +205,17 @@ def forward(
         # layer's weights out of the stacked arrays with a copy before the matmuls read them
         # (about 3x the weight bytes per step); separate buffers are read where they lie.
         state, cache_layers, new, pending = cache.state(), cache.layers(), [], None
-        for i, p in enumerate(layers):
+        # each layer's last matmul is followed by the next layer's first (or the head)
+        thens = [q.get("wqkv", q.get("wq")) for q in layers[1:]] + [params.get("lm_head")]
+        for i, (p, then) in enumerate(zip(layers, thens)):
             kv = None if cache_layers is None else jax.tree.map(lambda a: a[i], cache_layers)
-            (x, pending, state), kv = layer((x, pending, state), (p, kv, i))
+            (x, pending, state), kv = layer((x, pending, state), (p, kv, i, then))
             new.append(kv)
         new_layers = None if cache_layers is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
     else:
         def scanned_layer(carry, scanned):  # a scan's carry keeps one structure: nothing pending
             x, state = carry
-            (x, pending, state), kv = layer((x, None, state), scanned)
+            (x, pending, state), kv = layer((x, None, state), (*scanned, None))
             return (added(x, pending), state), kv
 
         scanned = (layers, cache.layers(), jnp.arange(c.n_layers, dtype=jnp.int32))

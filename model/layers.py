@@ -67,9 +67,10 @@ def swiglu(x: jax.Array, w_gate, w_up) -> jax.Array:
     return jax.nn.silu(linear(x, w_gate)) * linear(x, w_up)
 
 
-def swiglu_fused(x: jax.Array, w_gate_up) -> jax.Array:
-    """`swiglu` with gate and up concatenated along the output axis (one GEMM); x [..., D]."""
-    gate, up = jnp.split(linear(x, w_gate_up), 2, axis=-1)  # [..., ffn] each
+def swiglu_fused(x: jax.Array, w_gate_up, *, then=None) -> jax.Array:
+    """`swiglu` with gate and up concatenated along the output axis (one GEMM); x [..., D].
+    `then`: the weight read next (`linear`)."""
+    gate, up = jnp.split(linear(x, w_gate_up, then=then), 2, axis=-1)  # [..., ffn] each
     return jax.nn.silu(gate) * up
 
 

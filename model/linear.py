@@ -42,12 +42,16 @@ class QuantizedWeight(Protocol):
         """(in, out) of the logical weight."""
 
 
-def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
-    """y = x @ w (+ bias); x [..., in], w [in, out] or a quantized weight -> [..., out]."""
+def linear(x: jax.Array, w, bias: jax.Array | None = None, *, then=None) -> jax.Array:
+    """y = x @ w (+ bias); x [..., in], w [in, out] or a quantized weight -> [..., out].
+
+    `then`: the weight the next matmul reads, for a format whose kernel warms it (`warms_then`:
+    it prefetches the first tiles of that weight into L2 as it finishes, `Int4HopperWeight`);
+    ignored by the others."""
     if isinstance(w, (jax.Array, np.ndarray)):
         y = dense_matmul(x, w.astype(x.dtype))
     elif isinstance(w, QuantizedWeight):
-        y = w.matmul(x)
+        y = w.matmul(x, then=then) if then is not None and getattr(w, "warms_then", False) else w.matmul(x)
     else:
         raise TypeError(f"linear: unsupported weight type {type(w).__name__}")
     if bias is not None:
@@ -55,12 +59,13 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     return y
 
 
-def linear_partials(x: jax.Array, w):
-    """`linear(x, w)` for a consumer that adds partial sums itself (`layers.residual_rms_norm`):
-    `PartialSums` of x's rows where the weight's format leaves its product unreduced (its
-    `matmul_partials`, on the GPU kernel's path), else the product [..., out]."""
+def linear_partials(x: jax.Array, w, *, then=None):
+    """`linear(x, w, then=then)` for a consumer that adds partial sums itself
+    (`layers.residual_rms_norm`): `PartialSums` of x's rows where the weight's format leaves its
+    product unreduced (its `matmul_partials`, on the GPU kernel's path), else the product
+    [..., out]."""
     matmul_partials = getattr(w, "matmul_partials", None)
-    return linear(x, w) if matmul_partials is None else matmul_partials(x)
+    return linear(x, w, then=then) if matmul_partials is None else matmul_partials(x, then=then)
 
 
 def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:

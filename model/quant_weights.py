@@ -137,6 +137,7 @@ class Int4HopperWeight:
     act_scale: jax.Array | None = None  # [..., K] f32 (AWQ) or None
     group_size: int = struct.field(pytree_node=False, default=128)
     format: ClassVar[str] = "int4-hopper"
+    warms_then: ClassVar[bool] = True  # `matmul(x, then=w)` prefetches w's first tiles into L2
     out_axes: ClassVar[dict[str, int]] = {"words": -4, "scales": -1}  # act_scale: shared
     out_units: ClassVar[dict[str, int]] = {"words": 64}  # output channels per step of the axis
 
@@ -156,13 +157,15 @@ class Int4HopperWeight:
     def shape(self) -> tuple[int, int]:
         return (self.words.shape[-3] * self.group_size, self.words.shape[-4] * 64)
 
-    def matmul(self, x: jax.Array) -> jax.Array:
-        y = self.matmul_partials(x)
+    def matmul(self, x: jax.Array, *, then=None) -> jax.Array:
+        y = self.matmul_partials(x, then=then)
         return unflat_rows(y.sum(), x) if isinstance(y, PartialSums) else y
 
-    def matmul_partials(self, x: jax.Array) -> "PartialSums | jax.Array":
+    def matmul_partials(self, x: jax.Array, *, then=None) -> "PartialSums | jax.Array":
         """The kernel's partial sums of x's rows [M, N], unadded (`linear.linear_partials`), where
-        it runs; else the product [..., N]."""
+        it runs; else the product [..., N]. Where `then` (the weight the next matmul reads) is an
+        unstacked `Int4HopperWeight` the kernel takes, the kernel prefetches the first
+        `int4_matmul_mgpu.PREFETCH_UNITS` units of each of its CTAs into L2 as it finishes."""
         k, n = self.shape
         x2 = flat_rows(x, k)
         if self.act_scale is not None:
@@ -171,8 +174,20 @@ class Int4HopperWeight:
         if mode != "reference" and int4_matmul_mgpu.applies(x2.shape[0], k, n, self.group_size):
             return int4_matmul_mgpu.int4_matmul_mgpu(x2, self.words, self.scales,
                                                      group_size=self.group_size,
-                                                     interpret=mode == "interpret", partial=True)
+                                                     interpret=mode == "interpret", partial=True,
+                                                     **self._warming(then))
         return unflat_rows(dense_matmul(x2, self._scaled_codes().astype(x2.dtype)), x)
+
+    @staticmethod
+    def _warming(then) -> dict:
+        """The kernel's arguments that prefetch `then` (none where it cannot)."""
+        units = int4_matmul_mgpu.PREFETCH_UNITS
+        if not (units and isinstance(then, Int4HopperWeight) and then.words.ndim == 4):
+            return {}
+        if not int4_matmul_mgpu.applies(1, *then.shape, then.group_size):
+            return {}
+        return dict(next_weight=(then.words, then.scales), next_group_size=then.group_size,
+                    prefetch_units=units)
 
     def _scaled_codes(self) -> jax.Array:
         """`q * s` as f32 `[..., K, N]` (the stored weight, AWQ scale still in)."""

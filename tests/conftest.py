@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded SmolLM2 model (loaded once per session), its reference outputs,
-lowering a jitted function for CUDA without a GPU, and counting a jaxpr's Pallas kernels."""
+lowering a jitted function for CUDA without a GPU, counting a jaxpr's Pallas kernels, and a small
+model served in the Hopper int4 layout."""
 
 from __future__ import annotations
 
@@ -85,3 +86,28 @@ def count_kernels():
     """count(jaxpr, name) -> the Pallas calls named `name` that running `jaxpr` makes (inner
     jaxprs counted per call)."""
     return _count_kernels
+
+
+@pytest.fixture
+def hopper_int4_model():
+    """(config, params, fwd): a two-layer model with every projection and the head in the Hopper
+    int4 layout (fused q/k/v and gate/up, layers unstacked, as served on a GPU); `fwd(params)`
+    runs three tokens and returns the logits."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallax.model.config import ModelConfig
+    from pallax.model.decoder import forward, fuse_projections, init_params, unstack_layers
+    from pallax.model.quant_weights import Int4Weight, hopper_layout
+
+    c = ModelConfig(name="int4-test", arch="llama", vocab_size=256, dim=256, n_layers=2, n_heads=2,
+                    n_kv_heads=1, ffn_dim=512, head_dim=128)
+    params = fuse_projections(unstack_layers(init_params(c, jax.random.key(0), jnp.bfloat16)))
+    quantize = lambda w: Int4Weight.quantize(w.astype(jnp.float32), 128)  # noqa: E731
+    params["layers"] = [{k: quantize(v) if k.startswith("w") else v for k, v in p.items()}
+                        for p in params["layers"]]
+    params["lm_head"] = quantize(params["lm_head"])
+    params = hopper_layout(params)
+    tokens = jax.random.randint(jax.random.key(1), (1, 3), 0, c.vocab_size)
+    pos = jnp.arange(3)[None]
+    return c, params, lambda p: forward(p, tokens, pos, config=c)[0]

@@ -248,3 +248,20 @@ def test_partial_sums_bench_switches_the_kernel():
             assert rn.supported(y) == on and rn.BlockSizes().num_warps == warps, variant
     finally:
         use_variant("norm")
+
+
+def test_l2_prefetch_bench_sets_the_units():
+    """bench.l2_prefetch's `pfN` sets how many units the int4 kernel prefetches (None restores the
+    default); other names fail."""
+    from pallax.bench.l2_prefetch import use_units
+    from pallax.kernels_pallas import int4_matmul_mgpu as i4h
+
+    default = i4h.PREFETCH_UNITS
+    try:
+        for variant, units in (("pf0", 0), ("pf3", 3), (None, default)):
+            use_units(variant)
+            assert i4h.PREFETCH_UNITS == units, variant
+        with pytest.raises(ValueError, match="pfN"):
+            use_units("norm")
+    finally:
+        use_units(None)

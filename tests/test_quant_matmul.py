@@ -308,6 +308,63 @@ def test_int4_hopper_kernel_matches_float64(m, k, n, group_size, blocks):
     assert _rel(y2[:, 3], want2[:, 3]) < 4e-3 and _rel(y2, want2) < 4e-3
 
 
+@pytest.mark.parametrize("units", [1, 3])
+def test_int4_hopper_prefetch_leaves_the_product(units):
+    """Warming L2 for a next call of another shape and group (more units than a CTA of that call
+    has, more CTAs than it runs) changes nothing in the product (the interpreter runs the
+    producer's unit and tile arithmetic; the prefetch itself is a no-op there)."""
+    x, packed, scales, _ = _int4_case(3, 1024, 256, 128)
+    words, s = i4h.to_hopper_layout(packed, scales, group_size=128)
+    _, p2, s2, _ = _int4_case(1, 256, 128, 64)
+    nxt = i4h.to_hopper_layout(p2, s2, group_size=64)
+    run = lambda **kw: i4h.int4_matmul_mgpu(x, words, s, group_size=128, num_sms=4,  # noqa: E731
+                                            interpret=True, **kw)
+    np.testing.assert_array_equal(np.asarray(run(next_weight=nxt, next_group_size=64,
+                                                 prefetch_units=units), np.float32),
+                                  np.asarray(run(), np.float32))
+
+
+def test_int4_hopper_prefetch_lowers_to_l2_prefetches(lower_for_h100):
+    """With a next weight the H100 lowering holds TMA L2 prefetches of its word and scale tiles
+    (4-D and 2-D), and without one none."""
+    x = jnp.zeros((2, 512), jnp.bfloat16)
+    w = (jnp.zeros((4, 4, 8, 128), jnp.int32), jnp.zeros((4, 256), jnp.float32))
+    nxt = (jnp.zeros((8, 2, 8, 128), jnp.int32), jnp.zeros((2, 512), jnp.float32))
+    call = lambda units: jax.jit(lambda x, a, b, c, d: i4h.int4_matmul_mgpu(  # noqa: E731
+        x, a, b, group_size=128, next_weight=(c, d), prefetch_units=units))
+    warm, cold = (lower_for_h100(call(u), x, *w, *nxt) for u in (1, 0))
+    for tile in ("4d", "2d"):
+        assert f"cp.async.bulk.prefetch.tensor.{tile}.L2" in warm
+    assert "cp.async.bulk.prefetch.tensor" not in cold
+
+
+def test_decoder_warms_each_int4_call_for_the_next(monkeypatch, hopper_int4_model):
+    """Unrolled, every int4 call of the step hands its kernel the weight of the call after it (q/k/v
+    -> o -> gate/up -> down -> the next layer's q/k/v ... -> the head); the head, last, none."""
+    c, params, fwd = hopper_int4_model
+    calls, kernel = [], i4h.int4_matmul_mgpu
+
+    def recording(x, words, scales, **kw):
+        calls.append((words, kw.get("next_weight")))
+        return kernel(x, words, scales, **kw)
+
+    def trace():  # afresh: a cached trace would make no calls (and keep the old setting)
+        jax.clear_caches()
+        with dispatch.kernel_mode("interpret"):
+            jax.make_jaxpr(fwd)(params)
+
+    monkeypatch.setattr(i4h, "int4_matmul_mgpu", recording)
+    trace()
+    assert len(calls) == 4 * c.n_layers + 1
+    for (_, nxt), (words, _) in zip(calls, calls[1:]):
+        assert nxt is not None and nxt[0] is words
+    assert calls[-1][1] is None
+    monkeypatch.setattr(i4h, "PREFETCH_UNITS", 0)  # off: no call gets a next weight
+    calls.clear()
+    trace()
+    assert len(calls) == 4 * c.n_layers + 1 and all(nxt is None for _, nxt in calls)
+
+
 @pytest.mark.parametrize("group_size", [64, 128])
 def test_int4_hopper_words_follow_the_wgmma_operand_layout(group_size):
     """Each code sits where the consumer thread that holds it in the wgmma operand loads it: the
@@ -396,6 +453,14 @@ def test_int4_hopper_errors():
         i4h.int4_matmul_mgpu(x, words, s, group_size=64)
     with pytest.raises(ValueError, match="profile_dir"):
         i4h.int4_matmul_mgpu(x, words, s, group_size=128, interpret=True, profile_dir="/tmp")
+    with pytest.raises(ValueError, match="next_weight"):  # scales not f32: another buffer
+        i4h.int4_matmul_mgpu(x, words, s, group_size=128, interpret=True,
+                             next_weight=(words, s.astype(jnp.bfloat16)), prefetch_units=1)
+    with pytest.raises(ValueError, match="next_weight"):  # words of another group size
+        i4h.int4_matmul_mgpu(x, words, s, group_size=128, interpret=True, next_weight=(words, s),
+                             next_group_size=64, prefetch_units=1)
+    with pytest.raises(ValueError, match="units"):
+        i4h.Prefetch(512, 128, 128, units=0)
     with pytest.raises(ValueError, match="consumers"):
         i4h.BlockSizes(consumers=5)
     with pytest.raises(ValueError, match="tile_k"):

@@ -133,24 +133,11 @@ def test_bad_input():
                           jnp.ones(256), eps=EPS)
 
 
-def test_decoder_adds_int4_partial_sums_in_the_norm_kernels(count_kernels):
+def test_decoder_adds_int4_partial_sums_in_the_norm_kernels(count_kernels, hopper_int4_model):
     """A model served in the Hopper int4 layout, through the interpreter: every residual add
     after an int4 product (o and down: two a layer, the last one before the final norm) runs in
     this kernel, and the logits match the reference path's."""
-    from pallax.model.config import ModelConfig
-    from pallax.model.decoder import forward, fuse_projections, init_params, unstack_layers
-    from pallax.model.quant_weights import Int4Weight, hopper_layout
-
-    c = ModelConfig(name="int4-test", arch="llama", vocab_size=256, dim=256, n_layers=2, n_heads=2,
-                    n_kv_heads=1, ffn_dim=512, head_dim=128)
-    params = fuse_projections(unstack_layers(init_params(c, jax.random.key(0), jnp.bfloat16)))
-    quantize = lambda w: Int4Weight.quantize(w.astype(jnp.float32), 128)  # noqa: E731
-    params["layers"] = [{k: quantize(v) if k.startswith("w") else v for k, v in p.items()}
-                        for p in params["layers"]]
-    params = hopper_layout(params)
-    tokens = jax.random.randint(jax.random.key(1), (1, 3), 0, c.vocab_size)
-    pos = jnp.arange(3)[None]
-    fwd = lambda p: forward(p, tokens, pos, config=c)[0]  # noqa: E731
+    c, params, fwd = hopper_int4_model
 
     with kernel_mode("interpret"):
         jaxpr = jax.make_jaxpr(fwd)(params)
