@@ -76,24 +76,27 @@ def use_variant(variant: str) -> None:
         rn.BlockSizes = functools.partial(rn.BlockSizes, num_warps=int(variant.split("-w")[1]))
 
 
-def compiled_steps(llm, variants, context: int) -> dict:
-    """variant -> (the compiled decode program, its arguments, kernels launched)."""
+def compiled_steps(llm, variants, context: int, use=None) -> dict:
+    """variant -> (the compiled decode program, its arguments, kernels launched), each traced
+    after `use(variant)` (default `use_variant`) and the defaults restored with `use(None)`."""
+    use = use or (lambda v: use_variant(v or "norm"))
     from pallax.bench.step_anatomy import decode_program, kernel_census
     from pallax.decode.engine import compile_step
 
     out = {}
     for v in variants:
-        use_variant(v)
+        use(v)
         compile_step.cache_clear()
         jax.clear_caches()
         step, args = decode_program(llm, context=context)
         compiled = step.lower(*args).compile()
         out[v] = (compiled, list(args), sum(kernel_census(compiled.as_text()).values()))
-    use_variant("norm")
+    use(None)
     return out
 
 
-def time_steps(model: str, progs: dict, reps: int, steps: int, note: str) -> list:
+def time_steps(model: str, progs: dict, reps: int, steps: int, note: str,
+               bench: str = "partial_sums") -> list:
     tokens, times = {}, {v: [] for v in progs}
     for v, (step, args, _) in progs.items():
         args[1], out, args[3] = step(*args)
@@ -116,10 +119,20 @@ def time_steps(model: str, progs: dict, reps: int, steps: int, note: str) -> lis
 
         prof = kernel_profile(run, 20, top=60)
         records.append(emit(dict(
-            bench="partial_sums", model=model, variant=v, step_ms=times[v], kernels=kernels,
+            bench=bench, model=model, variant=v, step_ms=times[v], kernels=kernels,
             tokens=tokens[v], same_tokens=tokens[v] == tokens[first], busy_us=prof["busy_us"],
             kernels_us=prof["kernels_us"], note=note, **environment())))
     return records
+
+
+def serving_int4(llm):
+    """`llm` quantized to int4 g128 (the head too) in the engine's GPU serving layout."""
+    from pallax.decode.scheduler import serving_layout, transposes
+    from pallax.model.quantize import quantize
+
+    q = quantize(llm, "int4", group_size=128, quantize_head=True)
+    q.params = serving_layout(q.params, transpose=transposes(None))
+    return q
 
 
 def main(argv=None) -> None:
@@ -137,14 +150,12 @@ def main(argv=None) -> None:
     from pallax.bench.decode import random_llm
     from pallax.decode.scheduler import serving_layout, transposes
     from pallax.model.config import preset
-    from pallax.model.quantize import quantize
 
     records: list = []
     if not args.skip_check:
         check_kernel(records)
     llm = random_llm(preset(args.preset))
-    q = quantize(llm, "int4", group_size=128, quantize_head=True)
-    q.params = serving_layout(q.params, transpose=transposes(None))
+    q = serving_int4(llm)
     note = (f"the engine's batch-1 decode program (step_anatomy.decode_program), ctx {args.context}, "
             f"random weights; {args.reps} alternating runs of {args.steps} back-to-back steps; "
             "kernel times from a profile of 20 steps")
