@@ -417,26 +417,35 @@ class Prefetch:
             raise ValueError(f"Prefetch.units={self.units} must be >= 1")
 
 
+def _run_of(c, sched: Schedule):
+    """CTA c's (traced) units `[u0, u1)` of `sched`."""
+    return lax.div(c * sched.units, sched.ctas), lax.div((c + 1) * sched.units, sched.ctas)
+
+
+def _unit_tiles(u, w_ref, s_ref, sched: Schedule, blocks: BlockSizes, g: int):
+    """Unit u's GMEM tiles: its words `[consumers, tile_k // g, g // 16, 128]`, its scales
+    `[tile_k // g, rows]`, and its first K index."""
+    block = lax.div(u, sched.steps)
+    k0 = lax.rem(u, sched.steps) * blocks.tile_k
+    gps, nc = blocks.tile_k // g, blocks.consumers
+    return (w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)],
+            s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)], k0)
+
+
 def _prefetch_next(c, w_ref, s_ref, pf: Prefetch, num_sms: int):
     """CTA c's part of `pf`: the first `pf.units` units of the next call's CTA c, as that call's
     producer will copy them (the same tiles, so the same L2 lines)."""
     blocks = blocks_for(pf.k)
     sched = Schedule.make(pf.k, pf.n, blocks, num_sms)
-    g, nc = pf.group_size, blocks.consumers
-    gps = blocks.tile_k // g
-    v0 = lax.div(c * sched.units, sched.ctas)
-    v1 = lax.div((c + 1) * sched.units, sched.ctas)
+    v0, v1 = _run_of(c, sched)
 
     @pl.loop(0, pf.units)
     def _unit(j):
-        v = v0 + j
-
-        @pl.when((c < sched.ctas) & (v < v1))
+        @pl.when((c < sched.ctas) & (v0 + j < v1))
         def _():
-            block = lax.div(v, sched.steps)
-            k0 = lax.rem(v, sched.steps) * blocks.tile_k
-            plgpu.async_prefetch(w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)])
-            plgpu.async_prefetch(s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)])
+            words, scales, _ = _unit_tiles(v0 + j, w_ref, s_ref, sched, blocks, pf.group_size)
+            plgpu.async_prefetch(words)
+            plgpu.async_prefetch(scales)
 
 
 def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sched: Schedule,
@@ -453,8 +462,8 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
     gps = tile_k // g
     nc = blocks.consumers
     c = lax.axis_index("cta")
-    u0 = lax.div(c * sched.units, sched.ctas)
-    n_units = lax.div((c + 1) * sched.units, sched.ctas) - u0
+    u0, u1 = _run_of(c, sched)
+    n_units = u1 - u0
     first_block = lax.div(u0, sched.steps)
     words_layout = plgpu.Layout.WG_STRIDED((g // 16, 128), vec_size=_VEC)
     to_operand = plgpu.inline_mgpu(
@@ -537,17 +546,12 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
 
             # The ring runs on across row blocks: only the tiles' offsets change.
             def load(i, slot):
-                u = u0 + i
-                block = lax.div(u, sched.steps)
-                k0 = lax.rem(u, sched.steps) * tile_k
+                words, scales, k0 = _unit_tiles(u0 + i, w_ref, s_ref, sched, blocks, g)
                 with jax.named_scope("issue"):
-                    plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(block * nc, nc), pl.ds(k0 // g, gps)],
-                                            w_smem.at[slot], ready.at[slot])
+                    plgpu.copy_gmem_to_smem(words, w_smem.at[slot], ready.at[slot])
                     plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(0, m_pad), pl.ds(k0, tile_k)],
                                             x_smem.at[slot], ready.at[slot])
-                    plgpu.copy_gmem_to_smem(
-                        s_ref.at[pl.ds(k0 // g, gps), pl.ds(block * blocks.rows, blocks.rows)],
-                        s_smem.at[slot], ready.at[slot])
+                    plgpu.copy_gmem_to_smem(scales, s_smem.at[slot], ready.at[slot])
 
                 if prefetch is not None:
                     @pl.when(i == n_units - 1)
