@@ -125,9 +125,10 @@ def kernel_census(hlo: str) -> Counter:
 
 
 def decode_program(llm, batch: int = 1, n_steps: int = 1, page_size: int = 16, context: int = 1024,
-                   temperature: float = 0.0, kv_dtype: str = "bfloat16"):
+                   temperature: float = 0.0, kv_dtype: str = "bfloat16", decode: bool = True):
     """The engine's pure-decode program (`batch` sequences at `context`, `n_steps` model steps per
-    call, a `kv_dtype` page pool), its arguments, and the jitted function."""
+    call, a `kv_dtype` page pool; `decode`: compiled as a pure decode batch, as the engine runs
+    its multi-step calls, else as a general batch), its arguments, and the jitted function."""
     from pallax.decode.engine import MIN_ROWS, compile_step, empty_batch, to_device
     from pallax.decode.kv_cache import create_pool
 
@@ -144,7 +145,7 @@ def decode_program(llm, batch: int = 1, n_steps: int = 1, page_size: int = 16, c
         host["query_start"][b + 1] = b + 1
         host["kv_lens"][b] = context + 1
         host["temperature"][b] = temperature
-    step = compile_step(c, n_steps, full=temperature > 0)
+    step = compile_step(c, n_steps, full=temperature > 0, decode=decode)
     args = (llm.params, pool, to_device(host, batch), jax.numpy.zeros(rows, jax.numpy.int32))
     return step, args
 

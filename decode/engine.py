@@ -24,6 +24,8 @@ import numpy as np
 from flax import struct
 
 from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas.decode_attention import decode_attention
+from pallax.kernels_pallas.decode_attention import supported as decode_attention_supported
 from pallax.kernels_pallas.paged_attention import paged_attention
 from pallax.kernels_pallas.rope_kv_write import rope_kv_write, rope_kv_write_reference
 from pallax.kernels_pallas.rope_kv_write import supported as rope_kv_write_supported
@@ -75,7 +77,10 @@ class StepOutput:
 
 @struct.dataclass
 class PagedCache:
-    """The decoder's attention interface over the page pool (see `pallax.model.attention`)."""
+    """The decoder's attention interface over the page pool (see `pallax.model.attention`).
+
+    `decode`: every sequence has one new token and token s belongs to sequence s (T == S); the
+    step then rotates, stores and attends in one kernel on a GPU (`decode_attention`)."""
 
     pool: PagePool
     slots: jax.Array
@@ -83,6 +88,7 @@ class PagedCache:
     query_start: jax.Array
     kv_lens: jax.Array
     num_seqs: jax.Array
+    decode: bool = struct.field(pytree_node=False, default=False)
 
     def layers(self):
         return None
@@ -115,6 +121,10 @@ class PagedCache:
         [pages, page_size, KVH, D] pool and attend over them."""
         ps, KVH, D = pool.k.shape[1:]
         slots = jnp.where(self.slots < 0, -1, base * ps + self.slots)  # padding: not written
+        if self.decode and dispatch.resolve() != "reference" and decode_attention_supported(qkv.heads.dtype, D):
+            out, *buffers = decode_attention(qkv.heads[0], qkv.cos[0], qkv.sin[0], slots, self.page_table + base,
+                                             self.kv_lens, self.num_seqs, *pool.buffers, n_kv_heads=KVH)
+            return out[None], PagePool(*buffers)
         # One kernel rotates q and k and writes k and v (quantized for int8 / fp8 pools) in place;
         # XLA's ops (the reference) where the kernel does not apply.
         write = rope_kv_write if rope_kv_write_supported(qkv.heads.dtype, D) else rope_kv_write_reference
@@ -159,10 +169,13 @@ def _sample_rows(logits, batch: StepBatch, sample_steps, full: bool):
 
 
 def engine_step(params, pool: PagePool, packed: Packed, prev_tokens, *, config: ModelConfig, n_steps: int,
-                full: bool = True):
+                full: bool = True, decode: bool = False):
     """Run the batch (`to_device` of `empty_batch`-shaped buffers; for pure decode, n_steps - 1
     further steps too); returns the pool, the StepOutput and the last sampled tokens padded to
     prev_tokens' fixed length (the next call's `prev_tokens`, whatever its batch size).
+
+    `decode=True` promises a pure decode batch (one token a sequence, token s of sequence s), as
+    `n_steps > 1` does: its attention is then one kernel a layer (`PagedCache.decode`).
 
     `full=False` promises that every row is plain greedy: the program takes the argmax and leaves
     out the repetition penalty, the sampling filters and the top-n alternatives (at 64 rows of a
@@ -173,9 +186,10 @@ def engine_step(params, pool: PagePool, packed: Packed, prev_tokens, *, config: 
     tokens = jnp.where(batch.from_prev >= 0, prev_tokens[jnp.maximum(batch.from_prev, 0)], batch.tokens)
     S = batch.kv_lens.shape[0]
     last = jnp.maximum(batch.query_start[1:] - 1, 0)  # [S] index of each sequence's last token
+    decode = decode or n_steps > 1
 
     def one(pool, tokens, positions, slots, kv_lens, recent, sample_steps):
-        cache = PagedCache(pool, slots, batch.page_table, batch.query_start, kv_lens, batch.num_seqs)
+        cache = PagedCache(pool, slots, batch.page_table, batch.query_start, kv_lens, batch.num_seqs, decode)
         logits, cache = forward(params, tokens[None], positions[None], cache, config=config,
                                 logit_indices=last[None])
         b = batch.replace(recent=recent)
@@ -209,10 +223,11 @@ def engine_step(params, pool: PagePool, packed: Packed, prev_tokens, *, config: 
 
 
 @functools.lru_cache(maxsize=None)
-def compile_step(config: ModelConfig, n_steps: int, full: bool = True):
-    """The jitted step for a given number of on-device decode steps (and `full`, see engine_step);
-    the pool is donated."""
-    return jax.jit(functools.partial(engine_step, config=config, n_steps=n_steps, full=full), donate_argnums=(1,))
+def compile_step(config: ModelConfig, n_steps: int, full: bool = True, decode: bool = False):
+    """The jitted step for a given number of on-device decode steps (and `full`, `decode`, see
+    engine_step); the pool is donated."""
+    return jax.jit(functools.partial(engine_step, config=config, n_steps=n_steps, full=full, decode=decode),
+                   donate_argnums=(1,))
 
 
 def empty_batch(T: int, S: int, max_pages: int) -> dict[str, np.ndarray]:

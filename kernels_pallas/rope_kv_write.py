@@ -71,11 +71,11 @@ def _round_half_even(x):
     return r + ((f > 0.5) | ((f == 0.5) & odd)).astype(x.dtype)
 
 
-def _quantized(halves, dtype):
-    """Rows given as halves [R, D / 2] x 2 -> (values as halves in `dtype`, scales [R]), as
-    `quantize_kv` computes them."""
-    x = [h.astype(jnp.float32) for h in halves]
-    amax = jnp.maximum(jnp.max(jnp.abs(x[0]), axis=1), jnp.max(jnp.abs(x[1]), axis=1))
+def quantize_rows(parts, dtype):
+    """Inside a kernel: rows given as column parts [R, C_i] (the halves of a row, or the whole
+    row) -> (the parts' values in `dtype`, scales [R]), as `quantize_kv` computes them."""
+    x = [h.astype(jnp.float32) for h in parts]
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(h), axis=1) for h in x])
     scale = jnp.maximum(amax, 1e-8) / _qmax(dtype)
     q = [h / scale[:, None] for h in x]
     if jnp.dtype(dtype) == jnp.int8:
@@ -131,7 +131,7 @@ def _kernel(
         dst = slot * n_kv_heads + h
         for ref, x, scale_ref in zip((k_ref, v_ref), (k, v), scale_refs or (None, None)):
             if scale_ref is not None:
-                x, scale = _quantized(x, ref.dtype)
+                x, scale = quantize_rows(x, ref.dtype)
                 scale_ref[dst] = scale
             store(ref, dst, *x)
 

@@ -1,0 +1,130 @@
+"""A decode step's rotation, K/V write and attention in one kernel, in the engine's batch-1 step.
+
+The engine's pure-decode calls run each layer's attention as `kernels_pallas.decode_attention`
+(RoPE of q and k, the store of k and v in the page pool and paged attention in one kernel, the
+split combine after it); general batches keep two kernels (`rope_kv_write`, then
+`paged_attention`). This bench first checks the two against each other on the GPU at the
+preset's head shape (outputs and pools), then compiles the step once per variant, runs the
+variants alternately (`--reps` runs of `--steps` back-to-back steps each), checks they give the
+same greedy tokens, and profiles each (device time by kernel):
+
+- `fused`: one kernel (the default for pure decode);
+- `split`: rotation + write, then attention.
+
+`--formats int4 bf16`: the int4 g128 model (the head too; the target) and the bf16 one (its
+baseline). Random weights of `--preset`'s shapes:
+
+    python3 -m pallax.bench.decode_attention --out results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallax.bench.common import append_records, emit, environment
+from pallax.bench.partial_sums import compiled_steps, serving_int4, time_steps
+
+VARIANTS = ("fused", "split")
+
+
+@functools.lru_cache(maxsize=None)
+def _default_supported():
+    from pallax.decode import engine
+
+    return engine.decode_attention_supported
+
+
+def use_variant(variant: str | None) -> None:
+    """`split` turns the fused kernel off in the engine (a module attribute read at trace time);
+    `fused` or None restores it."""
+    from pallax.decode import engine
+
+    if variant not in (None, *VARIANTS):
+        raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
+    engine.decode_attention_supported = (lambda *a: False) if variant == "split" else _default_supported()
+
+
+def check_kernel(config, context: int, records: list, kv_dtype=jnp.bfloat16) -> None:
+    """The fused kernel against rope_kv_write + paged_attention at the preset's heads, on the
+    GPU: batch 1 beside a padding row, the engine's page size, `context` keys."""
+    from pallax.kernels_pallas.decode_attention import decode_attention
+    from pallax.kernels_pallas.paged_attention import paged_attention
+    from pallax.kernels_pallas.rope_kv_write import rope_kv_write
+
+    c, page_size = config, 16
+    rng = np.random.default_rng(0)
+    pages = -(-(context + 1) // page_size)
+    kvh, d = c.n_kv_heads, c.head_dim
+    shape = (2 * pages + 1, page_size, kvh, d)
+    pool = [jnp.asarray(rng.standard_normal(shape), kv_dtype) for _ in "kv"]
+    qkv = jnp.asarray(rng.standard_normal((2, c.n_heads + 2 * kvh, d)), jnp.bfloat16)
+    angles = rng.uniform(0, 2 * np.pi, (2, d // 2))
+    cos, sin = jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+    page_table = jnp.asarray(np.arange(2 * pages).reshape(2, pages), jnp.int32)
+    kv_lens = jnp.asarray([context + 1, 0], jnp.int32)
+    slots = jnp.asarray([context, -1], jnp.int32)  # sequence 0's pages are 0, 1, ... in order
+    num_seqs = jnp.asarray(1, jnp.int32)
+
+    @jax.jit
+    def split(qkv, cos, sin, slots, k, v):
+        q, k, v, _, _ = rope_kv_write(qkv, cos, sin, slots, k, v, n_kv_heads=kvh)
+        query_start = jnp.asarray([0, 1, 1], jnp.int32)
+        return paged_attention(q, k, v, page_table, query_start, kv_lens, num_seqs), k, v
+
+    fused = jax.jit(lambda qkv, cos, sin, slots, k, v: decode_attention(
+        qkv, cos, sin, slots, page_table, kv_lens, num_seqs, k, v, n_kv_heads=kvh)[:3])
+    want, got = split(qkv, cos, sin, slots, *pool), fused(qkv, cos, sin, slots, *pool)
+    err = float(jnp.max(jnp.abs(got[0].astype(jnp.float32) - want[0].astype(jnp.float32))))
+    records.append(emit(dict(
+        bench="decode_attention_check", heads=c.n_heads, kv_heads=kvh, head_dim=d, context=context,
+        max_abs_diff=err, pools_equal=[bool(jnp.array_equal(a, b)) for a, b in zip(got[1:], want[1:])],
+        **environment())))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--formats", nargs="+", default=["int4", "bf16"], choices=["int4", "bf16"])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--out", help="append the JSON records here")
+    args = ap.parse_args(argv)
+
+    from pallax.bench.decode import random_llm
+    from pallax.decode.scheduler import serving_layout, transposes
+    from pallax.model.config import preset
+
+    config = preset(args.preset)
+    records: list = []
+    check_kernel(config, args.context, records)
+    llm = random_llm(config)
+    note = (f"the engine's batch-1 decode program (step_anatomy.decode_program), ctx {args.context}, "
+            f"random weights; {args.reps} alternating runs of {args.steps} back-to-back steps; "
+            "kernel times (us a step) from a profile of 20 steps")
+    for fmt in args.formats:
+        if fmt == "int4":
+            model = serving_int4(llm)
+        else:
+            model = llm
+            model.params = serving_layout(llm.params, transpose=transposes(None))
+        progs = compiled_steps(model, args.variants, args.context, use=use_variant)
+        records += time_steps(f"{args.preset} random {'int4+head' if fmt == 'int4' else 'bf16'}", progs,
+                              args.reps, args.steps, note, bench="decode_attention")
+        del model, progs
+    for r in records:
+        if r["bench"] == "decode_attention":
+            print(f"{r['model']:30s} {r['variant']:6s} {min(r['step_ms']):.3f} ms  {r['kernels']} kernels  "
+                  f"same tokens: {r['same_tokens']}")
+    if args.out:
+        append_records(args.out, records)
+
+
+if __name__ == "__main__":
+    main()
