@@ -4,9 +4,9 @@ In a decode step every sequence has one new token. Its layer then runs the rotat
 and the store of k and v into the page pool (`rope_kv_write.py`), and the attention over the
 pool (`paged_attention.py`): two kernels, the second waiting on the first only for the one
 token's own K/V row. Here the attention programs take the projections as the fused q/k/v GEMM
-wrote them, rotate their query heads themselves, and use the new key and value from registers
-at the token's own position; the one program whose kv range holds that position also stores
-them in the pool:
+wrote them and rotate their query heads themselves; the one program whose kv range holds the
+token's position rotates its key, attends to it and its value from registers, and stores them
+in the pool:
 
     out, k_pages, v_pages, k_scales, v_scales = decode_attention(
         qkv, cos, sin, slots, page_table, kv_lens, num_seqs, k_pages, v_pages, k_scales, v_scales,
@@ -27,8 +27,9 @@ attended dequantized, as if read back.
 
 The grid and the split combine are `paged_attention`'s for a decode batch (`block_q = 1`):
 `(T, KVH, kv_splits)` programs, each the G query heads of one kv head over one slice of the
-sequence's kv blocks (`_attend_blocks`, with the new token's row substituted where the block
-holds its position), and `_combine` after them when the range is split.
+sequence's kv blocks (`_attend_blocks`, the pool's rows before the token's position), the
+token's own key and value one more online-softmax step (`_with_key`), and `_combine` after them
+when the range is split.
 """
 
 from __future__ import annotations
@@ -106,19 +107,22 @@ def _kernel(
         k_new, v_new = k_new.astype(pool_out[0].dtype), v_new.astype(pool_out[1].dtype)
         k_scale = v_scale = None
 
+    # The pool's rows up to the token's position, its own row excluded (not yet written); the
+    # program whose slice holds the token's block then adds the token's key and value.
     o, l, m = pa._attend_blocks(
-        q, pos + jnp.zeros((rows,), jnp.int32), blk_lo, blk_hi, page_table_ref, k_ref, v_ref,
+        q, pos - 1 + jnp.zeros((rows,), jnp.int32), blk_lo, blk_hi, page_table_ref, k_ref, v_ref,
         k_scales_ref, v_scales_ref, seq=t, h=h, num_kv_heads=num_kv_heads, num_pages=num_pages,
         page_size=page_size, max_pages=max_pages, block_kv=block_kv, scale=scale,
-        compute_dtype=compute_dtype, new=(pos, k_new, v_new, k_scale, v_scale))
+        compute_dtype=compute_dtype)
+    new_blk = pos // block_kv
+    holds_new = (blk_lo <= new_blk) & (new_blk < blk_hi)  # padding rows hold no block
+    o, l, m = _with_key(o, l, m, q, k_new, v_new, k_scale, v_scale, holds_new, scale=scale)
     pa._store(o, l, m, o_ref, lse_ref)
 
-    # The program whose slice holds the token's block stores its K/V; no other program reads
-    # that row (its block is in this slice only), and padding rows hold no block.
+    # That program also stores the token's K/V; no other program reads that row.
     slot = slots_ref[t]
-    new_blk = pos // block_kv
 
-    @pl.when((slot >= 0) & (blk_lo <= new_blk) & (new_blk < blk_hi))
+    @pl.when((slot >= 0) & holds_new)
     def _():
         dst = slot * num_kv_heads + h
         pool_out[0][pl.ds(dst, 1), :] = k_new
@@ -126,6 +130,23 @@ def _kernel(
         if quantized:
             pool_out[2][pl.ds(dst, 1)] = k_scale
             pool_out[3][pl.ds(dst, 1)] = v_scale
+
+
+def _with_key(o, l, m, q, k, v, k_scale, v_scale, take, *, scale: float):
+    """`_attend_blocks`'s (o, l, m) with one more key and value k, v [1, D] (in the pool's dtype;
+    their scales [1], None for a float pool) where `take`: the online softmax's step for one
+    column, as elementwise products rather than a dot. Substituting the row inside the blocks
+    instead (a select over each [block_kv, D] tile) took the Llama-3-8B call from 6.0 to 7.9 us
+    on an H200."""
+    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=1) * scale   # [rows]
+    if k_scale is not None:
+        s = s * k_scale
+    s = jnp.where(take, s, pa._MASK)
+    m_new = jnp.maximum(m, s)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.where(take, jnp.exp2(s - m_new), 0.0)
+    v = v.astype(jnp.float32) if v_scale is None else v.astype(jnp.float32) * v_scale[:, None]
+    return o * alpha[:, None] + p[:, None] * v, l * alpha + p, m_new
 
 
 @functools.partial(jax.jit, static_argnames=("n_kv_heads", "sm_scale", "block_sizes", "interpret"))

@@ -204,13 +204,9 @@ def _kernel(
 
 def _attend_blocks(q, q_pos, blk_lo, blk_hi, page_table_ref, k_ref, v_ref, k_scales_ref, v_scales_ref,
                    *, seq, h, num_kv_heads: int, num_pages: int, page_size: int, max_pages: int,
-                   block_kv: int, scale: float, compute_dtype, new=None):
+                   block_kv: int, scale: float, compute_dtype):
     """Online softmax of q [rows, D] (at positions q_pos [rows]) over kv blocks [blk_lo, blk_hi)
-    of sequence `seq`, kv head `h`: (o [rows, D] unnormalized, l [rows], m [rows]), base 2.
-
-    `new = (pos, k, v, k_scale, v_scale)`: the key and value at kv position `pos` are these
-    ([1, D] each, in the pool's dtype; the scales [1], or None for a float pool) instead of the
-    pool's row (a decode token's own K/V, which the same kernel stores)."""
+    of sequence `seq`, kv head `h`: (o [rows, D] unnormalized, l [rows], m [rows]), base 2."""
     quantized = k_scales_ref is not None
 
     def body(j, carry):
@@ -221,30 +217,20 @@ def _attend_blocks(q, q_pos, blk_lo, blk_hi, page_table_ref, k_ref, v_ref, k_sca
         page = jnp.clip(page, 0, num_pages - 1)
         kv_rows = (page * page_size + kv_pos % page_size) * num_kv_heads + h
         k = k_ref[kv_rows, :].astype(compute_dtype)                            # [block_kv, D]
-        v = v_ref[kv_rows, :].astype(compute_dtype)
-        k_scales = k_scales_ref[kv_rows] if quantized else None                # [block_kv]
-        v_scales = v_scales_ref[kv_rows] if quantized else None
-        if new is not None:
-            pos, k_new, v_new, k_scale_new, v_scale_new = new
-            is_new = kv_pos == pos
-            k = jnp.where(is_new[:, None], k_new.astype(compute_dtype), k)
-            v = jnp.where(is_new[:, None], v_new.astype(compute_dtype), v)
-            if quantized:
-                k_scales = jnp.where(is_new, k_scale_new, k_scales)
-                v_scales = jnp.where(is_new, v_scale_new, v_scales)
+        v = v_ref[kv_rows, :]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32) * scale        # [rows, block_kv]
         if quantized:
-            s = s * k_scales[None, :]
+            s = s * k_scales_ref[kv_rows][None, :]
         s = jnp.where(kv_pos[None, :] <= q_pos[:, None], s, _MASK)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         if quantized:
-            p = p * v_scales[None, :]
-        pv = lax.dot_general(p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+            p = p * v_scales_ref[kv_rows][None, :]
+        pv = lax.dot_general(p.astype(compute_dtype), v.astype(compute_dtype),
+                             (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return o * alpha[:, None] + pv, m_new, l
 
     rows, d = q.shape
