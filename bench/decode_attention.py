@@ -44,14 +44,16 @@ def use_variant(variant: str | None) -> None:
     `fused` or None restores it."""
     from pallax.decode import engine
 
+    default = _default_supported()  # read before the first switch replaces it
     if variant not in (None, *VARIANTS):
         raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
-    engine.decode_attention_supported = (lambda *a: False) if variant == "split" else _default_supported()
+    engine.decode_attention_supported = (lambda *a: False) if variant == "split" else default
 
 
 def check_kernel(config, context: int, records: list, kv_dtype=jnp.bfloat16) -> None:
     """The fused kernel against rope_kv_write + paged_attention at the preset's heads, on the
-    GPU: batch 1 beside a padding row, the engine's page size, `context` keys."""
+    GPU: batch 1 beside a padding row, the engine's page size, `context` keys, a `kv_dtype` pool
+    (int8 / fp8 with random scales)."""
     from pallax.kernels_pallas.decode_attention import decode_attention
     from pallax.kernels_pallas.paged_attention import paged_attention
     from pallax.kernels_pallas.rope_kv_write import rope_kv_write
@@ -61,7 +63,14 @@ def check_kernel(config, context: int, records: list, kv_dtype=jnp.bfloat16) -> 
     pages = -(-(context + 1) // page_size)
     kvh, d = c.n_kv_heads, c.head_dim
     shape = (2 * pages + 1, page_size, kvh, d)
-    pool = [jnp.asarray(rng.standard_normal(shape), kv_dtype) for _ in "kv"]
+    if jnp.dtype(kv_dtype) == jnp.int8:
+        pool = [jnp.asarray(rng.integers(-127, 128, shape), jnp.int8) for _ in "kv"]
+    else:
+        pool = [jnp.asarray(rng.standard_normal(shape), kv_dtype) for _ in "kv"]
+    if jnp.dtype(kv_dtype).itemsize == 1:
+        pool += [jnp.asarray(rng.uniform(0.01, 0.02, shape[:3]), jnp.float32) for _ in "kv"]
+    else:
+        pool += [None, None]
     qkv = jnp.asarray(rng.standard_normal((2, c.n_heads + 2 * kvh, d)), jnp.bfloat16)
     angles = rng.uniform(0, 2 * np.pi, (2, d // 2))
     cos, sin = jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
@@ -71,18 +80,21 @@ def check_kernel(config, context: int, records: list, kv_dtype=jnp.bfloat16) -> 
     num_seqs = jnp.asarray(1, jnp.int32)
 
     @jax.jit
-    def split(qkv, cos, sin, slots, k, v):
-        q, k, v, _, _ = rope_kv_write(qkv, cos, sin, slots, k, v, n_kv_heads=kvh)
+    def split(qkv, cos, sin, slots, *pool):
+        q, *pool = rope_kv_write(qkv, cos, sin, slots, *pool, n_kv_heads=kvh)
         query_start = jnp.asarray([0, 1, 1], jnp.int32)
-        return paged_attention(q, k, v, page_table, query_start, kv_lens, num_seqs), k, v
+        k, v, ks, vs = pool
+        return paged_attention(q, k, v, page_table, query_start, kv_lens, num_seqs, k_scales=ks,
+                               v_scales=vs), *pool
 
-    fused = jax.jit(lambda qkv, cos, sin, slots, k, v: decode_attention(
-        qkv, cos, sin, slots, page_table, kv_lens, num_seqs, k, v, n_kv_heads=kvh)[:3])
+    fused = jax.jit(lambda qkv, cos, sin, slots, *pool: decode_attention(
+        qkv, cos, sin, slots, page_table, kv_lens, num_seqs, *pool, n_kv_heads=kvh))
     want, got = split(qkv, cos, sin, slots, *pool), fused(qkv, cos, sin, slots, *pool)
     err = float(jnp.max(jnp.abs(got[0].astype(jnp.float32) - want[0].astype(jnp.float32))))
     records.append(emit(dict(
         bench="decode_attention_check", heads=c.n_heads, kv_heads=kvh, head_dim=d, context=context,
-        max_abs_diff=err, pools_equal=[bool(jnp.array_equal(a, b)) for a, b in zip(got[1:], want[1:])],
+        kv_dtype=jnp.dtype(kv_dtype).name, max_abs_diff=err,
+        pools_equal=[bool(jnp.array_equal(a, b)) for a, b in zip(got[1:], want[1:]) if a is not None],
         **environment())))
 
 
@@ -103,7 +115,8 @@ def main(argv=None) -> None:
 
     config = preset(args.preset)
     records: list = []
-    check_kernel(config, args.context, records)
+    for kv_dtype in (jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn):
+        check_kernel(config, args.context, records, kv_dtype)
     llm = random_llm(config)
     note = (f"the engine's batch-1 decode program (step_anatomy.decode_program), ctx {args.context}, "
             f"random weights; {args.reps} alternating runs of {args.steps} back-to-back steps; "

@@ -39,6 +39,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -107,16 +108,16 @@ def _kernel(
         k_new, v_new = k_new.astype(pool_out[0].dtype), v_new.astype(pool_out[1].dtype)
         k_scale = v_scale = None
 
-    # The pool's rows up to the token's position, its own row excluded (not yet written); the
-    # program whose slice holds the token's block then adds the token's key and value.
+    # The program whose slice holds the token's block starts its online softmax from the token's
+    # own key and value, then takes the pool's rows before the token's position (its own row is
+    # not written yet).
+    new_blk = pos // block_kv
+    holds_new = (blk_lo <= new_blk) & (new_blk < blk_hi)  # padding rows hold no block
     o, l, m = pa._attend_blocks(
         q, pos - 1 + jnp.zeros((rows,), jnp.int32), blk_lo, blk_hi, page_table_ref, k_ref, v_ref,
         k_scales_ref, v_scales_ref, seq=t, h=h, num_kv_heads=num_kv_heads, num_pages=num_pages,
         page_size=page_size, max_pages=max_pages, block_kv=block_kv, scale=scale,
-        compute_dtype=compute_dtype)
-    new_blk = pos // block_kv
-    holds_new = (blk_lo <= new_blk) & (new_blk < blk_hi)  # padding rows hold no block
-    o, l, m = _with_key(o, l, m, q, k_new, v_new, k_scale, v_scale, holds_new, scale=scale)
+        compute_dtype=compute_dtype, init=_one_key(q, k_new, v_new, k_scale, v_scale, holds_new, scale=scale))
     pa._store(o, l, m, o_ref, lse_ref)
 
     # That program also stores the token's K/V; no other program reads that row.
@@ -132,21 +133,26 @@ def _kernel(
             pool_out[3][pl.ds(dst, 1)] = v_scale
 
 
-def _with_key(o, l, m, q, k, v, k_scale, v_scale, take, *, scale: float):
-    """`_attend_blocks`'s (o, l, m) with one more key and value k, v [1, D] (in the pool's dtype;
-    their scales [1], None for a float pool) where `take`: the online softmax's step for one
-    column, as elementwise products rather than a dot. Substituting the row inside the blocks
-    instead (a select over each [block_kv, D] tile) took the Llama-3-8B call from 6.0 to 7.9 us
-    on an H200."""
-    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=1) * scale   # [rows]
+def _one_key(q, k, v, k_scale, v_scale, take, *, scale: float):
+    """The online softmax's state (o, l, m) of q [rows, D] over one key and value k, v [1, D] (in
+    the pool's dtype; their scales [1], None for a float pool) where `take`, else over none:
+    `_attend_blocks`'s step for a block of 16 keys (the tensor cores' least), of which only the
+    first is live, so the state has the layouts the blocks' loop keeps it in."""
+    rows, d = q.shape
+    fill = jnp.zeros((16, d), q.dtype)
+    k, v = k.astype(q.dtype) + fill, v.astype(q.dtype) + fill                       # [16, D]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
     if k_scale is not None:
-        s = s * k_scale
-    s = jnp.where(take, s, pa._MASK)
-    m_new = jnp.maximum(m, s)
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.where(take, jnp.exp2(s - m_new), 0.0)
-    v = v.astype(jnp.float32) if v_scale is None else v.astype(jnp.float32) * v_scale[:, None]
-    return o * alpha[:, None] + p[:, None] * v, l * alpha + p, m_new
+        s = s * k_scale[None, :]
+    live = (jnp.arange(16, dtype=jnp.int32)[None, :] == 0) & take                   # [1, 16]
+    s = jnp.where(live, s, pa._MASK)                                                # [rows, 16]
+    m = jnp.max(s, axis=1)
+    p = jnp.where(live, jnp.exp2(s - m[:, None]), 0.0)
+    l = jnp.sum(p, axis=1)
+    if v_scale is not None:
+        p = p * v_scale[None, :]
+    o = lax.dot_general(p.astype(q.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return o, l, m
 
 
 @functools.partial(jax.jit, static_argnames=("n_kv_heads", "sm_scale", "block_sizes", "interpret"))

@@ -204,9 +204,10 @@ def _kernel(
 
 def _attend_blocks(q, q_pos, blk_lo, blk_hi, page_table_ref, k_ref, v_ref, k_scales_ref, v_scales_ref,
                    *, seq, h, num_kv_heads: int, num_pages: int, page_size: int, max_pages: int,
-                   block_kv: int, scale: float, compute_dtype):
+                   block_kv: int, scale: float, compute_dtype, init=None):
     """Online softmax of q [rows, D] (at positions q_pos [rows]) over kv blocks [blk_lo, blk_hi)
-    of sequence `seq`, kv head `h`: (o [rows, D] unnormalized, l [rows], m [rows]), base 2."""
+    of sequence `seq`, kv head `h`: (o [rows, D] unnormalized, l [rows], m [rows]), base 2,
+    starting from `init` (o, l, m) if given, else from no keys."""
     quantized = k_scales_ref is not None
 
     def body(j, carry):
@@ -234,9 +235,10 @@ def _attend_blocks(q, q_pos, blk_lo, blk_hi, page_table_ref, k_ref, v_ref, k_sca
         return o * alpha[:, None] + pv, m_new, l
 
     rows, d = q.shape
-    o = jnp.zeros((rows, d), jnp.float32)
-    m = jnp.full((rows,), _MASK, jnp.float32)
-    l = jnp.zeros((rows,), jnp.float32)
+    if init is None:
+        init = (jnp.zeros((rows, d), jnp.float32), jnp.zeros((rows,), jnp.float32),
+                jnp.full((rows,), _MASK, jnp.float32))
+    o, l, m = init
     o, m, l = lax.fori_loop(blk_lo, blk_hi, body, (o, m, l))
     return o, l, m
 

@@ -265,3 +265,37 @@ def test_l2_prefetch_bench_sets_the_units():
             use_units("norm")
     finally:
         use_units(None)
+
+
+def test_decode_attention_bench_switches_the_engine_path():
+    """bench.decode_attention's `split` sends the engine's pure-decode steps back to two kernels
+    (`fused` and None restore the fused kernel): a decode PagedCache's attention then runs
+    rope_kv_write and paged_attention; other names fail."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallax.bench.decode_attention import use_variant
+    from pallax.decode import engine
+    from pallax.decode.kv_cache import PagePool
+    from pallax.kernels_pallas import dispatch
+    from pallax.model.attention import QKV
+
+    def kernels():
+        pool = PagePool(*(jnp.zeros((1, 2, 4, 1, 32), jnp.bfloat16) for _ in "kv"))  # 1 layer
+        cache = engine.PagedCache(pool, jnp.asarray([3, -1]), jnp.asarray([[0], [1]]), jnp.asarray([0, 1, 1]),
+                                  jnp.asarray([4, 0]), jnp.asarray(1), decode=True)
+        x = QKV(jnp.ones((1, 2, 4, 32), jnp.bfloat16), jnp.ones((1, 2, 16)), jnp.zeros((1, 2, 16)), 1)
+        with dispatch.kernel_mode("interpret"):
+            return str(jax.make_jaxpr(lambda x: cache.attend(None, x, None, state=pool, index=0)[0])(x))
+
+    try:
+        use_variant("split")
+        assert "name=rope_kv_write" in kernels()
+        for variant in ("fused", None):
+            use_variant(variant)
+            text = kernels()
+            assert "name=decode_attention_bkv" in text and "name=rope_kv_write" not in text, variant
+        with pytest.raises(ValueError, match="not one of"):
+            use_variant("pf1")
+    finally:
+        use_variant(None)
