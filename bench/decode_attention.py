@@ -8,7 +8,9 @@ preset's head shape (outputs and pools), then compiles the step once per variant
 variants alternately (`--reps` runs of `--steps` back-to-back steps each), checks they give the
 same greedy tokens, and profiles each (device time by kernel):
 
-- `fused`: one kernel (the default for pure decode);
+- `fused`: one kernel (the default for pure decode), which also adds the int4 q/k/v
+  projection's partial sums itself;
+- `dense`: one kernel, the partial sums added by XLA first (a fusion of its own);
 - `split`: rotation + write, then attention.
 
 `--formats int4 bf16`: the int4 g128 model (the head too; the target) and the bf16 one (its
@@ -29,25 +31,26 @@ import numpy as np
 from pallax.bench.common import append_records, emit, environment
 from pallax.bench.partial_sums import compiled_steps, serving_int4, time_steps
 
-VARIANTS = ("fused", "split")
+VARIANTS = ("fused", "dense", "split")
 
 
 @functools.lru_cache(maxsize=None)
-def _default_supported():
+def _defaults():
     from pallax.decode import engine
 
-    return engine.decode_attention_supported
+    return engine.decode_attention_supported, engine.decode_attention_takes_partials
 
 
 def use_variant(variant: str | None) -> None:
-    """`split` turns the fused kernel off in the engine (a module attribute read at trace time);
-    `fused` or None restores it."""
+    """`split` turns the fused kernel off in the engine, `dense` its partial sums (module
+    attributes read at trace time); `fused` or None restores both."""
     from pallax.decode import engine
 
-    default = _default_supported()  # read before the first switch replaces it
+    supported, takes_partials = _defaults()  # read before the first switch replaces them
     if variant not in (None, *VARIANTS):
         raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
-    engine.decode_attention_supported = (lambda *a: False) if variant == "split" else default
+    engine.decode_attention_supported = (lambda *a: False) if variant == "split" else supported
+    engine.decode_attention_takes_partials = (lambda *a: False) if variant == "dense" else takes_partials
 
 
 def check_kernel(config, context: int, records: list, kv_dtype=jnp.bfloat16) -> None:
@@ -127,7 +130,9 @@ def main(argv=None) -> None:
         else:
             model = llm
             model.params = serving_layout(llm.params, transpose=transposes(None))
-        progs = compiled_steps(model, args.variants, args.context, use=use_variant)
+        # bf16 projections leave no partial sums: `dense` is `fused` there
+        variants = [v for v in args.variants if fmt == "int4" or v != "dense"]
+        progs = compiled_steps(model, variants, args.context, use=use_variant)
         records += time_steps(f"{args.preset} random {'int4+head' if fmt == 'int4' else 'bf16'}", progs,
                               args.reps, args.steps, note, bench="decode_attention")
         del model, progs

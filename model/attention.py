@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pallax.kernels_pallas import dispatch
+from pallax.kernels_pallas._matmul_common import PartialSums
 
 from .layers import apply_rope
 
@@ -38,17 +39,42 @@ from .layers import apply_rope
 @struct.dataclass
 class QKV:
     """A block's attention inputs before RoPE: heads [B, T, H + 2 KVH, D] (q | k | v, as the fused
-    projection writes them), cos, sin [B, T, D / 2] float32 (`layers.rope_cos_sin`)."""
+    projection writes them), cos, sin [B, T, D / 2] float32 (`layers.rope_cos_sin`).
 
-    heads: jax.Array
+    `heads` may instead be the fused projection's `PartialSums` of its [B * T, (H + 2 KVH) * D]
+    product, unadded, with its `bias` [(H + 2 KVH) * D] (or None) still to add, for a cache whose
+    kernel adds them itself (`reads_partial_qkv`); `dense()` gives the heads either way."""
+
+    heads: jax.Array | PartialSums
     cos: jax.Array
     sin: jax.Array
     n_kv_heads: int = struct.field(pytree_node=False)
+    bias: jax.Array | None = None
+
+    @classmethod
+    def of(cls, y, bias, cos, sin, n_kv_heads: int) -> "QKV":
+        """From the fused projection's product y ([B, T, N] or `PartialSums`) without its bias."""
+        if isinstance(y, PartialSums):
+            return cls(y, cos, sin, n_kv_heads, bias)
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
+        return cls(y.reshape(*cos.shape[:2], -1, 2 * cos.shape[-1]), cos, sin, n_kv_heads)
+
+    def dense(self) -> jax.Array:
+        """The heads [B, T, H + 2 KVH, D], partial sums added (the bias too), rounded as `linear`
+        rounds them."""
+        if not isinstance(self.heads, PartialSums):
+            return self.heads
+        y = self.heads.sum()
+        if self.bias is not None:
+            y = y + self.bias.astype(y.dtype)
+        return y.reshape(*self.cos.shape[:2], -1, 2 * self.cos.shape[-1])
 
     def rotated(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B, T, H, D] and k [B, T, KVH, D] rotated, v [B, T, KVH, D]."""
-        n_heads = self.heads.shape[2] - 2 * self.n_kv_heads
-        q, k, v = jnp.split(self.heads, [n_heads, n_heads + self.n_kv_heads], axis=2)
+        heads = self.dense()
+        n_heads = heads.shape[2] - 2 * self.n_kv_heads
+        q, k, v = jnp.split(heads, [n_heads, n_heads + self.n_kv_heads], axis=2)
         return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v
 
 
