@@ -17,7 +17,9 @@ attention reads its pages in place instead of XLA copying a layer's slice of the
 
 The decoder hands a cache the block's projections before RoPE (`QKV`: the q | k | v heads as one
 GEMM writes them, and the rotation's cos/sin), so a cache can rotate and store in one kernel (the
-paged cache on a GPU: `kernels_pallas.rope_kv_write`); the others rotate with `QKV.rotated`.
+paged cache on a GPU: `kernels_pallas.rope_kv_write`, or in a decode step rotation, store and
+attention in one, `kernels_pallas.decode_attention`, which also takes the heads as the int4
+GEMM's partial sums unadded); the others rotate with `QKV.rotated`.
 
 Shapes: q [B, T, H, D], k/v [B, T, KVH, D], positions [B, T] int32.
 """
