@@ -628,7 +628,8 @@ def draft_step(params, pool: PagePool, packed: Packed, *, config: ModelConfig, k
         pos = pos0 + i
         page = jnp.take_along_axis(batch.page_table, (pos // ps)[:, None], axis=1)[:, 0]
         slots = jnp.where(live & (pos < limits), page * ps + pos % ps, -1)
-        cache = PagedCache(pool, slots, batch.page_table, qs, batch.kv_lens + i, batch.num_seqs)
+        # one token a sequence: the decode kernel rotates, stores and attends
+        cache = PagedCache(pool, slots, batch.page_table, qs, batch.kv_lens + i, batch.num_seqs, decode=True)
         logits, cache = forward(params, tok[None], pos[None], cache, config=config)
         tok, q = draw(logits[0], batch.sample_steps + i)
         return (cache.pool, tok), (tok, q)
