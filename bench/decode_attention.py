@@ -4,14 +4,11 @@ The engine's pure-decode calls run each layer's attention as `kernels_pallas.dec
 (RoPE of q and k, the store of k and v in the page pool and paged attention in one kernel, the
 split combine after it); general batches keep two kernels (`rope_kv_write`, then
 `paged_attention`). This bench first checks the two against each other on the GPU at the
-preset's head shape (outputs and pools, float and 8-bit pools), and on the int4 kernel's own
-partial sums against their sum, then compiles the step once per variant, runs the
+preset's head shape (outputs and pools), then compiles the step once per variant, runs the
 variants alternately (`--reps` runs of `--steps` back-to-back steps each), checks they give the
 same greedy tokens, and profiles each (device time by kernel):
 
-- `fused`: one kernel (the default for pure decode), which also adds the int4 q/k/v
-  projection's partial sums itself;
-- `dense`: one kernel, the partial sums added by XLA first (a fusion of its own);
+- `fused`: one kernel (the default for pure decode);
 - `split`: rotation + write, then attention.
 
 `--formats int4 bf16`: the int4 g128 model (the head too; the target) and the bf16 one (its
@@ -32,26 +29,25 @@ import numpy as np
 from pallax.bench.common import append_records, emit, environment
 from pallax.bench.partial_sums import compiled_steps, serving_int4, time_steps
 
-VARIANTS = ("fused", "dense", "split")
+VARIANTS = ("fused", "split")
 
 
 @functools.lru_cache(maxsize=None)
-def _defaults():
+def _default_supported():
     from pallax.decode import engine
 
-    return engine.decode_attention_supported, engine.decode_attention_takes_partials
+    return engine.decode_attention_supported
 
 
 def use_variant(variant: str | None) -> None:
-    """`split` turns the fused kernel off in the engine, `dense` its partial sums (module
-    attributes read at trace time); `fused` or None restores both."""
+    """`split` turns the fused kernel off in the engine (a module attribute read at trace time);
+    `fused` or None restores it."""
     from pallax.decode import engine
 
-    supported, takes_partials = _defaults()  # read before the first switch replaces them
+    default = _default_supported()  # read before the first switch replaces it
     if variant not in (None, *VARIANTS):
         raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
-    engine.decode_attention_supported = (lambda *a: False) if variant == "split" else supported
-    engine.decode_attention_takes_partials = (lambda *a: False) if variant == "dense" else takes_partials
+    engine.decode_attention_supported = (lambda *a: False) if variant == "split" else default
 
 
 def check_kernel(config, context: int, records: list, kv_dtype=jnp.bfloat16) -> None:
@@ -102,43 +98,6 @@ def check_kernel(config, context: int, records: list, kv_dtype=jnp.bfloat16) -> 
         **environment())))
 
 
-def check_partials(config, context: int, records: list) -> None:
-    """The kernel on the int4 kernel's own partial sums of a random q/k/v projection at M = 2 (a
-    random bias added) against the kernel on their sum plus the bias, on the GPU: outputs and
-    pools equal."""
-    from pallax.kernels_pallas import dispatch
-    from pallax.kernels_pallas import int4_matmul_mgpu as i4h
-    from pallax.kernels_pallas import quant_formats as qf
-    from pallax.kernels_pallas.decode_attention import decode_attention
-
-    c, page_size = config, 16
-    kvh, d = c.n_kv_heads, c.head_dim
-    n = (c.n_heads + 2 * kvh) * d
-    key = jax.random.split(jax.random.key(1), 5)
-    w = 0.02 * jax.random.normal(key[0], (c.dim, n), jnp.float32)
-    packed, scales, _ = qf.quantize_int4(w, 128, symmetric=True)
-    words, s = i4h.to_hopper_layout(packed, scales, group_size=128)
-    x = jax.random.normal(key[1], (2, c.dim), jnp.float32).astype(jnp.bfloat16)
-    bias = (0.1 * jax.random.normal(key[2], (n,), jnp.float32)).astype(jnp.bfloat16)
-    parts = i4h.int4_matmul_mgpu(x, words, s, group_size=128, partial=True,
-                                 interpret=dispatch.resolve() == "interpret")
-    dense = (parts.sum() + bias).reshape(2, -1, d)
-    pages = -(-(context + 1) // page_size)
-    pool = [jax.random.normal(k, (2 * pages + 1, page_size, kvh, d), jnp.float32).astype(jnp.bfloat16)
-            for k in key[3:]]
-    angles = jnp.linspace(0, 6, 2 * d // 2).reshape(2, d // 2)
-    args = (jnp.cos(angles), jnp.sin(angles), jnp.asarray([context, -1], jnp.int32),
-            jnp.arange(2 * pages, dtype=jnp.int32).reshape(2, pages), jnp.asarray([context + 1, 0], jnp.int32),
-            jnp.asarray(1, jnp.int32), *pool)
-    run = jax.jit(lambda heads, bias: decode_attention(heads, *args, n_kv_heads=kvh, bias=bias)[:3])
-    got, want = run(parts, bias), run(dense, None)
-    records.append(emit(dict(
-        bench="decode_attention_check_partials", heads=c.n_heads, kv_heads=kvh, head_dim=d, context=context,
-        slots=list(parts.parts.shape), equal=[bool(jnp.array_equal(a, b)) for a, b in zip(got, want)],
-        max_abs_diff=float(jnp.max(jnp.abs(got[0].astype(jnp.float32) - want[0].astype(jnp.float32)))),
-        **environment())))
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama3-8b")
@@ -158,7 +117,6 @@ def main(argv=None) -> None:
     records: list = []
     for kv_dtype in (jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn):
         check_kernel(config, args.context, records, kv_dtype)
-    check_partials(config, args.context, records)
     llm = random_llm(config)
     note = (f"the engine's batch-1 decode program (step_anatomy.decode_program), ctx {args.context}, "
             f"random weights; {args.reps} alternating runs of {args.steps} back-to-back steps; "
@@ -169,9 +127,7 @@ def main(argv=None) -> None:
         else:
             model = llm
             model.params = serving_layout(llm.params, transpose=transposes(None))
-        # bf16 projections leave no partial sums: `dense` is `fused` there
-        variants = [v for v in args.variants if fmt == "int4" or v != "dense"]
-        progs = compiled_steps(model, variants, args.context, use=use_variant)
+        progs = compiled_steps(model, args.variants, args.context, use=use_variant)
         records += time_steps(f"{args.preset} random {'int4+head' if fmt == 'int4' else 'bf16'}", progs,
                               args.reps, args.steps, note, bench="decode_attention")
         del model, progs

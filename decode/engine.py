@@ -26,7 +26,6 @@ from flax import struct
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas.decode_attention import decode_attention
 from pallax.kernels_pallas.decode_attention import supported as decode_attention_supported
-from pallax.kernels_pallas.decode_attention import takes_partials as decode_attention_takes_partials
 from pallax.kernels_pallas.paged_attention import paged_attention
 from pallax.kernels_pallas.rope_kv_write import rope_kv_write, rope_kv_write_reference
 from pallax.kernels_pallas.rope_kv_write import supported as rope_kv_write_supported
@@ -117,31 +116,19 @@ class PagedCache:
         out, flat = self._attend_pages(flat, index * pool.num_pages, qkv)
         return out, None, jax.tree.map(lambda a, b: a.reshape(b.shape), flat, pool)
 
-    @property
-    def reads_partial_qkv(self) -> bool:
-        """Whether `attend` takes the fused q/k/v projection's partial sums unadded (`QKV`): in a
-        decode step on a GPU, whose kernel adds them itself."""
-        return self.decode and dispatch.resolve() != "reference"
-
     def _attend_pages(self, pool: PagePool, base, qkv: QKV):
         """Rotate q and k, write this block's K/V into pages [base, base + P) of a
         [pages, page_size, KVH, D] pool and attend over them."""
         ps, KVH, D = pool.k.shape[1:]
         slots = jnp.where(self.slots < 0, -1, base * ps + self.slots)  # padding: not written
         if self.decode and dispatch.resolve() != "reference" and decode_attention_supported(qkv.heads.dtype, D):
-            if decode_attention_takes_partials(qkv.heads, D):
-                heads, bias = qkv.heads, qkv.bias
-            else:
-                heads, bias = qkv.dense()[0], None
-            out, *buffers = decode_attention(heads, qkv.cos[0], qkv.sin[0], slots, self.page_table + base,
-                                             self.kv_lens, self.num_seqs, *pool.buffers, n_kv_heads=KVH,
-                                             bias=bias)
+            out, *buffers = decode_attention(qkv.heads[0], qkv.cos[0], qkv.sin[0], slots, self.page_table + base,
+                                             self.kv_lens, self.num_seqs, *pool.buffers, n_kv_heads=KVH)
             return out[None], PagePool(*buffers)
         # One kernel rotates q and k and writes k and v (quantized for int8 / fp8 pools) in place;
         # XLA's ops (the reference) where the kernel does not apply.
-        heads = qkv.dense()[0]
-        write = rope_kv_write if rope_kv_write_supported(heads.dtype, D) else rope_kv_write_reference
-        q, *buffers = write(heads, qkv.cos[0], qkv.sin[0], slots, *pool.buffers, n_kv_heads=KVH)
+        write = rope_kv_write if rope_kv_write_supported(qkv.heads.dtype, D) else rope_kv_write_reference
+        q, *buffers = write(qkv.heads[0], qkv.cos[0], qkv.sin[0], slots, *pool.buffers, n_kv_heads=KVH)
         pool = PagePool(*buffers)
         attend = paged_attention_blocked if dispatch.resolve() == "reference" else paged_attention
         out = attend(q, pool.k, pool.v, self.page_table + base, self.query_start, self.kv_lens,

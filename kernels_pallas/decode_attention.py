@@ -28,8 +28,28 @@ attended dequantized, as if read back.
 The grid and the split combine are `paged_attention`'s for a decode batch (`block_q = 1`):
 `(T, KVH, kv_splits)` programs, each the G query heads of one kv head over one slice of the
 sequence's kv blocks (`_attend_blocks`, the pool's rows before the token's position), the
-token's own key and value one more online-softmax step (`_with_key`), and `_combine` after them
-when the range is split.
+program holding the token's block starting from its own key and value (`_one_key`), and
+`_combine` after them when the range is split. The engine's pure-decode steps run it
+(`PagedCache.decode`); batches with prefill chunks or drafts keep the two kernels, since their
+tokens read each other's K/V.
+
+On one H200 (Llama-3-8B heads, batch 1 at context 1024; `python3 -m pallax.bench.decode_attention`,
+bench/results/decode_attention_h200.jsonl, and kernel-only timings of throwaway variants in
+decode_attention_kernel_h200.jsonl) the outputs and pools are bit for bit the two kernels'
+(bf16, int8 and fp8 pools). A call takes 6.9 us where the two took 5.8 + 1.5 us (the combine,
+1.8 us, after either), and in the engine's int4 step 7.4 us a layer against 7.9 (190 + 63 us
+a step against 238, with the new key merged after the blocks, 0.1 us slower alone than this
+form): the step 2.081-2.084 ms against 2.093-2.094, 33 kernels fewer; the bf16 step 4.132-4.135
+against 4.135-4.142. What the fusion saves is a launch; the new key costs nearly as much:
+- the rotation, the loads of q's partner columns and the store: 0.2 us over the attention
+  alone (6.0 us without the new key);
+- the new row selected into each [block_kv, D] K and V tile inside the loop: 7.9 us;
+- merged after the blocks (elementwise, as here, but after the loop): 7.0 us;
+- as a 16-key block through the tensor cores (one live key, the state in the loop's layouts):
+  in the step 8.0 us a call, no better than the two kernels (2.102 ms against 2.091);
+- the kernel adding the int4 q/k/v product's partial sums itself (each program gathering its
+  heads' slots, as the residual-norm kernel does for o and down), which drops XLA's 1.7 us sum
+  fusion: 13.2 us a call, the step 2.222 ms. Not kept.
 """
 
 from __future__ import annotations
@@ -39,14 +59,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas import paged_attention as pa
 from pallax.kernels_pallas import rope_kv_write as rk
-from pallax.kernels_pallas._matmul_common import PartialSums
 from pallax.kernels_pallas.paged_attention import BlockSizes, paged_attention_reference
 
 
@@ -55,20 +73,16 @@ def _kernel(
     num_seqs_ref,    # [1] int32
     slots_ref,       # [T] int32: pool row (page * page_size + offset) of each token's K/V
     page_table_ref,  # [T * max_pages] int32 (flat)
+    qkv_ref,         # [T * (H + 2 KVH) * D] (flat)
     cos_ref,         # [T * D / 2] f32 (flat)
     sin_ref,         # [T * D / 2] f32 (flat)
-    *rest,           # the heads: qkv [T * (H + 2 KVH) * D] (flat), or partial sums (flat parts
-                     # [S * M_pad * W], slots [B * P] int32, then the bias [(H + 2 KVH) * D] if any);
-                     # k, v [P * page_size * KVH, D] (+ k_scales, v_scales [P * page_size * KVH]
-                     # f32 if quantized); outputs: the pool's buffers (aliased to the inputs),
-                     # o [rows, D], lse [rows] (split)
+    k_ref,           # [P * page_size * KVH, D]
+    v_ref,           # [P * page_size * KVH, D]
+    *rest,           # k_scales, v_scales [P * page_size * KVH] f32 (quantized only); outputs: the
+                     # pool's buffers (aliased to the inputs), o [rows, D], lse [rows] (split)
     num_heads: int, num_kv_heads: int, num_pages: int, page_size: int, max_pages: int,
-    block_kv: int, rows: int, kv_splits: int, scale: float, quantized: bool, compute_dtype, dtype,
-    partial: tuple | None, has_bias: bool,
+    block_kv: int, rows: int, kv_splits: int, scale: float, quantized: bool, compute_dtype,
 ):
-    n_heads_in = 1 if partial is None else 2 + has_bias
-    heads_in, rest = rest[:n_heads_in], rest[n_heads_in:]
-    k_ref, v_ref, *rest = rest
     k_scales_ref, v_scales_ref = rest[:2] if quantized else (None, None)
     outs = rest[2:] if quantized else rest
     n_pool = 4 if quantized else 2
@@ -95,40 +109,17 @@ def _kernel(
     cos = cos_ref[t * half + col % half][None, :]     # [1, D]
     sin = (sin_ref[t * half + col % half] * jnp.where(col < half, -1.0, 1.0))[None, :]
 
-    if partial is None:
-        (qkv_ref,) = heads_in
-
-        def row_at(heads, cols):  # heads [R] of token t, columns cols [C] -> [R, C] f32
-            return qkv_ref[(t * per_token + heads)[:, None] * d + cols[None, :]].astype(jnp.float32)
-    else:
-        parts_ref, part_slots_ref, *bias_ref = heads_in
-        n_slots, m_pad, width, per_block = partial
-
-        def row_at(heads, cols):
-            # Head j is columns j * D ... of the product: one row block's (width % D == 0). Its
-            # slots' partial sums are added in their order and rounded as `linear` rounds.
-            first = heads * d
-            blk, off = first // width, first % width                 # [R]
-            y = None
-            for p in range(per_block):
-                slot = part_slots_ref[blk * per_block + p]
-                used = slot < n_slots
-                src = (jnp.where(used, (slot * m_pad + t) * width, 0) + off)[:, None] + cols[None, :]
-                part = plgpu.load(parts_ref.at[src], mask=jnp.broadcast_to(used[:, None], src.shape), other=0.0)
-                y = part if y is None else y + part
-            y = y.astype(dtype)
-            if bias_ref:
-                y = (y.astype(jnp.float32) + bias_ref[0][first[:, None] + cols[None, :]].astype(jnp.float32))
-            return y.astype(dtype).astype(jnp.float32)
+    def row_at(heads, cols):  # heads [R] of token t -> [R, D] f32
+        return qkv_ref[(t * per_token + heads)[:, None] * d + cols[None, :]].astype(jnp.float32)
 
     def rotated(heads):
-        return (row_at(heads, col) * cos + row_at(heads, partner) * sin).astype(dtype)
+        return (row_at(heads, col) * cos + row_at(heads, partner) * sin).astype(qkv_ref.dtype)
 
     r = jnp.arange(rows, dtype=jnp.int32)
     q = rotated(h * group + r % group).astype(compute_dtype)         # [rows, D]; rows >= G repeat
     one = jnp.zeros((1,), jnp.int32)
     k_new = rotated(num_heads + h + one)                             # [1, D]
-    v_new = row_at(num_heads + num_kv_heads + h + one, col).astype(dtype)
+    v_new = row_at(num_heads + num_kv_heads + h + one, col).astype(qkv_ref.dtype)
     if quantized:
         (k_new,), k_scale = rk.quantize_rows([k_new], pool_out[0].dtype)   # [1, D], [1]
         (v_new,), v_scale = rk.quantize_rows([v_new], pool_out[1].dtype)
@@ -163,38 +154,22 @@ def _kernel(
 
 def _one_key(q, k, v, k_scale, v_scale, take, *, scale: float):
     """The online softmax's state (o, l, m) of q [rows, D] over one key and value k, v [1, D] (in
-    the pool's dtype; their scales [1], None for a float pool) where `take`, else over none:
-    `_attend_blocks`'s step for a block of 16 keys (the tensor cores' least), of which only the
-    first is live, so the state has the layouts the blocks' loop keeps it in."""
-    rows, d = q.shape
-    fill = jnp.zeros((16, d), q.dtype)
-    k, v = k.astype(q.dtype) + fill, v.astype(q.dtype) + fill                       # [16, D]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    the pool's dtype; their scales [1], None for a float pool) where `take`, else over none: the
+    score as an elementwise product and sum, the value as it is (module docstring: the other
+    forms tried)."""
+    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=1) * scale   # [rows]
     if k_scale is not None:
-        s = s * k_scale[None, :]
-    live = (jnp.arange(16, dtype=jnp.int32)[None, :] == 0) & take                   # [1, 16]
-    s = jnp.where(live, s, pa._MASK)                                                # [rows, 16]
-    m = jnp.max(s, axis=1)
-    p = jnp.where(live, jnp.exp2(s - m[:, None]), 0.0)
-    l = jnp.sum(p, axis=1)
-    if v_scale is not None:
-        p = p * v_scale[None, :]
-    o = lax.dot_general(p.astype(q.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return o, l, m
+        s = s * k_scale
+    v = v.astype(jnp.float32) if v_scale is None else v.astype(jnp.float32) * v_scale[:, None]
+    zeros = jnp.zeros_like(q, jnp.float32)                                          # [rows, D]
+    return (jnp.where(take, v + zeros, zeros), jnp.where(take, jnp.ones_like(s), jnp.zeros_like(s)),
+            jnp.where(take, s, pa._MASK))
 
 
 @functools.partial(jax.jit, static_argnames=("n_kv_heads", "sm_scale", "block_sizes", "interpret"))
 def _decode_attention_kernel(qkv, cos, sin, slots, page_table, kv_lens, num_seqs, k_pages, v_pages,
-                             k_scales, v_scales, bias, *, n_kv_heads, sm_scale, block_sizes, interpret):
-    t, d = cos.shape[0], 2 * cos.shape[1]
-    if isinstance(qkv, PartialSums):
-        per_token = qkv.shape[1] // d
-        heads_in = [qkv.parts.reshape(-1), qkv.slots.reshape(-1).astype(jnp.int32)]
-        heads_in += [] if bias is None else [bias.reshape(-1)]
-        partial = (qkv.parts.shape[0], qkv.parts.shape[1], qkv.parts.shape[2], qkv.slots.shape[1])
-    else:
-        per_token = qkv.shape[1]
-        heads_in, partial = [qkv.reshape(-1)], None
+                             k_scales, v_scales, *, n_kv_heads, sm_scale, block_sizes, interpret):
+    t, per_token, d = qkv.shape
     num_heads = per_token - 2 * n_kv_heads
     group = num_heads // n_kv_heads
     num_pages, page_size = k_pages.shape[:2]
@@ -210,8 +185,8 @@ def _decode_attention_kernel(qkv, cos, sin, slots, page_table, kv_lens, num_seqs
     if quantized:
         pool += [k_scales.reshape(n_rows).astype(jnp.float32), v_scales.reshape(n_rows).astype(jnp.float32)]
     inputs = [kv_lens.astype(jnp.int32), num_seqs.reshape(1).astype(jnp.int32), slots.astype(jnp.int32),
-              page_table.reshape(-1).astype(jnp.int32), cos.reshape(-1).astype(jnp.float32),
-              sin.reshape(-1).astype(jnp.float32), *heads_in, *pool]
+              page_table.reshape(-1).astype(jnp.int32), qkv.reshape(-1),
+              cos.reshape(-1).astype(jnp.float32), sin.reshape(-1).astype(jnp.float32), *pool]
     whole = lambda x: pl.BlockSpec(x.shape, lambda w, h, k, n=x.ndim: (0,) * n)  # noqa: E731
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in pool]
     out_specs = [whole(x) for x in pool]
@@ -226,8 +201,7 @@ def _decode_attention_kernel(qkv, cos, sin, slots, page_table, kv_lens, num_seqs
     kernel = functools.partial(
         _kernel, num_heads=num_heads, num_kv_heads=n_kv_heads, num_pages=num_pages,
         page_size=page_size, max_pages=max_pages, block_kv=block_kv, rows=rows, kv_splits=splits,
-        scale=sm_scale * pa._LOG2E, quantized=quantized, compute_dtype=qkv.dtype, dtype=qkv.dtype,
-        partial=partial, has_bias=bias is not None)
+        scale=sm_scale * pa._LOG2E, quantized=quantized, compute_dtype=qkv.dtype)
     compiler_params = None
     if not interpret:
         compiler_params = plgpu.CompilerParams(num_warps=block_sizes.num_warps,
@@ -256,29 +230,9 @@ def supported(qkv_dtype, head_dim: int) -> bool:
     return rk.supported(qkv_dtype, head_dim)
 
 
-def takes_partials(y, head_dim: int) -> bool:
-    """Whether the kernel adds these heads' partial sums itself: `PartialSums` of a float product
-    whose row blocks each hold whole heads (width a multiple of head_dim)."""
-    return (isinstance(y, PartialSums) and jnp.issubdtype(y.dtype, jnp.floating)
-            and y.parts.shape[2] % head_dim == 0)
-
-
-def _dense_shape(qkv, cos):
-    """qkv's heads as [T, H + 2 KVH, D] (the shape of partial sums once added)."""
-    if not isinstance(qkv, PartialSums):
-        return qkv
-    t, n = qkv.shape
-    d = 2 * cos.shape[-1]
-    if t != cos.shape[0] or n % d:
-        raise ValueError(f"partial sums of shape {qkv.shape} must be [T, (H + 2 KVH) * D] with T = "
-                         f"{cos.shape[0]}, D = {d} (cos [T, D / 2])")
-    return jax.ShapeDtypeStruct((t, n // d, d), qkv.dtype)
-
-
-def _check(qkv, cos, sin, slots, page_table, kv_lens, k_pages, v_pages, k_scales, v_scales, bias, n_kv_heads):
-    heads = _dense_shape(qkv, cos)
-    rk._check(heads, cos, sin, slots, k_pages, v_pages, k_scales, v_scales, n_kv_heads)
-    t = heads.shape[0]
+def _check(qkv, cos, sin, slots, page_table, kv_lens, k_pages, v_pages, k_scales, v_scales, n_kv_heads):
+    rk._check(qkv, cos, sin, slots, k_pages, v_pages, k_scales, v_scales, n_kv_heads)
+    t = qkv.shape[0]
     if page_table.ndim != 2 or page_table.shape[0] != t:
         raise ValueError(f"page_table must be [T, max_pages] with T = {t} (one sequence a token), "
                          f"got {page_table.shape}")
@@ -287,57 +241,41 @@ def _check(qkv, cos, sin, slots, page_table, kv_lens, k_pages, v_pages, k_scales
     for name, x in (("page_table", page_table), ("kv_lens", kv_lens)):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} must be integer, got {x.dtype}")
-    if bias is not None:
-        if not isinstance(qkv, PartialSums):
-            raise ValueError("a bias goes with partial sums only (dense heads have theirs added)")
-        if bias.shape != (qkv.shape[1],):
-            raise ValueError(f"bias.shape={bias.shape} must be ({qkv.shape[1]},), the product's columns")
-    if isinstance(qkv, PartialSums) and not takes_partials(qkv, heads.shape[-1]):
-        raise ValueError(f"partial sums in row blocks of {qkv.parts.shape[2]} columns do not hold whole "
-                         f"heads of {heads.shape[-1]}")
 
 
 def decode_attention(qkv, cos, sin, slots, page_table, kv_lens, num_seqs, k_pages, v_pages,
-                     k_scales=None, v_scales=None, *, n_kv_heads: int, bias=None, sm_scale=None,
+                     k_scales=None, v_scales=None, *, n_kv_heads: int, sm_scale=None,
                      block_sizes: BlockSizes | None = None, interpret: bool = False):
     """Rotate, store and attend for a decode batch (module docstring): returns the attention
-    output [T, H, D] and k_pages, v_pages, k_scales, v_scales. qkv: the heads [T, H + 2 KVH, D],
-    or the fused projection's `PartialSums` [T, (H + 2 KVH) * D] (`takes_partials`) with its
-    `bias` [(H + 2 KVH) * D] or None, which the kernel adds as `linear` would. num_seqs: int32
-    scalar or None (every row live). Honours `dispatch.resolve()`; `interpret=True` forces the
-    kernel through the interpreter."""
-    _check(qkv, cos, sin, slots, page_table, kv_lens, k_pages, v_pages, k_scales, v_scales, bias, n_kv_heads)
-    t, _, d = _dense_shape(qkv, cos).shape
+    output [T, H, D] and k_pages, v_pages, k_scales, v_scales. num_seqs: int32 scalar or None
+    (every row live). Honours `dispatch.resolve()`; `interpret=True` forces the kernel through
+    the interpreter."""
+    _check(qkv, cos, sin, slots, page_table, kv_lens, k_pages, v_pages, k_scales, v_scales, n_kv_heads)
     if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(d)
-    num_seqs = jnp.asarray(t if num_seqs is None else num_seqs, jnp.int32)
+        sm_scale = 1.0 / math.sqrt(qkv.shape[-1])
+    num_seqs = jnp.asarray(qkv.shape[0] if num_seqs is None else num_seqs, jnp.int32)
     mode = "interpret" if interpret else dispatch.resolve()
     if mode == "reference":
         return decode_attention_reference(qkv, cos, sin, slots, page_table, kv_lens, num_seqs, k_pages,
-                                          v_pages, k_scales, v_scales, bias, n_kv_heads=n_kv_heads,
+                                          v_pages, k_scales, v_scales, n_kv_heads=n_kv_heads,
                                           sm_scale=sm_scale)
     if mode == "pallas":
-        if not supported(qkv.dtype, d):
+        if not supported(qkv.dtype, qkv.shape[-1]):
             raise ValueError(f"the GPU kernel takes float qkv and a power-of-two head_dim >= 32, got "
-                             f"{qkv.dtype}, head_dim={d}")
+                             f"{qkv.dtype}, head_dim={qkv.shape[-1]}")
         if k_pages.shape[0] * k_pages.shape[1] * n_kv_heads >= 2**31:
             raise ValueError(f"page pool {k_pages.shape} has >= 2**31 (page, slot, head) rows")
     return _decode_attention_kernel(qkv, cos, sin, slots, page_table, kv_lens, num_seqs, k_pages,
-                                    v_pages, k_scales, v_scales, bias, n_kv_heads=n_kv_heads,
+                                    v_pages, k_scales, v_scales, n_kv_heads=n_kv_heads,
                                     sm_scale=float(sm_scale), block_sizes=block_sizes or BlockSizes(),
                                     interpret=mode == "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=("n_kv_heads", "sm_scale"))
 def decode_attention_reference(qkv, cos, sin, slots, page_table, kv_lens, num_seqs, k_pages, v_pages,
-                               k_scales=None, v_scales=None, bias=None, *, n_kv_heads, sm_scale=None):
-    """Pure jnp: partial sums added (with the bias, as `linear` adds it), `rope_kv_write_reference`,
-    then `paged_attention_reference` with one query token a sequence."""
-    if isinstance(qkv, PartialSums):
-        y = qkv.sum()
-        if bias is not None:
-            y = y + bias.astype(y.dtype)
-        qkv = y.reshape(_dense_shape(qkv, cos).shape)
+                               k_scales=None, v_scales=None, *, n_kv_heads, sm_scale=None):
+    """Pure jnp: `rope_kv_write_reference`, then `paged_attention_reference` with one query token
+    a sequence."""
     q, k_pages, v_pages, k_scales, v_scales = rk.rope_kv_write_reference(
         qkv, cos, sin, slots, k_pages, v_pages, k_scales, v_scales, n_kv_heads=n_kv_heads)
     t = qkv.shape[0]

@@ -18,8 +18,7 @@ attention reads its pages in place instead of XLA copying a layer's slice of the
 The decoder hands a cache the block's projections before RoPE (`QKV`: the q | k | v heads as one
 GEMM writes them, and the rotation's cos/sin), so a cache can rotate and store in one kernel (the
 paged cache on a GPU: `kernels_pallas.rope_kv_write`, or in a decode step rotation, store and
-attention in one, `kernels_pallas.decode_attention`, which also takes the heads as the int4
-GEMM's partial sums unadded); the others rotate with `QKV.rotated`.
+attention in one, `kernels_pallas.decode_attention`); the others rotate with `QKV.rotated`.
 
 Shapes: q [B, T, H, D], k/v [B, T, KVH, D], positions [B, T] int32.
 """
@@ -33,7 +32,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from pallax.kernels_pallas import dispatch
-from pallax.kernels_pallas._matmul_common import PartialSums
 
 from .layers import apply_rope
 
@@ -41,42 +39,17 @@ from .layers import apply_rope
 @struct.dataclass
 class QKV:
     """A block's attention inputs before RoPE: heads [B, T, H + 2 KVH, D] (q | k | v, as the fused
-    projection writes them), cos, sin [B, T, D / 2] float32 (`layers.rope_cos_sin`).
+    projection writes them), cos, sin [B, T, D / 2] float32 (`layers.rope_cos_sin`)."""
 
-    `heads` may instead be the fused projection's `PartialSums` of its [B * T, (H + 2 KVH) * D]
-    product, unadded, with its `bias` [(H + 2 KVH) * D] (or None) still to add, for a cache whose
-    kernel adds them itself (`reads_partial_qkv`); `dense()` gives the heads either way."""
-
-    heads: jax.Array | PartialSums
+    heads: jax.Array
     cos: jax.Array
     sin: jax.Array
     n_kv_heads: int = struct.field(pytree_node=False)
-    bias: jax.Array | None = None
-
-    @classmethod
-    def of(cls, y, bias, cos, sin, n_kv_heads: int) -> "QKV":
-        """From the fused projection's product y ([B, T, N] or `PartialSums`) without its bias."""
-        if isinstance(y, PartialSums):
-            return cls(y, cos, sin, n_kv_heads, bias)
-        if bias is not None:
-            y = y + bias.astype(y.dtype)
-        return cls(y.reshape(*cos.shape[:2], -1, 2 * cos.shape[-1]), cos, sin, n_kv_heads)
-
-    def dense(self) -> jax.Array:
-        """The heads [B, T, H + 2 KVH, D], partial sums added (the bias too), rounded as `linear`
-        rounds them."""
-        if not isinstance(self.heads, PartialSums):
-            return self.heads
-        y = self.heads.sum()
-        if self.bias is not None:
-            y = y + self.bias.astype(y.dtype)
-        return y.reshape(*self.cos.shape[:2], -1, 2 * self.cos.shape[-1])
 
     def rotated(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B, T, H, D] and k [B, T, KVH, D] rotated, v [B, T, KVH, D]."""
-        heads = self.dense()
-        n_heads = heads.shape[2] - 2 * self.n_kv_heads
-        q, k, v = jnp.split(heads, [n_heads, n_heads + self.n_kv_heads], axis=2)
+        n_heads = self.heads.shape[2] - 2 * self.n_kv_heads
+        q, k, v = jnp.split(self.heads, [n_heads, n_heads + self.n_kv_heads], axis=2)
         return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v
 
 

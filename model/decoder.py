@@ -175,20 +175,18 @@ def forward(
         heads = (B, T, c.n_heads + 2 * c.n_kv_heads, c.head_dim)  # q | k | v heads, before RoPE
         if fused:  # norm + q/k/v + bias in one kernel
             x = added(x, pending)
-            qkv = QKV.of(norm_matmul(x.reshape(B * T, c.dim), p["attn_norm"], p["wqkv"], eps=c.norm_eps,
-                                     bias=p.get("bqkv")).reshape(heads), None, cos, sin, c.n_kv_heads)
+            qkv = norm_matmul(x.reshape(B * T, c.dim), p["attn_norm"], p["wqkv"], eps=c.norm_eps,
+                              bias=p.get("bqkv")).reshape(heads)
         else:
             x, h = residual_rms_norm(x, pending, p["attn_norm"], c.norm_eps)
             if "wqkv" in p:
-                # A cache whose kernel adds the product's partial sums itself gets them unadded.
-                project = linear_partials if getattr(cache, "reads_partial_qkv", False) else linear
-                qkv = QKV.of(project(h, p["wqkv"], then=p["wo"]), p.get("bqkv"), cos, sin, c.n_kv_heads)
+                qkv = linear(h, p["wqkv"], p.get("bqkv"), then=p["wo"]).reshape(heads)
             else:
                 # Joined along the heads axis, which QKV.rotated splits again: XLA drops the pair
                 # unless the cache reads the joined heads.
-                qkv = QKV.of(jnp.concatenate([linear(h, p[w], p.get(b)).reshape(B, T, -1, c.head_dim)
-                                              for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))],
-                                             axis=2), None, cos, sin, c.n_kv_heads)
+                qkv = jnp.concatenate([linear(h, p[w], p.get(b)).reshape(B, T, -1, c.head_dim)
+                                       for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))], axis=2)
+        qkv = QKV(qkv, cos, sin, c.n_kv_heads)
         o, kv, state = cache.attend(kv, qkv, positions, segment_ids, state=state, index=index)
         o = linear_partials(o.reshape(B, T, c.q_dim), p["wo"], then=p.get("w_gate_up", p.get("w_gate")))
         if fused:  # norm + gate/up + SwiGLU in one kernel

@@ -269,9 +269,8 @@ def test_l2_prefetch_bench_sets_the_units():
 
 def test_decode_attention_bench_switches_the_engine_path():
     """bench.decode_attention's `split` sends the engine's pure-decode steps back to two kernels
-    (`fused`, `dense` and None keep the fused kernel): a decode PagedCache's attention then runs
-    rope_kv_write and paged_attention; `dense` stops the kernel taking partial sums; other names
-    fail."""
+    (`fused` and None restore the fused kernel): a decode PagedCache's attention then runs
+    rope_kv_write and paged_attention; other names fail."""
     import jax
     import jax.numpy as jnp
 
@@ -279,10 +278,7 @@ def test_decode_attention_bench_switches_the_engine_path():
     from pallax.decode import engine
     from pallax.decode.kv_cache import PagePool
     from pallax.kernels_pallas import dispatch
-    from pallax.kernels_pallas._matmul_common import PartialSums
     from pallax.model.attention import QKV
-
-    y = PartialSums(jnp.zeros((3, 8, 128)), jnp.zeros((2, 2), jnp.int32), 2, jnp.bfloat16)
 
     def kernels():
         pool = PagePool(*(jnp.zeros((1, 2, 4, 1, 32), jnp.bfloat16) for _ in "kv"))  # 1 layer
@@ -295,11 +291,10 @@ def test_decode_attention_bench_switches_the_engine_path():
     try:
         use_variant("split")
         assert "name=rope_kv_write" in kernels()
-        for variant in ("fused", "dense", None):
+        for variant in ("fused", None):
             use_variant(variant)
             text = kernels()
             assert "name=decode_attention_bkv" in text and "name=rope_kv_write" not in text, variant
-            assert engine.decode_attention_takes_partials(y, 32) == (variant != "dense"), variant
         with pytest.raises(ValueError, match="not one of"):
             use_variant("pf1")
     finally:

@@ -14,7 +14,6 @@ from pallax.decode.engine import PagedCache
 from pallax.decode.kv_cache import PagePool
 from pallax.kernels_pallas import decode_attention as da
 from pallax.kernels_pallas import dispatch
-from pallax.kernels_pallas._matmul_common import PartialSums
 from pallax.kernels_pallas.paged_attention import BlockSizes
 from pallax.model.attention import QKV
 
@@ -86,44 +85,6 @@ def test_kernel_matches_reference(name):
         assert np.sum(np.any(g != b, axis=-1) if g.ndim == 4 else g != b) > 0  # the tokens were written
 
 
-def partial_sums(seed, qkv, width, per_block=3, m_pad=8):
-    """Random `PartialSums` of qkv's product [T, (H + 2 KVH) * D] in row blocks of `width`: each
-    block's slots a random choice of distinct slots, some entries unused (S), the parts random."""
-    rng = np.random.default_rng(seed)
-    t, n = qkv.shape[0], qkv.shape[1] * qkv.shape[2]
-    blocks = n // width
-    n_slots = blocks * per_block - 2
-    slots = rng.permutation(blocks * per_block).reshape(blocks, per_block)  # values >= S: unused
-    slots = np.where(slots >= n_slots, n_slots, slots)
-    parts = rng.standard_normal((n_slots, m_pad, width)).astype(np.float32)
-    return PartialSums(jnp.asarray(parts), jnp.asarray(slots, jnp.int32), t, qkv.dtype)
-
-
-@pytest.mark.parametrize("width,bias,pool_dtype", [(128, True, None), (64, False, jnp.int8)])
-def test_kernel_adds_partial_sums(width, bias, pool_dtype):
-    """Heads given as the fused projection's partial sums (and its bias): the kernel adds them
-    itself, as the reference that adds them first (`linear`'s rounding) and then runs the dense
-    path; row blocks of 128 hold 4 heads of 32, blocks of 64 two."""
-    case = list(make_case(11, live=2, heads=8, kv_heads=2, head_dim=32, page_size=4, kv_lens=[20, 9],
-                          dtype=jnp.bfloat16, pool_dtype=pool_dtype))
-    dense = case[0]
-    qkv = partial_sums(12, dense, width)
-    b = jnp.asarray(np.random.default_rng(13).standard_normal(qkv.shape[1]), jnp.bfloat16) if bias else None
-    case[0] = qkv
-    got = da.decode_attention(*case, n_kv_heads=2, bias=b, block_sizes=BlockSizes(block_kv=16, kv_splits=2),
-                              interpret=True)
-    want = da.decode_attention_reference(*case, bias=b, n_kv_heads=2, sm_scale=1 / math.sqrt(32))
-    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), rtol=2e-2, atol=2e-2)
-    assert np.all(np.asarray(got[0][2:]) == 0)
-    for g, w in zip(got[1:], want[1:]):
-        if g is not None:  # the written rows: the same sums, rounding and rotation
-            np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
-    with pytest.raises(ValueError, match="do not hold whole heads"):
-        da.decode_attention(partial_sums(14, dense, 16), *case[1:], n_kv_heads=2)
-    with pytest.raises(ValueError, match="bias goes with partial sums only"):
-        da.decode_attention(dense, *case[1:], n_kv_heads=2, bias=jnp.zeros(qkv.shape[1]))
-
-
 @pytest.mark.parametrize("pool_dtype", [jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn])
 def test_kernel_lowers_to_triton(pool_dtype, lower_for_h100):
     """Lowered for CUDA against an abstract H100: Triton takes the row gathers with the partner
@@ -131,7 +92,7 @@ def test_kernel_lowers_to_triton(pool_dtype, lower_for_h100):
     case = make_case(3, live=1, heads=14, kv_heads=2, head_dim=64, page_size=16, kv_lens=[70],
                      dtype=jnp.bfloat16, pool_dtype=pool_dtype)
     fn = jax.jit(lambda *a: da._decode_attention_kernel(
-        *a, None, n_kv_heads=2, sm_scale=0.125, block_sizes=BlockSizes(block_kv=16, kv_splits=3), interpret=False))
+        *a, n_kv_heads=2, sm_scale=0.125, block_sizes=BlockSizes(block_kv=16, kv_splits=3), interpret=False))
     text = lower_for_h100(fn, *case)
     assert 'name = "decode_attention_bkv16_s3"' in text
     assert 'name = "paged_attention_combine_s3"' in text
@@ -229,39 +190,3 @@ def test_engine_decode_program_matches_reference_mode(count_kernels):
     np.testing.assert_allclose(np.asarray(got.logprob), np.asarray(want.logprob), rtol=1e-2, atol=1e-2)
     for g, w in zip(jax.tree.leaves(got_pool), jax.tree.leaves(want_pool)):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2e-2, atol=2e-2)
-
-
-def test_engine_int4_decode_hands_the_kernel_partial_sums(hopper_int4_model, monkeypatch):
-    """With Hopper int4 weights the engine's pure-decode program gives the decode kernel the fused
-    q/k/v projection's partial sums unadded (in every step) and, interpreted, the greedy tokens
-    and log-probabilities of the two-kernel path (the projection summed by XLA, then rotation +
-    write and attention; also interpreted: the int4 kernel's and XLA's rounding differ, and this
-    small random model's logits are nearly flat)."""
-    import functools
-    import types
-
-    from pallax.bench.step_anatomy import decode_program
-    from pallax.decode import engine
-
-    c, params, _ = hopper_int4_model
-    _, args = decode_program(types.SimpleNamespace(config=c, params=params), batch=1, n_steps=2,
-                             page_size=8, context=12)
-    seen, kernel = [], engine.decode_attention
-
-    def spy(qkv, *a, **kw):
-        seen.append(isinstance(qkv, PartialSums))
-        return kernel(qkv, *a, **kw)
-
-    def run():
-        step = jax.jit(functools.partial(engine.engine_step, config=c, n_steps=2, full=False))
-        with dispatch.kernel_mode("interpret"):
-            return step(*args)[1]
-
-    monkeypatch.setattr(engine, "decode_attention", spy)
-    got = run()
-    assert seen == [True] * (2 * c.n_layers)  # the first step and the scanned step, unrolled layers
-    monkeypatch.setattr(engine, "decode_attention_supported", lambda *a: False)
-    want = run()
-    assert len(seen) == 2 * c.n_layers
-    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
-    np.testing.assert_allclose(np.asarray(got.logprob), np.asarray(want.logprob), rtol=1e-3, atol=1e-3)
