@@ -5,8 +5,8 @@ and the store of k and v into the page pool (`rope_kv_write.py`), and the attent
 pool (`paged_attention.py`): two kernels, the second waiting on the first only for the one
 token's own K/V row. Here the attention programs take the projections as the fused q/k/v GEMM
 wrote them and rotate their query heads themselves; the one program whose kv range holds the
-token's position rotates its key, attends to it and its value from registers, and stores them
-in the pool:
+token's position attends to its rotated key and its value from registers, and stores them in
+the pool:
 
     out, k_pages, v_pages, k_scales, v_scales = decode_attention(
         qkv, cos, sin, slots, page_table, kv_lens, num_seqs, k_pages, v_pages, k_scales, v_scales,
@@ -37,10 +37,11 @@ On one H200 (Llama-3-8B heads, batch 1 at context 1024; `python3 -m pallax.bench
 bench/results/decode_attention_h200.jsonl, and kernel-only timings of throwaway variants in
 decode_attention_kernel_h200.jsonl) the outputs and pools are bit for bit the two kernels'
 (bf16, int8 and fp8 pools). A call takes 6.9 us where the two took 5.8 + 1.5 us (the combine,
-1.8 us, after either), and in the engine's int4 step 7.4 us a layer against 7.9 (190 + 63 us
-a step against 238, with the new key merged after the blocks, 0.1 us slower alone than this
-form): the step 2.081-2.084 ms against 2.093-2.094, 33 kernels fewer; the bf16 step 4.132-4.135
-against 4.135-4.142. What the fusion saves is a launch; the new key costs nearly as much:
+1.8 us, after either). In the engine's int4 step (with the new key merged after the blocks,
+0.1 us slower alone than this form) it took 238 us a step, 7.4 us a layer, against the two
+kernels' 190 + 63 us: the step 2.081-2.084 ms against 2.093-2.094, 33 kernels fewer; the bf16
+step 4.132-4.135 against 4.135-4.142. What the fusion saves is a launch; the new key costs
+nearly as much:
 - the rotation, the loads of q's partner columns and the store: 0.2 us over the attention
   alone (6.0 us without the new key);
 - the new row selected into each [block_kv, D] K and V tile inside the loop: 7.9 us;
