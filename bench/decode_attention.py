@@ -15,6 +15,8 @@ same greedy tokens, and profiles each (device time by kernel):
 baseline). Random weights of `--preset`'s shapes:
 
     python3 -m pallax.bench.decode_attention --out results.jsonl
+    python3 -m pallax.bench.decode_attention --plot bench/results/decode_attention_kernel_h200.jsonl \
+        bench/results/decode_attention_h200.jsonl bench/results/decode_attention_h200.png
 """
 
 from __future__ import annotations
@@ -98,6 +100,69 @@ def check_kernel(config, context: int, records: list, kv_dtype=jnp.bfloat16) -> 
         **environment())))
 
 
+# the kernels of a layer's attention, in the step's profile: (name prefix, label)
+_PARTS = (("paged_attention_bq", "attention"), ("decode_attention", "rotate + store + attention"),
+          ("rope_kv_write", "rotate + store"), ("paged_attention_combine", "split combine"),
+          ("loop_convert_fusion", "q/k/v partial sums (XLA)"), ("loop_transpose_fusion", "q/k/v partial sums (XLA)"))
+
+
+def plot(kernel_records: str, step_records: str, png: str) -> None:
+    """Two panels: per-call device time of the kernel variants alone (`kernel_records`, kernel-only
+    profiles) and per-layer time of the attention's kernels in the int4 step (`step_records`,
+    this bench's records), each bar stacked by kernel."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for _, label in _PARTS))}
+
+    def stacked(ax, bars, title, unit):
+        for i, (label, parts) in enumerate(bars):
+            bottom = 0.0
+            for name, us in parts:
+                ax.barh(i, us, left=bottom, color=colors[name],
+                        label=name if name not in ax.get_legend_handles_labels()[1] else None)
+                bottom += us
+            ax.text(bottom + 0.1, i, f"{bottom:.1f}", va="center", fontsize=8)
+        ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+    def parts_of(us: dict, scale: float = 1.0):
+        out = []
+        for prefix, label in _PARTS:
+            t = sum(v for k, v in us.items() if k.startswith(prefix)) * scale
+            if t:
+                out.append((label, t))
+        return out
+
+    kernel = [json.loads(line) for line in open(kernel_records)]
+    seen, bars = set(), []
+    for r in kernel:
+        if r["what"] not in seen and not r["variant"].endswith("2"):
+            seen.add(r["what"])
+            bars.append((r["what"].split(";")[0] + (" (select form)" if "selected" in r["what"] else ""),
+                         parts_of(r["per_call_us"])))
+    step = [json.loads(line) for line in open(step_records)]
+    sbars = []
+    for r in step:
+        if r["bench"] == "decode_attention" and r["model"].endswith("int4+head"):
+            label = "two kernels" if r["variant"] == "split" else r.get("kernel_form", r["variant"]).split(";")[0]
+            if r["variant"] == "fused" and "gathers" in r.get("kernel_form", ""):
+                label += ", + partial sums"
+            sbars.append((f"{label} (run {r['run']}, {min(r['step_ms']):.3f} ms)", parts_of(r["kernels_us"], 1 / 32)))
+    fig, axes = plt.subplots(2, 1, figsize=(12, 9))
+    stacked(axes[0], bars, "one call alone (Llama-3-8B heads, batch 1, ctx 1024; H200)", "us a call")
+    stacked(axes[1], sbars, "in the Llama-3-8B int4 step, a layer (32 layers)", "us a layer")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama3-8b")
@@ -107,7 +172,12 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", help="append the JSON records here")
+    ap.add_argument("--plot", nargs=3, metavar=("KERNEL_JSONL", "STEP_JSONL", "PNG"),
+                    help="only plot committed records (kernel-only variants, this bench's steps) into PNG")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(*args.plot)
+        return
 
     from pallax.bench.decode import random_llm
     from pallax.decode.scheduler import serving_layout, transposes

@@ -299,3 +299,16 @@ def test_decode_attention_bench_switches_the_engine_path():
             use_variant("pf1")
     finally:
         use_variant(None)
+
+
+def test_decode_attention_plot_reads_the_committed_records(tmp_path):
+    """bench.decode_attention --plot draws the committed kernel-only and step records."""
+    from pathlib import Path
+
+    from pallax.bench.decode_attention import main
+
+    results = Path(__file__).resolve().parent.parent / "bench" / "results"
+    png = tmp_path / "plot.png"
+    main(["--plot", str(results / "decode_attention_kernel_h200.jsonl"),
+          str(results / "decode_attention_h200.jsonl"), str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
