@@ -189,16 +189,9 @@ def _decode_attention_kernel(qkv, cos, sin, slots, page_table, kv_lens, num_seqs
               page_table.reshape(-1).astype(jnp.int32), qkv.reshape(-1),
               cos.reshape(-1).astype(jnp.float32), sin.reshape(-1).astype(jnp.float32), *pool]
     whole = lambda x: pl.BlockSpec(x.shape, lambda w, h, k, n=x.ndim: (0,) * n)  # noqa: E731
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in pool]
-    out_specs = [whole(x) for x in pool]
-    if splits == 1:
-        out_shape.append(jax.ShapeDtypeStruct((t, n_kv_heads, rows, d), qkv.dtype))
-        out_specs.append(pl.BlockSpec((None, None, rows, d), lambda w, h, k: (w, h, 0, 0)))
-    else:
-        out_shape += [jax.ShapeDtypeStruct((splits, t, n_kv_heads, rows, d), jnp.float32),
-                      jax.ShapeDtypeStruct((splits, t, n_kv_heads, rows), jnp.float32)]
-        out_specs += [pl.BlockSpec((None, None, None, rows, d), lambda w, h, k: (k, w, h, 0, 0)),
-                      pl.BlockSpec((None, None, None, rows), lambda w, h, k: (k, w, h, 0))]
+    attn_shape, attn_specs = pa._outputs(splits, t, n_kv_heads, rows, d, qkv.dtype)
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in pool] + attn_shape
+    out_specs = [whole(x) for x in pool] + attn_specs
     kernel = functools.partial(
         _kernel, num_heads=num_heads, num_kv_heads=n_kv_heads, num_pages=num_pages,
         page_size=page_size, max_pages=max_pages, block_kv=block_kv, rows=rows, kv_splits=splits,

@@ -363,6 +363,20 @@ def _combine(o_part, lse, *, real_rows, out_dtype, interpret, chunk=None, tokens
     )(*inputs)
 
 
+def _outputs(splits: int, work: int, kvh: int, rows: int, d: int, dtype):
+    """(out_shape, out_specs) of the attention programs on a `(work, kvh, splits)` grid: the
+    output [work, kvh, rows, d] in `dtype` when the kv range is not split, else each split's
+    normalized output [splits, work, kvh, rows, d] and log-sum-exp [splits, work, kvh, rows],
+    f32, for `_combine`."""
+    if splits == 1:
+        return ([jax.ShapeDtypeStruct((work, kvh, rows, d), dtype)],
+                [pl.BlockSpec((None, None, rows, d), lambda w, h, k: (w, h, 0, 0))])
+    return ([jax.ShapeDtypeStruct((splits, work, kvh, rows, d), jnp.float32),
+             jax.ShapeDtypeStruct((splits, work, kvh, rows), jnp.float32)],
+            [pl.BlockSpec((None, None, None, rows, d), lambda w, h, k: (k, w, h, 0, 0)),
+             pl.BlockSpec((None, None, None, rows), lambda w, h, k: (k, w, h, 0))])
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
 def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_lens, num_seqs,
                             k_scales, v_scales, *, sm_scale, block_sizes, interpret):
@@ -386,15 +400,7 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, query_start, kv_len
                    v_scales.reshape(n_rows).astype(jnp.float32)]
     in_specs = [pl.BlockSpec(x.shape, lambda w, h, k, n=x.ndim: (0,) * n) for x in inputs]
 
-    if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((work, kvh, rows, d), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, rows, d), lambda w, h, k: (w, h, 0, 0))]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((splits, work, kvh, rows, d), jnp.float32),
-                     jax.ShapeDtypeStruct((splits, work, kvh, rows), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, None, rows, d), lambda w, h, k: (k, w, h, 0, 0)),
-                     pl.BlockSpec((None, None, None, rows), lambda w, h, k: (k, w, h, 0))]
-
+    out_shape, out_specs = _outputs(splits, work, kvh, rows, d, q.dtype)
     kernel = functools.partial(
         _kernel, num_tokens=t, num_seqs=s, num_heads=num_heads, num_kv_heads=kvh,
         num_pages=num_pages, page_size=page_size, max_pages=max_pages, block_q=block_q,
