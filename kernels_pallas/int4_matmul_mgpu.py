@@ -28,10 +28,12 @@ units; each of `min(132, units)` CTAs streams an equal run of them through one T
   the codes are small integers in bf16). A step's groups are all issued before any is awaited,
   so converting one overlaps the tensor cores' work on another;
 - where a row block ends (or the CTA's run does) the consumers store the partial sum, transposed
-  to `[M_pad, rows]`, in the CTA's slot for it; one small XLA fusion then adds each block's slots
-  of the M real rows in a fixed order (deterministic, unlike adding in place with TMA
-  reductions). At M = 1 the sum is already y's layout, so it fuses into y's consumers with no
-  transpose kernel of its own. With `partial=True` the slots are returned unadded
+  to `[M_pad, rows]`, as the block's piece `c - first_cta(block)` of `[blocks, pieces, M_pad,
+  rows]`: the CTAs touching a block are consecutive, so where its partial sums lie is
+  arithmetic, not a table a reader must load before the sums. One small XLA fusion then adds
+  each block's pieces of the M real rows in a fixed order (deterministic, unlike adding in place
+  with TMA reductions). At M = 1 the sum is already y's layout, so it fuses into y's consumers
+  with no transpose kernel of its own. With `partial=True` the pieces are returned unadded
   (`PartialSums`), for a consumer kernel that adds them itself (the residual add + RMSNorm
   after the o and down projections: `residual_norm.py`).
 
@@ -89,6 +91,17 @@ Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
   went from 2.37 / 2.35 ms to 2.26 / 2.26 ms (465 kernels against 530; bf16 4.22 ms in the
   same run, so 1.78x -> 1.86x), the same tokens; the matmul alone is unchanged within noise
   (bench/results/int4_partials_m_major_h200.jsonl).
+- Storing each row block's partial sums as its pieces `[blocks, pieces, M_pad, rows]` instead of
+  in the CTAs' own slots `[ctas, flushes, M_pad, rows]`, found through a `[blocks, pieces]` slot
+  table: each reader (XLA's sums after q/k/v, gate/up and the head, the residual norm kernels
+  after o and down) loaded the table, from HBM, before it could load a partial sum. Where a
+  piece lies is now arithmetic (`StreamK`), and the readers' loads all go out at once. On one
+  H200 (bench/results/partial_sums_pieces_h200.jsonl, the Llama-3-8B int4 batch-1 step, random
+  weights, the same tokens): 1.995-1.997 ms against 2.066-2.069 in the call before (and
+  1.974-1.978 for a timing-only form that read without a table the same bytes, against
+  2.066-2.069 in one process); the residual norm 3.35 -> 2.5 us a call, the SwiGLU product's
+  fusion 2.1 -> 1.9, the q/k/v sum 1.65 -> 1.5. bf16 4.181-4.186 ms in the same run: 2.10x.
+  The engine gives 486 tok/s against bf16's 235, 2.07x (bench/results/decode_int4_h200_pieces.json).
 
 Tried on this kernel and dropped:
 - the partial sums added in the kernel instead (an ordered stream-K fixup: the CTA holding a row
@@ -151,7 +164,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas._mgpu_common import stream_ring
-from pallax.kernels_pallas._matmul_common import PartialSums, round_up
+from pallax.kernels_pallas._matmul_common import PartialSums, StreamK, round_up
 from pallax.kernels_pallas.quant_formats import check_group_size, dequantize_int4
 
 _ROWS = 64  # output channels per consumer warpgroup (one wgmma M tile)
@@ -220,47 +233,19 @@ def applies(m: int, k: int, n: int, group_size: int, blocks: BlockSizes | None =
 
 
 @dataclasses.dataclass(frozen=True)
-class Schedule:
-    """Stream-K: the work is `units` (row block, K step) pairs, row block major; CTA c of `ctas`
-    streams units `[c * units // ctas, (c + 1) * units // ctas)` through one ring, so every SM
-    reads the same number of weight bytes whatever the shape (split-K by whole runs would leave
-    SMs idle: 4096x14336 has 112 row blocks of 128 channels on 132 SMs). A CTA stores the partial
-    sum of each row block it touches in its own slot (`flushes` slots a CTA); the slots of a row
-    block are then added in a fixed order (deterministic, unlike reductions in place)."""
-
-    steps: int  # K steps per row block
-    units: int
-    ctas: int
+class Schedule(StreamK):
+    """Stream-K (`StreamK`) over `blocks.rows`-channel row blocks and `tile_k`-wide K steps: every
+    CTA streams an equal run of units through one ring, so every SM reads the same number of
+    weight bytes whatever the shape (split-K by whole runs would leave SMs idle: 4096x14336 has
+    112 row blocks of 128 channels on 132 SMs). A CTA stores the partial sum of each row block it
+    touches as that block's piece `c - first_cta(block)`; a block's pieces are then added in a
+    fixed order (deterministic, unlike reductions in place)."""
 
     @classmethod
     def make(cls, k: int, n: int, blocks: BlockSizes, num_sms: int) -> "Schedule":
         steps = k // blocks.tile_k
         units = n // blocks.rows * steps
         return cls(steps, units, min(blocks.ctas or num_sms, units))
-
-    def row_blocks(self, c: int) -> range:
-        """The row blocks CTA `c` adds to, in the order of its slots."""
-        u0, u1 = c * self.units // self.ctas, (c + 1) * self.units // self.ctas
-        return range(u0 // self.steps, (u1 - 1) // self.steps + 1)
-
-    @functools.cached_property
-    def flushes(self) -> int:
-        return max(len(self.row_blocks(c)) for c in range(self.ctas))
-
-    @functools.cached_property
-    def slots_of_blocks(self) -> np.ndarray:
-        """`[row blocks, most slots a block has]`: the flat slot (`c * flushes + j`) of each
-        partial sum of a row block; unused entries are `ctas * flushes`, one past the end."""
-        tiles = self.units // self.steps
-        per_block = [[] for _ in range(tiles)]
-        for c in range(self.ctas):
-            for j, r in enumerate(self.row_blocks(c)):
-                per_block[r].append(c * self.flushes + j)
-        width = max(map(len, per_block))
-        out = np.full((tiles, width), self.ctas * self.flushes, np.int32)
-        for r, slots in enumerate(per_block):
-            out[r, :len(slots)] = slots
-        return out
 
 
 @functools.lru_cache
@@ -419,7 +404,7 @@ class Prefetch:
 
 def _run_of(c, sched: Schedule):
     """CTA c's (traced) units `[u0, u1)` of `sched`."""
-    return lax.div(c * sched.units, sched.ctas), lax.div((c + 1) * sched.units, sched.ctas)
+    return sched.run(c, lax.div)
 
 
 def _unit_tiles(u, w_ref, s_ref, sched: Schedule, blocks: BlockSizes, g: int):
@@ -452,7 +437,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
             in_place: bool, prefetch: Prefetch | None, num_sms: int):
     # x_ref: [M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
     # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
-    # out_ref: [ctas, flushes, M_pad, rows] f32 (GMEM: each CTA's partial sums, `Schedule`,
+    # out_ref: [row blocks, pieces, M_pad, rows] f32 (GMEM: each block's partial sums, `Schedule`,
     # row-major in M like y, so the sums' reads of the M real rows are contiguous)
     *word_map, out_ref = refs
     if prefetch is not None:  # the next call's words and scales
@@ -464,7 +449,6 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
     c = lax.axis_index("cta")
     u0, u1 = _run_of(c, sched)
     n_units = u1 - u0
-    first_block = lax.div(u0, sched.steps)
     words_layout = plgpu.Layout.WG_STRIDED((g // 16, 128), vec_size=_VEC)
     to_operand = plgpu.inline_mgpu(
         arg_types=(words_layout,),
@@ -518,8 +502,8 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                     for part, s in zip(parts, scales):
                         acc = acc + part * lax.broadcast_in_dim(s, part.shape, [0])
 
-                # The row block's last K step, or this CTA's last unit: store the partial sum in
-                # the block's slot and start the next block from zero.
+                # The row block's last K step, or this CTA's last unit: store the partial sum as
+                # the block's piece and start the next block from zero.
                 block = lax.div(u, sched.steps)
                 flush = (lax.rem(u + 1, sched.steps) == 0) | (i == n_units - 1)
 
@@ -532,7 +516,8 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                     else:  # the interpreter runs no inline Mosaic GPU
                         out_smem.at[wg][...] = acc.T
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[c, block - first_block, :, rows])
+                    piece = c - sched.first_cta(block, lax.div)
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[block, piece, :, rows])
 
                 return lax.select(lax.broadcast_in_dim(flush, acc.shape, ()), zeros, acc)
 
@@ -639,7 +624,7 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
         functools.partial(_kernel, group_size=g, blocks=blocks, sched=sched,
                           in_place=not interpret, prefetch=prefetch, num_sms=num_sms),
         compiler_params=params,
-        out_type=jax.ShapeDtypeStruct((sched.ctas, sched.flushes, m_pad, blocks.rows), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((sched.tiles, sched.width, m_pad, blocks.rows), jnp.float32),
         grid=(sched.ctas,),
         grid_names=("cta",),
         num_threads=blocks.consumers + 1,
@@ -649,10 +634,9 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
     word_map = (jnp.asarray(_word_map(g), jnp.int32),) if interpret else ()
     warm = () if prefetch is None else next_weight
     part = kernel(xp, words, scales.astype(jnp.float32), *warm, *word_map)
-    # each row block: its slots' partial sums in a fixed order (slots a CTA left unused are
-    # never read: the table names written ones, or one past the end, which reads as zeros)
-    y = PartialSums(part.reshape(-1, m_pad, blocks.rows), jnp.asarray(sched.slots_of_blocks),
-                    M, x.dtype)
+    # each row block: its pieces' partial sums in a fixed order (the pieces past a block's own
+    # count are never written, and never read)
+    y = PartialSums(part, M, x.dtype, sched)
     return y if partial else y.sum()
 
 

@@ -12,16 +12,17 @@ input has a second reader, the stream, so it cannot join the add). In a batch-1 
 costs 1.5-1.8 us of a Llama-3-8B int4 layer's time (README), and there are two of each a layer.
 
 y, the block's output, is the int4 kernel's `PartialSums` (its CTAs' partial sums, unadded),
-which this kernel adds itself, in the slots' order, where XLA would have run them through a
+which this kernel adds itself, in the pieces' order, where XLA would have run them through a
 fusion of its own. A dense y stays with XLA, which fuses the add into the product's epilogue
 (on an H200 sending it to the kernel's first form made the bf16 Llama-3-8B step slower, 4.26 ms
 against 4.22: bench/results/residual_norm_h200.jsonl); `residual_rms_norm` runs the reference
 for it.
 
 One program per row. It reads the row as a `[B, R]` tile of its B row blocks (R contiguous
-columns each), gathers each block's partial sums by the slot table, rounds their sum to y's
-dtype as the product would be, adds it to x and rounds again (as `x + y` in x's dtype does), then
-norms the row in float32 as `model.layers.rms_norm` does.
+columns each), reads each block's pieces (`PartialSums`: where they lie follows from the int4
+kernel's split, so no table is loaded before them), rounds their sum to y's dtype as the product
+would be, adds it to x and rounds again (as `x + y` in x's dtype does), then norms the row in
+float32 as `model.layers.rms_norm` does.
 
 Measured on one H200 (`python3 -m pallax.bench.partial_sums`, bench/results/partial_sums_h200.jsonl,
 two runs; the engine's batch-1 Llama-3-8B int4 step at context 1024, random weights):
@@ -32,10 +33,13 @@ two runs; the engine's batch-1 Llama-3-8B int4 step at context 1024, random weig
   (434 kernels to 371), 1% faster: what is saved is launches, not time in kernels. The
   Qwen2.5-1.5B int4 step (D = 1536: 12 row blocks, padded to 16) takes 1.007 ms against
   1.054-1.072 (382 kernels to 329), at 2.4 us a call;
-- one program reads all of the row's partial sums, about 82 KB at M = 1 (some 160 slots of
-  128 f32 values), on one SM; XLA's add spreads the same reads over many. A first form that gathered them
-  as one vector of D columns took 3.45-3.7 us at 8 to 32 warps, 8.5 at 4
-  (bench/results/residual_norm_h200.jsonl).
+- one program reads all of the row's partial sums, about 82 KB at M = 1 (some 160 pieces of
+  128 f32 values), on one SM; XLA's add spreads the same reads over many. A first form that
+  gathered them as one vector of D columns took 3.45-3.7 us at 8 to 32 warps, 8.5 at 4
+  (bench/results/residual_norm_h200.jsonl);
+- those 3.4 us were mostly a wait: the partial sums' places came from a slot table, loaded
+  before any of them could be. With the places computed from the split (`PartialSums`) a call
+  takes 2.5 us (bench/results/partial_sums_pieces_h200.jsonl).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas._launch import Launch
-from pallax.kernels_pallas._matmul_common import PartialSums
+from pallax.kernels_pallas._matmul_common import PartialSums, StreamK
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -64,13 +68,12 @@ class BlockSizes(Launch):
 
 
 def _kernel(
-    x_ref,      # [M * D]           the residual stream, flat
-    parts_ref,  # [S * M_pad * R]   y's partial sums, flat
-    slots_ref,  # [B * P] int32     the slots of row block b: b * P ... b * P + P - 1 (S: none)
-    w_ref,      # [D]               the norm's weight
-    xo_ref,     # [M * D]           x + y
-    h_ref,      # [M * D]           rms_norm(x + y)
-    *, n_blocks: int, n_slots: int, m_pad: int, rows: int, per_block: int, y_dtype, eps: float,
+    x_ref,      # [M * D]               the residual stream, flat
+    parts_ref,  # [B * P * M_pad * R]   y's partial sums, flat
+    w_ref,      # [D]                   the norm's weight
+    xo_ref,     # [M * D]               x + y
+    h_ref,      # [M * D]               rms_norm(x + y)
+    *, n_blocks: int, width: int, m_pad: int, rows: int, split: StreamK, y_dtype, eps: float,
 ):
     m = pl.program_id(0)
     d = n_blocks * rows
@@ -80,15 +83,16 @@ def _kernel(
     blocks = jnp.arange(pl.next_power_of_2(n_blocks), dtype=jnp.int32)[:, None]  # [B, 1]
     live, b = blocks < n_blocks, jnp.minimum(blocks, n_blocks - 1)
     col = b * rows + jnp.arange(rows, dtype=jnp.int32)[None, :]  # [B, R]
-    # Every load is issued before any sum: the slot table, x, the weight, each slot's rows.
-    slots = [slots_ref[b * per_block + p] for p in range(per_block)]  # [B, 1] each
+    r = col - b * rows
+    # Every load is issued before any sum: x, the weight, each piece's rows (where a block's
+    # pieces lie is arithmetic: no table is loaded first).
+    pieces = split.pieces(b, lax.div)  # [B, 1]
     x = x_ref[m * d + col].astype(jnp.float32)
     w = w_ref[col].astype(jnp.float32)
     parts = []
-    for slot in slots:
-        used = slot < n_slots
-        src = jnp.where(used, (slot * m_pad + m) * rows, 0) + col - b * rows
-        parts.append(plgpu.load(parts_ref.at[src], mask=jnp.broadcast_to(used, src.shape), other=0.0))
+    for p in range(width):
+        src = ((b * width + p) * m_pad + m) * rows + r
+        parts.append(plgpu.load(parts_ref.at[src], mask=jnp.broadcast_to(p < pieces, src.shape), other=0.0))
     y = parts[0]
     for part in parts[1:]:
         y = y + part
@@ -103,14 +107,13 @@ def _kernel(
 @functools.partial(jax.jit, static_argnames=("eps", "block_sizes", "interpret"))
 def _residual_norm_kernel(x, y: PartialSums, weight, *, eps, block_sizes, interpret):
     m, d = x.shape
-    n_slots, m_pad, rows = y.parts.shape
-    n_blocks, per_block = y.slots.shape
-    inputs = [x.reshape(-1), y.parts.reshape(-1), y.slots.reshape(-1).astype(jnp.int32), weight]
+    n_blocks, width, m_pad, rows = y.parts.shape
+    inputs = [x.reshape(-1), y.parts.reshape(-1), weight]
     out_shape = [jax.ShapeDtypeStruct((m * d,), x.dtype)] * 2
     whole = lambda a: pl.BlockSpec(a.shape, lambda i: (0,))  # noqa: E731
     x, h = pl.pallas_call(
-        functools.partial(_kernel, n_blocks=n_blocks, n_slots=n_slots, m_pad=m_pad, rows=rows,
-                          per_block=per_block, y_dtype=y.dtype, eps=eps),
+        functools.partial(_kernel, n_blocks=n_blocks, width=width, m_pad=m_pad, rows=rows,
+                          split=y.split, y_dtype=y.dtype, eps=eps),
         grid=(m,), in_specs=[whole(a) for a in inputs], out_specs=[whole(a) for a in out_shape],
         out_shape=out_shape, interpret=interpret,
         compiler_params=block_sizes.compiler_params(interpret), name="residual_norm",
@@ -122,7 +125,7 @@ def supported(y) -> bool:
     """Whether the compiled kernel takes this y: `PartialSums` in bf16 / f16 / f32 whose row
     blocks are a power of two wide (Triton's tiles); a dense y goes to the reference."""
     return (isinstance(y, PartialSums) and jnp.dtype(y.dtype) in DTYPES
-            and not y.parts.shape[2] & (y.parts.shape[2] - 1))
+            and not y.parts.shape[3] & (y.parts.shape[3] - 1))
 
 
 def _check(x, y, weight):
@@ -132,9 +135,10 @@ def _check(x, y, weight):
         raise ValueError(f"y has shape {y.shape}, x {x.shape}; they must match")
     if weight.shape != x.shape[1:]:
         raise ValueError(f"the norm weight has shape {weight.shape}, expected {x.shape[1:]}")
-    if isinstance(y, PartialSums) and (y.parts.ndim != 3 or y.parts.shape[1] < y.m or y.slots.ndim != 2):
-        raise ValueError(f"partial sums must be [S, M_pad >= {y.m}, R] with slots [B, P]; got "
-                         f"{y.parts.shape} and {y.slots.shape}")
+    if isinstance(y, PartialSums) and (y.parts.ndim != 4 or y.parts.shape[2] < y.m
+                                       or y.parts.shape[:2] != (y.split.tiles, y.split.width)):
+        raise ValueError(f"partial sums must be [B, P, M_pad >= {y.m}, R] with (B, P) ="
+                         f" {(y.split.tiles, y.split.width)} (its StreamK split); got {y.parts.shape}")
 
 
 def residual_rms_norm(x, y, weight, *, eps: float, block_sizes: BlockSizes | None = None,

@@ -239,9 +239,9 @@ def test_partial_sums_bench_switches_the_kernel():
     num_warps (`norm` restores the defaults)."""
     from pallax.bench.partial_sums import use_variant
     from pallax.kernels_pallas import residual_norm as rn
-    from pallax.kernels_pallas._matmul_common import PartialSums
+    from pallax.kernels_pallas._matmul_common import PartialSums, StreamK
 
-    y = PartialSums(jnp.zeros((4, 8, 128), jnp.float32), jnp.zeros((2, 2), jnp.int32), 1, jnp.dtype(jnp.bfloat16))
+    y = PartialSums(jnp.zeros((2, 2, 8, 128), jnp.float32), 1, jnp.dtype(jnp.bfloat16), StreamK(4, 8, 3))
     try:
         for variant, on, warps in (("xla", False, 32), ("norm-w8", True, 8), ("norm", True, 32)):
             use_variant(variant)

@@ -475,8 +475,8 @@ def test_int4_hopper_errors():
 ])
 def test_int4_hopper_schedule_covers_every_unit_once(k, n, blocks, num_sms):
     """Stream-K: every (row block, K step) unit is streamed by exactly one CTA, the runs differ by
-    at most one unit, and every row block's partial sums are gathered from the slots of exactly
-    the CTAs that touched it."""
+    at most one unit, and every row block's pieces are exactly the CTAs that touched it, in
+    order."""
     sched = i4h.Schedule.make(k, n, blocks, num_sms)
     tiles, steps = n // blocks.rows, k // blocks.tile_k
     assert sched.units == tiles * steps and sched.ctas == min(blocks.ctas or num_sms, sched.units)
@@ -484,12 +484,15 @@ def test_int4_hopper_schedule_covers_every_unit_once(k, n, blocks, num_sms):
             for c in range(sched.ctas)]
     assert sorted(u for r in runs for u in r) == list(range(sched.units))
     assert max(map(len, runs)) - min(map(len, runs)) <= 1
-    slots = sched.slots_of_blocks
-    empty = sched.ctas * sched.flushes
+    assert sched.tiles == tiles
     for block in range(tiles):
         touching = [c for c, r in enumerate(runs) if any(u // steps == block for u in r)]
-        got = [s for s in slots[block] if s != empty]
-        assert [s // sched.flushes for s in got] == touching
-        for s in got:  # slot j of CTA c is the j-th row block that CTA touches
-            c, j = divmod(int(s), sched.flushes)
-            assert sched.row_blocks(c)[j] == block
+        first, count = sched.first_cta(block), sched.pieces(block)
+        assert list(range(first, first + count)) == touching  # piece p: CTA first + p
+        assert sched.run(first) == (runs[first].start, runs[first].stop)
+    assert sched.width == max(sched.pieces(b) for b in range(tiles))
+    # the same arithmetic on arrays, as the kernels trace it (truncating division)
+    b = np.arange(tiles)
+    want = [sched.pieces(int(i)) for i in b]
+    np.testing.assert_array_equal(sched.pieces(b), want)
+    np.testing.assert_array_equal(sched.pieces(jnp.asarray(b, jnp.int32), jax.lax.div), want)

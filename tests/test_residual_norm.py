@@ -41,8 +41,8 @@ def _assert_close(got, want, dtype):
 def _partial_sums(seed, m, n, k, blocks, ctas, dtype):
     """Random partial sums laid out as the int4 kernel's stream-K schedule leaves them."""
     sched = i4h.Schedule.make(k, n, blocks, ctas)
-    parts = _rand(seed, (sched.ctas * sched.flushes, 8, blocks.rows))
-    return PartialSums(parts, jnp.asarray(sched.slots_of_blocks), m, jnp.dtype(dtype))
+    parts = _rand(seed, (sched.tiles, sched.width, 8, blocks.rows))
+    return PartialSums(parts, m, jnp.dtype(dtype), sched)
 
 
 @pytest.mark.parametrize("m,n,k,consumers,ctas,dtype,y_dtype", [
@@ -62,12 +62,13 @@ def test_partial_sums_match_the_composition(m, n, k, consumers, ctas, dtype, y_d
     _assert_close(got, want, dtype)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))  # the add: one rounding
     _assert_close(residual_rms_norm_reference(x, y, w, eps=EPS), want, dtype)
-    # a slot the table does not name is never read
-    unused = np.setdiff1d(np.arange(y.parts.shape[0]), np.asarray(y.slots))
-    if unused.size:
-        poisoned = PartialSums(y.parts.at[unused].set(jnp.nan), y.slots, m, y.dtype)
-        again = residual_rms_norm(x, poisoned, w, eps=EPS, interpret=True)
-        np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(got[1]))
+    # a piece past its block's count is never read
+    unused = ~y.used()
+    assert y.used().sum(axis=1).max() > 1  # some blocks of 2+ pieces
+    poisoned = PartialSums(jnp.where(unused[:, :, None, None], jnp.nan, y.parts), m, y.dtype, y.split)
+    again = residual_rms_norm(x, poisoned, w, eps=EPS, interpret=True)
+    np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(got[1]))
+    np.testing.assert_array_equal(np.asarray(poisoned.sum()), np.asarray(y.sum()))
 
 
 def test_dense_y_runs_the_reference():
@@ -95,8 +96,8 @@ def test_int4_partial_sums_are_added_in_the_kernel(m, k, n, blocks):
     run = lambda partial: i4h.int4_matmul_mgpu(a, words, s, group_size=128, blocks=blocks,  # noqa: E731
                                                num_sms=7, interpret=True, partial=partial)
     y, parts = run(False), run(True)
-    assert parts.shape == (m, n) and parts.parts.shape[1] == 8  # M padded to 8 rows
-    assert (parts.slots < parts.parts.shape[0]).sum() > parts.slots.shape[0]  # some blocks have 2+
+    assert parts.shape == (m, n) and parts.parts.shape[2] == 8  # M padded to 8 rows
+    assert parts.used().sum() > parts.parts.shape[0]  # some blocks have 2+ pieces
     np.testing.assert_array_equal(np.asarray(parts.sum()), np.asarray(y))
     x = _rand(6, (m, n), jnp.bfloat16)
     g = _rand(7, (n,), jnp.float32, 0.1) + 1.0
@@ -108,14 +109,14 @@ def test_int4_partial_sums_are_added_in_the_kernel(m, k, n, blocks):
 def test_lowers_to_triton(lower_for_h100):
     """The kernel lowers through Triton for an H100 (the interpreter skips that): Llama-3-8B's
     width, and Qwen2.5-1.5B's (12 row blocks, padded to 16)."""
-    for d, per_block in ((4096, 6), (1536, 3)):
+    for d, k in ((4096, 14336), (1536, 8960)):
+        sched = i4h.Schedule.make(k, d, i4h.blocks_for(k), 132)
         x = jax.ShapeDtypeStruct((2, d), jnp.bfloat16)
         g = jax.ShapeDtypeStruct((d,), jnp.bfloat16)
-        parts = jax.ShapeDtypeStruct((164, 8, 128), jnp.float32)
-        slots = jax.ShapeDtypeStruct((d // 128, per_block), jnp.int32)
+        parts = jax.ShapeDtypeStruct((sched.tiles, sched.width, 8, 128), jnp.float32)
         with kernel_mode("pallas"):
-            text = lower_for_h100(jax.jit(lambda x, p, s, g: residual_rms_norm(
-                x, PartialSums(p, s, 2, jnp.bfloat16), g, eps=EPS)), x, parts, slots, g)
+            text = lower_for_h100(jax.jit(lambda x, p, g: residual_rms_norm(
+                x, PartialSums(p, 2, jnp.dtype(jnp.bfloat16), sched), g, eps=EPS)), x, parts, g)
         assert "residual_norm" in text
 
 
@@ -129,8 +130,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"\[M, D\]"):
         residual_rms_norm(x[0], x[0], jnp.ones(256), eps=EPS)
     with pytest.raises(ValueError, match="M_pad >= 3"):
-        residual_rms_norm(jnp.zeros((3, 256), jnp.bfloat16), PartialSums(y.parts[:, :2], y.slots, 3, y.dtype),
+        residual_rms_norm(jnp.zeros((3, 256), jnp.bfloat16), PartialSums(y.parts[:, :, :2], 3, y.dtype, y.split),
                           jnp.ones(256), eps=EPS)
+    with pytest.raises(ValueError, match="StreamK split"):
+        residual_rms_norm(x, PartialSums(y.parts[:, :1], 2, y.dtype, y.split), jnp.ones(256), eps=EPS)
 
 
 def test_decoder_adds_int4_partial_sums_in_the_norm_kernels(count_kernels, hopper_int4_model):
