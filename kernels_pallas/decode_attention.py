@@ -51,6 +51,16 @@ nearly as much:
 - the kernel adding the int4 q/k/v product's partial sums itself (each program gathering its
   heads' slots, as the residual-norm kernel does for o and down), which drops XLA's 1.7 us sum
   fusion: 13.2 us a call, the step 2.222 ms. Not kept.
+
+A program's blocks start where the sequence's length puts them, so their page numbers used to
+be loaded only after the length: three loads in a row (length, pages, K/V) before any math.
+With one block a split, the common case at a modest context, split s takes block s, so each
+program loads that block's pages beside the length and the loop uses them where the guess
+holds. On one H200 (bench/results/attention_loads_ab.jsonl, the Llama-3-8B int4 step, this form
+against the previous one in one process, the same tokens): 7.09 us a call against 7.24, the step
+1.997-2.004 ms against 2.005-2.009. Loading the combine's log-sum-exps and outputs together
+(one round trip where the split count fits one chunk) gave nothing (1.83 us a call against
+1.75) and was not kept.
 """
 
 from __future__ import annotations
@@ -95,6 +105,11 @@ def _kernel(
     d = k_ref.shape[-1]
     half = d // 2
 
+    # Where this program's blocks start depends on the sequence's length, which is loaded first.
+    # With one block a split (what a decode step at a modest context has), split s takes block
+    # s: its pages are loaded now, beside the length, and the loop does not wait on them.
+    guess = (split, pa._block_pages(page_table_ref, t, split, page_size=page_size, max_pages=max_pages,
+                                    block_kv=block_kv))
     live = t < num_seqs_ref[0]
     kv_len = jnp.where(live, kv_lens_ref[t], 0)
     pos = kv_len - 1                                   # the token's position (-1: padding)
@@ -137,7 +152,8 @@ def _kernel(
         q, pos - 1 + jnp.zeros((rows,), jnp.int32), blk_lo, blk_hi, page_table_ref, k_ref, v_ref,
         k_scales_ref, v_scales_ref, seq=t, h=h, num_kv_heads=num_kv_heads, num_pages=num_pages,
         page_size=page_size, max_pages=max_pages, block_kv=block_kv, scale=scale,
-        compute_dtype=compute_dtype, init=_one_key(q, k_new, v_new, k_scale, v_scale, holds_new, scale=scale))
+        compute_dtype=compute_dtype, init=_one_key(q, k_new, v_new, k_scale, v_scale, holds_new, scale=scale),
+        known=guess)
     pa._store(o, l, m, o_ref, lse_ref)
 
     # That program also stores the token's K/V; no other program reads that row.

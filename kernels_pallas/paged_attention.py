@@ -202,19 +202,34 @@ def _kernel(
     _store(o, l, m, o_ref, lse_ref)
 
 
+def _block_pages(page_table_ref, seq, j, *, page_size: int, max_pages: int, block_kv: int, mask=None):
+    """The page of each of kv block j's rows ([block_kv] int32, as the table holds it)."""
+    kv_pos = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+    at = page_table_ref.at[seq * max_pages + jnp.minimum(kv_pos // page_size, max_pages - 1)]
+    if mask is None:
+        return plgpu.load(at)
+    return plgpu.load(at, mask=jnp.broadcast_to(mask, kv_pos.shape), other=0)
+
+
 def _attend_blocks(q, q_pos, blk_lo, blk_hi, page_table_ref, k_ref, v_ref, k_scales_ref, v_scales_ref,
                    *, seq, h, num_kv_heads: int, num_pages: int, page_size: int, max_pages: int,
-                   block_kv: int, scale: float, compute_dtype, init=None):
+                   block_kv: int, scale: float, compute_dtype, init=None, known=None):
     """Online softmax of q [rows, D] (at positions q_pos [rows]) over kv blocks [blk_lo, blk_hi)
     of sequence `seq`, kv head `h`: (o [rows, D] unnormalized, l [rows], m [rows]), base 2,
-    starting from `init` (o, l, m) if given, else from no keys."""
+    starting from `init` (o, l, m) if given, else from no keys. `known = (j0, pages)`: block j0's
+    pages (`_block_pages`), loaded by the caller; that block's pages are not loaded again."""
     quantized = k_scales_ref is not None
+    pages_of = functools.partial(_block_pages, page_table_ref, seq, page_size=page_size,
+                                 max_pages=max_pages, block_kv=block_kv)
 
     def body(j, carry):
         o, m, l = carry
         kv_pos = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)          # [block_kv]
-        page_idx = jnp.minimum(kv_pos // page_size, max_pages - 1)
-        page = page_table_ref[seq * max_pages + page_idx]
+        if known is None:
+            page = pages_of(j)
+        else:
+            j0, pages = known
+            page = jnp.where(j == j0, pages, pages_of(j, mask=j != j0))
         page = jnp.clip(page, 0, num_pages - 1)
         kv_rows = (page * page_size + kv_pos % page_size) * num_kv_heads + h
         k = k_ref[kv_rows, :].astype(compute_dtype)                            # [block_kv, D]
