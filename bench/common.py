@@ -184,3 +184,31 @@ def add_transposed_flag(ap) -> None:
 
 def transposed_setting(args) -> bool | None:
     return TRANSPOSED_CHOICES[args.transposed]
+
+
+def kernel_parts(us: dict[str, float], parts, scale: float = 1.0) -> list[tuple[str, float]]:
+    """(label, time) of each `(name prefix, label)` in `parts` among a profile's kernels `us`
+    (labels shared by several prefixes add up), times `scale`; absent ones left out."""
+    out: dict[str, float] = {}
+    for prefix, label in parts:
+        t = sum(v for k, v in us.items() if k.startswith(prefix)) * scale
+        if t:
+            out[label] = out.get(label, 0.0) + t
+    return list(out.items())
+
+
+def stacked_bars(ax, bars, colors: dict[str, str], title: str, unit: str) -> None:
+    """Horizontal bars, one a `(label, [(part, value), ...])`, each stacked by part (one color a
+    part, `colors`), its total written after it."""
+    for i, (_, parts) in enumerate(bars):
+        bottom = 0.0
+        for name, value in parts:
+            ax.barh(i, value, left=bottom, color=colors[name],
+                    label=name if name not in ax.get_legend_handles_labels()[1] else None)
+            bottom += value
+        ax.text(bottom + 0.1, i, f"{bottom:.1f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

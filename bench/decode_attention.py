@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallax.bench.common import append_records, emit, environment
+from pallax.bench.common import append_records, emit, environment, kernel_parts, stacked_bars
 from pallax.bench.partial_sums import compiled_steps, serving_int4, time_steps
 
 VARIANTS = ("fused", "split")
@@ -119,27 +119,8 @@ def plot(kernel_records: str, step_records: str, png: str) -> None:
 
     colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for _, label in _PARTS))}
 
-    def stacked(ax, bars, title, unit):
-        for i, (label, parts) in enumerate(bars):
-            bottom = 0.0
-            for name, us in parts:
-                ax.barh(i, us, left=bottom, color=colors[name],
-                        label=name if name not in ax.get_legend_handles_labels()[1] else None)
-                bottom += us
-            ax.text(bottom + 0.1, i, f"{bottom:.1f}", va="center", fontsize=8)
-        ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel(unit)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-
     def parts_of(us: dict, scale: float = 1.0):
-        out = []
-        for prefix, label in _PARTS:
-            t = sum(v for k, v in us.items() if k.startswith(prefix)) * scale
-            if t:
-                out.append((label, t))
-        return out
+        return kernel_parts(us, _PARTS, scale)
 
     kernel = [json.loads(line) for line in open(kernel_records)]
     seen, bars = set(), []
@@ -157,8 +138,8 @@ def plot(kernel_records: str, step_records: str, png: str) -> None:
                 label += ", + partial sums"
             sbars.append((f"{label} (run {r['run']}, {min(r['step_ms']):.3f} ms)", parts_of(r["kernels_us"], 1 / 32)))
     fig, axes = plt.subplots(2, 1, figsize=(12, 9))
-    stacked(axes[0], bars, "one call alone (Llama-3-8B heads, batch 1, ctx 1024; H200)", "us a call")
-    stacked(axes[1], sbars, "in the Llama-3-8B int4 step, a layer (32 layers)", "us a layer")
+    stacked_bars(axes[0], bars, colors, "one call alone (Llama-3-8B heads, batch 1, ctx 1024; H200)", "us a call")
+    stacked_bars(axes[1], sbars, colors, "in the Llama-3-8B int4 step, a layer (32 layers)", "us a layer")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 

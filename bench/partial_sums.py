@@ -1,6 +1,6 @@
 """Where the int4 kernel's partial sums are added, in the engine's batch-1 decode step.
 
-The Hopper int4 kernel leaves each row block's partial sums in slots (`PartialSums`). Either XLA
+The Hopper int4 kernel leaves each row block's partial sums as its pieces (`PartialSums`). Either XLA
 adds them in a fusion of its own (or fused into the add of the residual stream), or the kernel
 that reads the product next adds them itself: the residual add + RMSNorm kernel
 (`kernels_pallas/residual_norm.py`, after the o and down projections). This bench compiles the
@@ -15,6 +15,7 @@ Before the steps it checks on the GPU that the kernel gives on the int4 kernel's
 model's step (the int4 target's baseline). Random weights of `--preset`'s shapes:
 
     python3 -m pallax.bench.partial_sums --bf16 --out results.jsonl
+    python3 -m pallax.bench.partial_sums --plot results.jsonl kernels.png   # a bar a variant
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallax.bench.common import append_records, emit, environment, kernel_profile
+from pallax.bench.common import append_records, emit, environment, kernel_parts, kernel_profile, stacked_bars
 
 VARIANTS = ("xla", "norm", "norm-w8", "norm-w16")
 
@@ -135,6 +136,52 @@ def serving_int4(llm):
     return q
 
 
+# The int4 step's kernels besides the GEMMs, by profile name prefix (XLA's fusions as they are
+# named in these programs: the SwiGLU product over gate/up's partial sums, the q/k/v sum).
+_PARTS = (("residual_norm", "residual add + norm (2)"), ("loop_multiply_fusion", "SwiGLU over gate/up sums"),
+          ("loop_transpose_fusion", "q/k/v sum"), ("decode_attention", "rotate + store + attention"),
+          ("paged_attention_combine", "split combine"))
+
+
+# Readable names of the throwaway variants in bench/results/partial_sums_pieces_h200.jsonl.
+_VARIANT_LABELS = {
+    ("slots_probe", "base"): "slot table (before)",
+    ("slots_probe", "noidx"): "probe: no table anywhere (wrong numbers)",
+    ("slots_probe", "noidx_sum"): "probe: no table in XLA's sums",
+    ("slots_probe", "noidx_norm"): "probe: no table in the norm kernel",
+    ("pieces_ab", "table"): "table rebuilt over the pieces",
+    ("pieces_ab", "arith"): "pieces placed by arithmetic (kept)",
+}
+
+
+def plot(records: str, png: str) -> None:
+    """The int4 steps' records in `records` (this bench's, or others' shaped like them): a bar
+    a variant and run of the kernels around the GEMMs, per layer, stacked by kernel; the step time
+    in the label."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pallax.model.config import preset
+
+    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for _, label in _PARTS))}
+    bars = []
+    for r in map(json.loads, open(records)):
+        if "step_ms" in r and r["model"].endswith("int4+head"):
+            layers = preset(r["model"].split()[0]).n_layers
+            name = _VARIANT_LABELS.get((r["bench"], r["variant"]), f"{r['bench']}: {r['variant']}")
+            bars.append((f"{name} ({min(r['step_ms']):.3f} ms, {r['kernels']} kernels)",
+                         kernel_parts(r["kernels_us"], _PARTS, 1 / layers)))
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(bars) + 1.5))
+    stacked_bars(ax, bars, colors, f"the int4 step's kernels besides the GEMMs, a layer ({records.split('/')[-1]})",
+                 "us a layer")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama3-8b")
@@ -145,7 +192,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action="store_true", help="also time the bf16 model's step")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--out", help="append the JSON records here")
+    ap.add_argument("--plot", nargs=2, metavar=("JSONL", "PNG"), help="only plot committed records into PNG")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(*args.plot)
+        return
 
     from pallax.bench.decode import random_llm
     from pallax.decode.scheduler import serving_layout, transposes

@@ -312,3 +312,23 @@ def test_decode_attention_plot_reads_the_committed_records(tmp_path):
     main(["--plot", str(results / "decode_attention_kernel_h200.jsonl"),
           str(results / "decode_attention_h200.jsonl"), str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_partial_sums_plot_reads_the_committed_records(tmp_path):
+    """bench.partial_sums --plot draws the committed int4 steps' records, a bar a variant, each
+    stacked from the kernels it names (per layer: the step's times over Llama-3-8B's 32 layers)."""
+    import json
+    from pathlib import Path
+
+    from pallax.bench.common import kernel_parts
+    from pallax.bench.partial_sums import _PARTS, main
+
+    results = Path(__file__).resolve().parent.parent / "bench" / "results" / "partial_sums_pieces_h200.jsonl"
+    png = tmp_path / "plot.png"
+    main(["--plot", str(results), str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    steps = [r for r in map(json.loads, results.open()) if "step_ms" in r and r["model"].endswith("int4+head")]
+    parts = dict(kernel_parts(steps[0]["kernels_us"], _PARTS, 1 / 32))
+    assert set(parts) == {label for _, label in _PARTS}
+    norms = sum(v for k, v in steps[0]["kernels_us"].items() if k.startswith("residual_norm"))
+    assert parts["residual add + norm (2)"] == norms / 32
