@@ -119,16 +119,13 @@ def plot(kernel_records: str, step_records: str, png: str) -> None:
 
     colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for _, label in _PARTS))}
 
-    def parts_of(us: dict, scale: float = 1.0):
-        return kernel_parts(us, _PARTS, scale)
-
     kernel = [json.loads(line) for line in open(kernel_records)]
     seen, bars = set(), []
     for r in kernel:
         if r["what"] not in seen and not r["variant"].endswith("2"):
             seen.add(r["what"])
             bars.append((r["what"].split(";")[0] + (" (select form)" if "selected" in r["what"] else ""),
-                         parts_of(r["per_call_us"])))
+                         kernel_parts(r["per_call_us"], _PARTS)))
     step = [json.loads(line) for line in open(step_records)]
     sbars = []
     for r in step:
@@ -136,7 +133,8 @@ def plot(kernel_records: str, step_records: str, png: str) -> None:
             label = "two kernels" if r["variant"] == "split" else r.get("kernel_form", r["variant"]).split(";")[0]
             if r["variant"] == "fused" and "gathers" in r.get("kernel_form", ""):
                 label += ", + partial sums"
-            sbars.append((f"{label} (run {r['run']}, {min(r['step_ms']):.3f} ms)", parts_of(r["kernels_us"], 1 / 32)))
+            sbars.append((f"{label} (run {r['run']}, {min(r['step_ms']):.3f} ms)",
+                          kernel_parts(r["kernels_us"], _PARTS, 1 / 32)))
     fig, axes = plt.subplots(2, 1, figsize=(12, 9))
     stacked_bars(axes[0], bars, colors, "one call alone (Llama-3-8B heads, batch 1, ctx 1024; H200)", "us a call")
     stacked_bars(axes[1], sbars, colors, "in the Llama-3-8B int4 step, a layer (32 layers)", "us a layer")
