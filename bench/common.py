@@ -197,12 +197,14 @@ def kernel_parts(us: dict[str, float], parts, scale: float = 1.0) -> list[tuple[
     return list(out.items())
 
 
-def stacked_bars(ax, bars, colors: dict[str, str], title: str, unit: str) -> None:
-    """Horizontal bars, one a `(label, [(part, value), ...])`, each stacked by part (one color a
-    part, `colors`), its total written after it."""
-    for i, (_, parts) in enumerate(bars):
+def stacked_bars(ax, bars, parts, title: str, unit: str) -> None:
+    """Horizontal bars, one a `(label, [(part, value), ...])` (`kernel_parts` of `parts`), each
+    stacked by part, one color a label of `parts` in their order (the same in every panel), its
+    total written after it."""
+    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for _, label in parts))}
+    for i, (_, values) in enumerate(bars):
         bottom = 0.0
-        for name, value in parts:
+        for name, value in values:
             ax.barh(i, value, left=bottom, color=colors[name],
                     label=name if name not in ax.get_legend_handles_labels()[1] else None)
             bottom += value

@@ -117,8 +117,6 @@ def plot(kernel_records: str, step_records: str, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for _, label in _PARTS))}
-
     kernel = [json.loads(line) for line in open(kernel_records)]
     seen, bars = set(), []
     for r in kernel:
@@ -136,8 +134,8 @@ def plot(kernel_records: str, step_records: str, png: str) -> None:
             sbars.append((f"{label} (run {r['run']}, {min(r['step_ms']):.3f} ms)",
                           kernel_parts(r["kernels_us"], _PARTS, 1 / 32)))
     fig, axes = plt.subplots(2, 1, figsize=(12, 9))
-    stacked_bars(axes[0], bars, colors, "one call alone (Llama-3-8B heads, batch 1, ctx 1024; H200)", "us a call")
-    stacked_bars(axes[1], sbars, colors, "in the Llama-3-8B int4 step, a layer (32 layers)", "us a layer")
+    stacked_bars(axes[0], bars, _PARTS, "one call alone (Llama-3-8B heads, batch 1, ctx 1024; H200)", "us a call")
+    stacked_bars(axes[1], sbars, _PARTS, "in the Llama-3-8B int4 step, a layer (32 layers)", "us a layer")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 

@@ -167,7 +167,6 @@ def plot(records: str, png: str) -> None:
 
     from pallax.model.config import preset
 
-    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for _, label in _PARTS))}
     bars = []
     for r in map(json.loads, open(records)):
         if "step_ms" in r and r["model"].endswith("int4+head"):
@@ -176,7 +175,7 @@ def plot(records: str, png: str) -> None:
             bars.append((f"{name} ({min(r['step_ms']):.3f} ms, {r['kernels']} kernels)",
                          kernel_parts(r["kernels_us"], _PARTS, 1 / layers)))
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(bars) + 1.5))
-    stacked_bars(ax, bars, colors, f"the int4 step's kernels besides the GEMMs, a layer ({records.split('/')[-1]})",
+    stacked_bars(ax, bars, _PARTS, f"the int4 step's kernels besides the GEMMs, a layer ({records.split('/')[-1]})",
                  "us a layer")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
