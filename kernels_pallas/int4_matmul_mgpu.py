@@ -402,11 +402,6 @@ class Prefetch:
             raise ValueError(f"Prefetch.units={self.units} must be >= 1")
 
 
-def _run_of(c, sched: Schedule):
-    """CTA c's (traced) units `[u0, u1)` of `sched`."""
-    return sched.run(c, lax.div)
-
-
 def _unit_tiles(u, w_ref, s_ref, sched: Schedule, blocks: BlockSizes, g: int):
     """Unit u's GMEM tiles: its words `[consumers, tile_k // g, g // 16, 128]`, its scales
     `[tile_k // g, rows]`, and its first K index."""
@@ -422,7 +417,7 @@ def _prefetch_next(c, w_ref, s_ref, pf: Prefetch, num_sms: int):
     producer will copy them (the same tiles, so the same L2 lines)."""
     blocks = blocks_for(pf.k)
     sched = Schedule.make(pf.k, pf.n, blocks, num_sms)
-    v0, v1 = _run_of(c, sched)
+    v0, v1 = sched.run(c, lax.div)
 
     @pl.loop(0, pf.units)
     def _unit(j):
@@ -447,7 +442,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
     gps = tile_k // g
     nc = blocks.consumers
     c = lax.axis_index("cta")
-    u0, u1 = _run_of(c, sched)
+    u0, u1 = sched.run(c, lax.div)  # this CTA's units
     n_units = u1 - u0
     words_layout = plgpu.Layout.WG_STRIDED((g // 16, 128), vec_size=_VEC)
     to_operand = plgpu.inline_mgpu(
