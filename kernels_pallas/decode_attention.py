@@ -50,7 +50,12 @@ nearly as much:
   in the step 8.0 us a call, no better than the two kernels (2.102 ms against 2.091);
 - the kernel adding the int4 q/k/v product's partial sums itself (each program gathering its
   heads' slots, as the residual-norm kernel does for o and down), which drops XLA's 1.7 us sum
-  fusion: 13.2 us a call, the step 2.222 ms. Not kept.
+  fusion: 13.2 us a call, the step 2.222 ms. Tried again once the pieces' places were
+  arithmetic (no table to load first; bench/results/decode_attention_qkv_pieces_h200.jsonl, the
+  same tokens, the GPU check bit for bit): 8.56 us a call against 7.06 plus the sum's 1.42, the
+  step 1.996 ms against 1.989 (306 kernels against 338). Each program gathers every piece of
+  its q rows (16, the group repeated) and their partner columns as scalar f32 loads, which
+  costs what the sum fusion does. Not kept.
 
 A program's blocks start where the sequence's length puts them, so their page numbers used to
 be loaded only after the length: three loads in a row (length, pages, K/V) before any math.
