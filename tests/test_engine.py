@@ -35,7 +35,9 @@ def _assert_all_free(engine):
 
 @pytest.fixture(scope="module")
 def engine(smollm_f32):
-    e = smollm_f32.engine(EngineConfig(max_seqs=8, token_budget=128, num_pages=256, decode_steps=4))
+    # the library's own engine shapes on a CPU (`api._default_engine_config`): the step programs
+    # compiled here are the ones `generate` runs in other test files (JAX's persistent cache)
+    e = smollm_f32.engine(EngineConfig(max_seqs=8, token_budget=128, num_pages=512, decode_steps=4))
     yield e
     _assert_all_free(e)
 
@@ -243,7 +245,9 @@ def test_transposed_projections_serve_the_reference_outputs(smollm_f32, referenc
     _assert_all_free(e)
 
 
-THREADED = EngineConfig(max_seqs=4, token_budget=32, num_pages=64, decode_steps=2)  # started: warmed up
+# started: warmed up. The shapes of test_speculative's engines, whose step programs its warm-up
+# compiles (JAX's persistent cache)
+THREADED = EngineConfig(max_seqs=4, token_budget=64, num_pages=128, decode_steps=4)
 
 
 def test_no_compilation_after_warmup(smollm_f32, reference):

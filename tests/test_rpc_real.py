@@ -38,10 +38,11 @@ def llm():
 
 @pytest.fixture(scope="module")
 def server(llm):
-    # the library's CPU-sized pool (a few full contexts), its own instance beside llm.generate's
+    # the library's CPU-sized pool (a few full contexts), its own instance beside llm.generate's;
+    # the same shapes, so the programs the warm-up compiles are those `generate` runs
     from pallax import api
 
-    config = dataclasses.replace(api._default_engine_config(), max_queue=64, max_draft_tokens=4)
+    config = dataclasses.replace(api._default_engine_config(), max_queue=64)
     engine = scheduler.Scheduler(llm, config)
     bg = BackgroundServer(engine, tokenizer=llm.tokenizer, metrics_port=0)
     try:
