@@ -28,12 +28,12 @@ units; each of `min(132, units)` CTAs streams an equal run of them through one T
   the codes are small integers in bf16). A step's groups are all issued before any is awaited,
   so converting one overlaps the tensor cores' work on another;
 - where a row block ends (or the CTA's run does) the consumers store the partial sum, transposed
-  to `[M_pad, rows]`, as the block's piece `c - first_cta(block)` of `[blocks, pieces, M_pad,
-  rows]`: the CTAs touching a block are consecutive, so where its partial sums lie is
-  arithmetic, not a table a reader must load before the sums. One small XLA fusion then adds
-  each block's pieces of the M real rows in a fixed order (deterministic, unlike adding in place
-  with TMA reductions). At M = 1 the sum is already y's layout, so it fuses into y's consumers
-  with no transpose kernel of its own. With `partial=True` the pieces are returned unadded
+  to `[M_pad, rows]` in shared memory, and its M real rows as the block's piece
+  `c - first_cta(block)` of `[blocks, pieces, M, rows]`: the CTAs touching a block are
+  consecutive, so where its partial sums lie is arithmetic, not a table a reader must load
+  before the sums. One small XLA fusion then adds each block's pieces in a fixed order
+  (deterministic, unlike adding in place with TMA reductions). At M = 1 the sum is already y's
+  layout, so it fuses into y's consumers with no transpose kernel of its own. With `partial=True` the pieces are returned unadded
   (`PartialSums`), for a consumer kernel that adds them itself (the residual add + RMSNorm
   after the o and down projections: `residual_norm.py`).
 
@@ -102,6 +102,13 @@ Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
   2.066-2.069 in one process); the residual norm 3.35 -> 2.5 us a call, the SwiGLU product's
   fusion 2.1 -> 1.9, the q/k/v sum 1.65 -> 1.5. bf16 4.181-4.186 ms in the same run: 2.10x.
   The engine gives 486 tok/s against bf16's 235, 2.07x (bench/results/decode_int4_h200_pieces.json).
+- Storing the pieces' M real rows, not M_pad (an eighth of the bytes at M = 1): the int4 kernels
+  1,424 us of the Llama-3-8B step's profile against 1,430, the steps and matmuls within noise
+  (bench/results/int4_rows_ab_h200.jsonl, one H200, the same products and tokens); the engine
+  493 tok/s against bf16's 236, 2.08x (bench/results/decode_int4_h200_rows.json). The matmul
+  bench since the pieces (bench/results/matmul_h200_int4_hopper_run2.json): 8.7-13.7 us,
+  2.23-3.65x the bf16 dot, 0.64-1.00 of the copy measure; 3.0x and 0.8 at 4096x14336 M = 1 and
+  4, short at M = 16 and on 14336x4096.
 
 Tried on this kernel and dropped:
 - the partial sums added in the kernel instead (an ordered stream-K fixup: the CTA holding a row
@@ -428,12 +435,12 @@ def _prefetch_next(c, w_ref, s_ref, pf: Prefetch, num_sms: int):
             plgpu.async_prefetch(scales)
 
 
-def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sched: Schedule,
+def _kernel(x_ref, w_ref, s_ref, *refs, m: int, group_size: int, blocks: BlockSizes, sched: Schedule,
             in_place: bool, prefetch: Prefetch | None, num_sms: int):
     # x_ref: [M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
     # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
-    # out_ref: [row blocks, pieces, M_pad, rows] f32 (GMEM: each block's partial sums, `Schedule`,
-    # row-major in M like y, so the sums' reads of the M real rows are contiguous)
+    # out_ref: [row blocks, pieces, m, rows] f32 (GMEM: each block's partial sums, `Schedule`,
+    # row-major in M like y, the m real rows only)
     *word_map, out_ref = refs
     if prefetch is not None:  # the next call's words and scales
         pw_ref, ps_ref, *word_map = word_map
@@ -512,7 +519,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, group_size: int, blocks: BlockSizes, sch
                         out_smem.at[wg][...] = acc.T
                     plgpu.commit_smem()
                     piece = c - sched.first_cta(block, lax.div)
-                    plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[block, piece, :, rows])
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(0, m)], out_ref.at[block, piece, :, rows])
 
                 return lax.select(lax.broadcast_in_dim(flush, acc.shape, ()), zeros, acc)
 
@@ -616,10 +623,10 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
         space = 3 * -(-sched.units // sched.ctas) + 2
         params = plgpu.CompilerParams(profile_space=space, profile_dir=profile_dir)
     kernel = plgpu.kernel(
-        functools.partial(_kernel, group_size=g, blocks=blocks, sched=sched,
+        functools.partial(_kernel, m=M, group_size=g, blocks=blocks, sched=sched,
                           in_place=not interpret, prefetch=prefetch, num_sms=num_sms),
         compiler_params=params,
-        out_type=jax.ShapeDtypeStruct((sched.tiles, sched.width, m_pad, blocks.rows), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((sched.tiles, sched.width, M, blocks.rows), jnp.float32),
         grid=(sched.ctas,),
         grid_names=("cta",),
         num_threads=blocks.consumers + 1,
