@@ -33,9 +33,10 @@ units; each of `min(132, units)` CTAs streams an equal run of them through one T
   consecutive, so where its partial sums lie is arithmetic, not a table a reader must load
   before the sums. One small XLA fusion then adds each block's pieces in a fixed order
   (deterministic, unlike adding in place with TMA reductions). At M = 1 the sum is already y's
-  layout, so it fuses into y's consumers with no transpose kernel of its own. With `partial=True` the pieces are returned unadded
-  (`PartialSums`), for a consumer kernel that adds them itself (the residual add + RMSNorm
-  after the o and down projections: `residual_norm.py`).
+  layout, so it fuses into y's consumers with no transpose kernel of its own. With
+  `partial=True` the pieces are returned unadded (`PartialSums`), for a consumer kernel that
+  adds them itself (the residual add + RMSNorm after the o and down projections:
+  `residual_norm.py`).
 
 `interpret=True` runs the kernel in Pallas's GPU interpret mode on a CPU: the same words and ring,
 the operand unpacked by `_word_map` in jnp and staged through shared memory (the interpreter runs
@@ -435,8 +436,8 @@ def _prefetch_next(c, w_ref, s_ref, pf: Prefetch, num_sms: int):
             plgpu.async_prefetch(scales)
 
 
-def _kernel(x_ref, w_ref, s_ref, *refs, m: int, group_size: int, blocks: BlockSizes, sched: Schedule,
-            in_place: bool, prefetch: Prefetch | None, num_sms: int):
+def _kernel(x_ref, w_ref, s_ref, *refs, m: int, group_size: int, blocks: BlockSizes,
+            sched: Schedule, in_place: bool, prefetch: Prefetch | None, num_sms: int):
     # x_ref: [M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
     # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
     # out_ref: [row blocks, pieces, m, rows] f32 (GMEM: each block's partial sums, `Schedule`,
@@ -519,7 +520,8 @@ def _kernel(x_ref, w_ref, s_ref, *refs, m: int, group_size: int, blocks: BlockSi
                         out_smem.at[wg][...] = acc.T
                     plgpu.commit_smem()
                     piece = c - sched.first_cta(block, lax.div)
-                    plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(0, m)], out_ref.at[block, piece, :, rows])
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(0, m)],  # the m real rows
+                                            out_ref.at[block, piece, :, rows])
 
                 return lax.select(lax.broadcast_in_dim(flush, acc.shape, ()), zeros, acc)
 

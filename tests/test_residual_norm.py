@@ -96,7 +96,7 @@ def test_int4_partial_sums_are_added_in_the_kernel(m, k, n, blocks):
     run = lambda partial: i4h.int4_matmul_mgpu(a, words, s, group_size=128, blocks=blocks,  # noqa: E731
                                                num_sms=7, interpret=True, partial=partial)
     y, parts = run(False), run(True)
-    assert parts.shape == (m, n) and parts.parts.shape[2] == m  # the M real rows (M_pad in the kernel)
+    assert parts.shape == (m, n) and parts.parts.shape[2] == m  # the M real rows, not M_pad
     assert parts.used().sum() > parts.parts.shape[0]  # some blocks have 2+ pieces
     np.testing.assert_array_equal(np.asarray(parts.sum()), np.asarray(y))
     x = _rand(6, (m, n), jnp.bfloat16)
@@ -113,7 +113,7 @@ def test_lowers_to_triton(lower_for_h100):
         sched = i4h.Schedule.make(k, d, i4h.blocks_for(k), 132)
         x = jax.ShapeDtypeStruct((2, d), jnp.bfloat16)
         g = jax.ShapeDtypeStruct((d,), jnp.bfloat16)
-        parts = jax.ShapeDtypeStruct((sched.tiles, sched.width, 2, 128), jnp.float32)  # as the kernel writes them
+        parts = jax.ShapeDtypeStruct((sched.tiles, sched.width, 2, 128), jnp.float32)  # as written
         with kernel_mode("pallas"):
             text = lower_for_h100(jax.jit(lambda x, p, g: residual_rms_norm(
                 x, PartialSums(p, 2, jnp.dtype(jnp.bfloat16), sched), g, eps=EPS)), x, parts, g)
