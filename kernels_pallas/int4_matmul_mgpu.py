@@ -109,7 +109,9 @@ Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
   493 tok/s against bf16's 236, 2.08x (bench/results/decode_int4_h200_rows.json). The matmul
   bench since the pieces (bench/results/matmul_h200_int4_hopper_run2.json): 8.7-13.7 us,
   2.23-3.65x the bf16 dot, 0.64-1.00 of the copy measure; 3.0x and 0.8 at 4096x14336 M = 1 and
-  4, short at M = 16 and on 14336x4096.
+  4, short at M = 16 and on 14336x4096. The same default tiling took 8.7 us at 4096x14336, M = 1
+  there and 11.9-12.6 us (both forms) in the A/B on the next machine start: runs on different
+  starts differ by that much.
 
 Tried on this kernel and dropped:
 - the partial sums added in the kernel instead (an ordered stream-K fixup: the CTA holding a row
