@@ -440,14 +440,14 @@ def _prefetch_next(c, w_ref, s_ref, pf: Prefetch, num_sms: int):
 
 def _kernel(x_ref, w_ref, s_ref, *refs, m: int, group_size: int, blocks: BlockSizes,
             sched: Schedule, in_place: bool, prefetch: Prefetch | None, num_sms: int):
-    # x_ref: [M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
+    # x_ref: [M or M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
     # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
     # out_ref: [row blocks, pieces, m, rows] f32 (GMEM: each block's partial sums, `Schedule`,
     # row-major in M like y, the m real rows only)
     *word_map, out_ref = refs
     if prefetch is not None:  # the next call's words and scales
         pw_ref, ps_ref, *word_map = word_map
-    m_pad = round_up(x_ref.shape[0], 8)
+    m_pad = round_up(m, 8)
     tile_k, stages, g = blocks.tile_k, blocks.num_stages, group_size
     gps = tile_k // g
     nc = blocks.consumers

@@ -5,6 +5,7 @@ compilation and bad input. After every test every KV page is free."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -35,9 +36,11 @@ def _assert_all_free(engine):
 
 @pytest.fixture(scope="module")
 def engine(smollm_f32):
-    # the library's own engine shapes on a CPU (`api._default_engine_config`): the step programs
-    # compiled here are the ones `generate` runs in other test files (JAX's persistent cache)
-    e = smollm_f32.engine(EngineConfig(max_seqs=8, token_budget=128, num_pages=512, decode_steps=4))
+    # the library's own engine (without drafts): the step programs compiled here are the ones
+    # `generate` runs in other test files (JAX's persistent cache)
+    from pallax import api
+
+    e = smollm_f32.engine(dataclasses.replace(api._default_engine_config(), max_draft_tokens=0))
     yield e
     _assert_all_free(e)
 
