@@ -92,7 +92,7 @@ def count_kernels():
 def hopper_int4_model():
     """(config, params, fwd): a two-layer model with every projection and the head in the Hopper
     int4 layout (fused q/k/v and gate/up, layers unstacked, as served on a GPU); `fwd(params)`
-    runs three tokens and returns the logits."""
+    runs three tokens and returns the logits (jitted)."""
     import jax
     import jax.numpy as jnp
 
@@ -110,4 +110,6 @@ def hopper_int4_model():
     params = hopper_layout(params)
     tokens = jax.random.randint(jax.random.key(1), (1, 3), 0, c.vocab_size)
     pos = jnp.arange(3)[None]
-    return c, params, lambda p: forward(p, tokens, pos, config=c)[0]
+    # jitted: run op by op it once hung for good on the CPU, the main thread dispatching the
+    # next eager op while an interpreted kernel's callback waited on an eager op of its own
+    return c, params, jax.jit(lambda p: forward(p, tokens, pos, config=c)[0])
