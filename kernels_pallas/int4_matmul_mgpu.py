@@ -111,7 +111,21 @@ Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
   2.23-3.65x the bf16 dot, 0.64-1.00 of the copy measure; 3.0x and 0.8 at 4096x14336 M = 1 and
   4, short at M = 16 and on 14336x4096. The same default tiling took 8.7 us at 4096x14336, M = 1
   there and 11.9-12.6 us (both forms) in the A/B on the next machine start: runs on different
-  starts differ by that much.
+  starts differ by that much. The whole bench rerun on a later start, the same code
+  (bench/results/matmul_h200_int4_hopper_run3.json): 12.4-13.7 us, 2.21-2.43x, 0.64-0.71; the
+  8.7 us run was the outlier.
+- Why M = 16 trails M = 1 (bench/results/int4_timeline_m16_h200.jsonl, one H200, Llama-3-8B's
+  gate/up and down): a steady step takes 0.58 us against 0.51, and the tail 0.77-0.80 us against
+  0.57, so the call takes 1.3-1.5 us more (gate/up 22.6 against 21.3 us, down 13.6 against
+  12.1). At M = 1 the step is the bytes' time; at M = 16 the math no
+  longer fits under it: the wgmma is 16 columns wide instead of 8 and the fold twice the
+  accumulator, and the flush stores 16 rows.
+- Tilings by M (bench/results/int4_tiling_by_m_h200.jsonl: the default, 512-wide steps with 3
+  stages, 4 consumers; 14336x4096, 4096x14336 and 4096x28672 at M = 1, 4, 16, 32, five rounds
+  interleaved in one process): at M <= 16 no tiling is ahead of the default by more than the
+  rounds' spread (about 1 us); at M = 32 512-wide steps took 0.7-1.0 us less on all three
+  shapes (5%). A one-pass sweep at M = 16 (int4_sweep_m16_h200.jsonl) had put them 3 us ahead
+  on down: single passes at these sizes do not separate tilings.
 
 Tried on this kernel and dropped:
 - the partial sums added in the kernel instead (an ordered stream-K fixup: the CTA holding a row
