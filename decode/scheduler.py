@@ -86,6 +86,10 @@ class EngineConfig:
     # outputs) when a request's own tokens have no match (`speculative.NgramCorpus`); 0: none.
     # Drafts do not change greedy outputs; the corpus is shared by every request the engine serves.
     ngram_corpus_tokens: int = 65536
+    # `start()` runs every program once first (`warmup`), so no request waits for a compile. False:
+    # ready at once, each program compiled at its first use (the first request of each shape waits
+    # for it); for development servers and tests, where most shapes are never used.
+    warmup: bool = True
 
     def loop_rounds(self, drafter: str) -> int:
         """Rounds per device loop call of `drafter` ("ngram" or "draft")."""
@@ -346,8 +350,12 @@ class Scheduler:
             }
 
     def start(self) -> None:
-        """Compile every step shape, then run the loop on a daemon thread."""
-        self.warmup()
+        """Compile every step shape (unless `cfg.warmup` is False), then run the loop on a daemon
+        thread."""
+        if self.cfg.warmup:
+            self.warmup()
+        else:
+            self._ready = True
         self._thread = threading.Thread(target=self._loop, name="pallax-scheduler", daemon=True)
         self._thread.start()
 

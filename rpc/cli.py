@@ -42,6 +42,8 @@ def _engine_config(args):
                                ("max_draft_tokens", args.max_draft_tokens),
                                ("spec_rounds", args.spec_rounds), ("ngram_rounds", args.ngram_rounds),
                                ("ngram_corpus_tokens", args.ngram_corpus_tokens)) if v is not None}
+    if args.no_warmup:
+        given["warmup"] = False
     return dataclasses.replace(base, **given)
 
 
@@ -107,6 +109,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     from pallax.cli import add_compile_cache_flag
 
     add_compile_cache_flag(s)
+    s.add_argument("--no-warmup", action="store_true",
+                   help="serve at once and compile each program at its first use (the first request of each"
+                        " shape waits for it) instead of compiling all of them before serving")
     s.add_argument("--mock", action="store_true", help="serve the echo mock engine instead of a model (no JAX)")
     s.add_argument("--mock-tick-ms", type=float, default=2.0, help="mock engine: milliseconds per decode step")
     s.add_argument("--max-running", type=int, default=32, help="mock engine: sequences decoded at once")

@@ -263,11 +263,13 @@ def test_serve_engine_flags_reach_the_engine_config():
     add_serve_parser(parser.add_subparsers())
     cfg = _engine_config(parser.parse_args(["serve", "--spec-rounds", "32", "--ngram-rounds", "2",
                                             "--max-draft-tokens", "6",
-                                            "--ngram-corpus-tokens", "0"]))
+                                            "--ngram-corpus-tokens", "0", "--no-warmup"]))
     assert (cfg.spec_rounds, cfg.ngram_rounds, cfg.max_draft_tokens, cfg.ngram_corpus_tokens) == (32, 2, 6, 0)
+    assert cfg.warmup is False
     default = _engine_config(parser.parse_args(["serve"]))
     # the engine's defaults
     assert (default.spec_rounds, default.ngram_rounds, default.ngram_corpus_tokens) == (8, 4, 65536)
+    assert default.warmup is True
     with pytest.raises(SystemExit):  # argparse: "--spec-rounds: must be >= 0, got -1"
         parser.parse_args(["serve", "--spec-rounds", "-1"])
 

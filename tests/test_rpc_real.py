@@ -39,10 +39,11 @@ def llm():
 @pytest.fixture(scope="module")
 def server(llm):
     # the library's CPU-sized pool (a few full contexts), its own instance beside llm.generate's;
-    # the same shapes, so the programs the warm-up compiles are those `generate` runs
+    # the same shapes, so its programs are those `generate` runs. Without the warm-up: compiled
+    # at first use, only the shapes these tests send (JAX's persistent cache holds most already)
     from pallax import api
 
-    config = dataclasses.replace(api._default_engine_config(), max_queue=64)
+    config = dataclasses.replace(api._default_engine_config(), max_queue=64, warmup=False)
     engine = scheduler.Scheduler(llm, config)
     bg = BackgroundServer(engine, tokenizer=llm.tokenizer, metrics_port=0)
     try:
