@@ -235,11 +235,13 @@ def _is_single(prompts) -> bool:
 
 
 def _default_engine_config():
-    """Engine settings for library use; on a CPU a pool of a few full contexts."""
+    """Engine settings for library use. On a CPU: a pool of a few full contexts, and one decode
+    step a call: a step's compute there (about 0.15 s for SmolLM2-135M) dwarfs the host's round
+    trip that several steps a call save, and the multi-step programs would only add compiles."""
     from pallax.decode.scheduler import EngineConfig
 
     if jax.default_backend() == "cpu":
-        return EngineConfig(max_seqs=8, token_budget=128, num_pages=512, decode_steps=4, max_draft_tokens=8)
+        return EngineConfig(max_seqs=8, token_budget=128, num_pages=512, decode_steps=1, max_draft_tokens=8)
     return EngineConfig(max_draft_tokens=8)
 
 

@@ -39,6 +39,18 @@ def smollm_f32():
 
 
 @pytest.fixture(scope="session")
+def smollm_stacked():
+    """SmolLM2 (float32) with its layers stacked, as loaded, for engines that keep them so
+    (`EngineConfig(unstack_layers=False)`; an engine that unstacks would convert them): their
+    programs run the layers as a scan, which traces and compiles several times faster on a CPU
+    than the per-layer loop of the serving layout (`smollm_f32`'s engines, `generate`). For tests
+    of what does not depend on the layout (scheduling, drafting, device loops)."""
+    import pallax
+
+    return pallax.load("smollm2-135m-instruct", dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def smollm_bf16():
     import pallax
 

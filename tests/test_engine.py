@@ -34,6 +34,11 @@ def _assert_all_free(engine):
     assert s["pages_in_use"] == 0 and s["running"] == 0 and s["waiting"] == 0, s
 
 
+# Small shapes (two token buckets, one decode batch bucket: a warm-up compiles six programs) on
+# stacked layers (`smollm_stacked`): the scheduling tests below that need an engine of their own
+THREADED = EngineConfig(max_seqs=2, token_budget=16, num_pages=64, decode_steps=4, unstack_layers=False)
+
+
 @pytest.fixture(scope="module")
 def engine(smollm_f32):
     # the library's own engine (without drafts): the step programs compiled here are the ones
@@ -98,11 +103,11 @@ def test_prefix_cache_hits(engine, smollm_f32, reference):
     _assert_all_free(e)
 
 
-def test_preemption_with_tiny_pool(smollm_f32, reference):
+def test_preemption_with_tiny_pool(smollm_stacked, reference):
     # 14 pages of 16 tokens cannot hold all six sequences at once: later ones are preempted and
     # recomputed, and every output is still exact.
-    e = smollm_f32.engine(EngineConfig(max_seqs=6, token_budget=64, num_pages=14, decode_steps=1,
-                                       prefix_caching=False))
+    e = smollm_stacked.engine(EngineConfig(max_seqs=6, token_budget=64, num_pages=14, decode_steps=1,
+                                           prefix_caching=False, unstack_layers=False))
     cases = reference["cases"]
     outs = _run(e, [c["input_ids"] for c in cases])
     assert e.stats()["preemptions"] > 0
@@ -111,8 +116,9 @@ def test_preemption_with_tiny_pool(smollm_f32, reference):
     _assert_all_free(e)
 
 
-def test_chunked_prefill_small_budget(smollm_f32, reference):
-    e = smollm_f32.engine(EngineConfig(max_seqs=2, token_budget=8, num_pages=64, decode_steps=3))
+def test_chunked_prefill_small_budget(smollm_stacked, reference):
+    # THREADED's pool and decode programs; prompts of up to 41 tokens in chunks of 8
+    e = smollm_stacked.engine(dataclasses.replace(THREADED, token_budget=8))
     cases = reference["cases"]
     outs = _run(e, [c["input_ids"] for c in cases])
     for case, o in zip(cases, outs):
@@ -120,13 +126,13 @@ def test_chunked_prefill_small_budget(smollm_f32, reference):
     _assert_all_free(e)
 
 
-def test_one_sequence_engine_runs_two_rows(smollm_f32, reference):
+def test_one_sequence_engine_runs_two_rows(smollm_stacked, reference):
     """max_seqs=1: every program still runs MIN_ROWS rows (the second dead), outputs exact."""
     from pallax.decode.engine import MIN_ROWS
 
-    cfg = EngineConfig(max_seqs=1, token_budget=16, num_pages=64, decode_steps=3)
+    cfg = dataclasses.replace(THREADED, max_seqs=1)  # THREADED's programs
     assert min(cfg.seq_buckets()) == min(cfg.token_buckets()) == MIN_ROWS == 2
-    e = smollm_f32.engine(cfg)
+    e = smollm_stacked.engine(cfg)
     cases = reference["cases"][:2]
     outs = _run(e, [c["input_ids"] for c in cases])
     for case, o in zip(cases, outs):
@@ -248,13 +254,10 @@ def test_transposed_projections_serve_the_reference_outputs(smollm_f32, referenc
     _assert_all_free(e)
 
 
-# started: warmed up. The shapes of test_speculative's engines, whose step programs its warm-up
-# compiles (JAX's persistent cache)
-THREADED = EngineConfig(max_seqs=4, token_budget=64, num_pages=128, decode_steps=4)
 
 
-def test_no_compilation_after_warmup(smollm_f32, reference):
-    e = smollm_f32.engine(THREADED)  # test_threaded_loop's warm-up then finds every program compiled
+def test_no_compilation_after_warmup(smollm_stacked, reference):
+    e = smollm_stacked.engine(THREADED)  # test_threaded_loop's warm-up then finds every program compiled
     before = e.compiled_programs()  # step programs are shared by engines of the same model
     e.warmup()
     n = e.compiled_programs()
@@ -299,10 +302,10 @@ def test_bad_input_rejected_before_allocation(engine, smollm_f32):
     _assert_all_free(q)
 
 
-def test_threaded_loop(smollm_f32, reference):
+def test_threaded_loop(smollm_stacked, reference):
     import threading
 
-    e = smollm_f32.engine(THREADED)
+    e = smollm_stacked.engine(THREADED)
     e.start()
     try:
         assert e.ready
@@ -318,6 +321,27 @@ def test_threaded_loop(smollm_f32, reference):
         e.submit(Request("t", case["input_ids"], SamplingParams(max_tokens=32)), cb)
         assert done.wait(120)
         assert _tokens(outs) == case["greedy_ids"]
+    finally:
+        e.stop()
+    _assert_all_free(e)
+
+
+def test_start_without_warmup_is_ready_at_once(smollm_stacked, reference, monkeypatch):
+    """EngineConfig(warmup=False): `start()` runs no warm-up and the engine is ready; programs are
+    compiled as requests need them (test_rpc_real's server runs so from cold), outputs exact."""
+    import threading
+
+    e = smollm_stacked.engine(dataclasses.replace(THREADED, warmup=False))
+    monkeypatch.setattr(e, "warmup", lambda: pytest.fail("start() ran the warm-up"))
+    e.start()
+    try:
+        assert e.ready
+        done, outs = threading.Event(), []
+        case = reference["cases"][1]
+        e.submit(Request("lazy", case["input_ids"], SamplingParams(max_tokens=8)),
+                 lambda o: (outs.append(o), o.finished and done.set()))
+        assert done.wait(120)
+        assert _tokens(outs) == case["greedy_ids"][:8]
     finally:
         e.stop()
     _assert_all_free(e)
