@@ -254,8 +254,6 @@ def test_transposed_projections_serve_the_reference_outputs(smollm_f32, referenc
     _assert_all_free(e)
 
 
-
-
 def test_no_compilation_after_warmup(smollm_stacked, reference):
     e = smollm_stacked.engine(THREADED)  # test_threaded_loop's warm-up then finds every program compiled
     before = e.compiled_programs()  # step programs are shared by engines of the same model
