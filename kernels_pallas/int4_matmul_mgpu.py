@@ -117,9 +117,9 @@ Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
 - Why M = 16 trails M = 1 (bench/results/int4_timeline_m16_h200.jsonl, one H200, Llama-3-8B's
   gate/up and down): a steady step takes 0.58 us against 0.51, and the tail 0.77-0.80 us against
   0.57, so the call takes 1.3-1.5 us more (gate/up 22.6 against 21.3 us, down 13.6 against
-  12.1). At M = 1 the step is the bytes' time; at M = 16 the math no
-  longer fits under it: the wgmma is 16 columns wide instead of 8 and the fold twice the
-  accumulator, and the flush stores 16 rows.
+  12.1). At M = 1 the step is the bytes' time; at M = 16 the math no longer fits under it: the
+  wgmma is 16 columns wide instead of 8 and the fold twice the accumulator, and the flush stores
+  16 rows.
 - Tilings by M (bench/results/int4_tiling_by_m_h200.jsonl: the default, 512-wide steps with 3
   stages, 4 consumers; 14336x4096, 4096x14336 and 4096x28672 at M = 1, 4, 16, 32, five rounds
   interleaved in one process): at M <= 16 no tiling is ahead of the default by more than the

@@ -263,7 +263,7 @@ def test_rounds_on_device_are_exact(smollm_stacked, reference, drafter):
     itself accepts (nearly: one-token and batched logits may differ in the last bits) every draft,
     which it cannot when the draft's K/V bookkeeping across calls and rounds is wrong."""
     e = smollm_stacked.engine(_config(spec_rounds=3 if drafter == "draft" else 0,
-                                  ngram_rounds=3 if drafter == "ngram" else 0))
+                                      ngram_rounds=3 if drafter == "ngram" else 0))
     if drafter == "draft":
         e.attach_draft_model(smollm_stacked, num_pages=128)
     for i, case in enumerate(reference["cases"]):
@@ -326,7 +326,8 @@ def test_loop_rounds_are_device_side_conds(smollm_stacked):
     command buffers, `speculative.LOOP_COMPILER_OPTIONS`, so the device evaluates it); no `cond`
     wraps the call."""
     e = smollm_stacked.engine(_config())
-    args = (smollm_stacked.params, e.pool, e._loop_inputs([2, 3], 4, ()), e._ngram_carry([5, 6, 7], 2, 9), e._corpus())
+    args = (smollm_stacked.params, e.pool, e._loop_inputs([2, 3], 4, ()), e._ngram_carry([5, 6, 7], 2, 9),
+            e._corpus())
     (call,) = jax.make_jaxpr(e._ngram_loop)(*args).jaxpr.eqns  # the jitted program
     top = call.params["jaxpr"].jaxpr.eqns
     names = [q.primitive.name for q in top]
@@ -349,8 +350,8 @@ def test_ngram_loop_rounds_past_the_end_write_nothing(smollm_stacked):
         e = engines[rounds]
         pool = jax.tree.map(lambda a: jnp.full_like(a, 3), e.pool) if pool is None else pool
         carry = e._ngram_carry(ids, len(ids) - 1, left) if carry is None else carry
-        pool, out, carry = e._ngram_loop(smollm_stacked.params, pool, e._loop_inputs([2, 3], 4, stops), carry,
-                                         e._corpus())
+        pool, out, carry = e._ngram_loop(smollm_stacked.params, pool, e._loop_inputs([2, 3], 4, stops),
+                                         carry, e._corpus())
         return pool, np.asarray(out.tokens), np.asarray(out.counts), carry
 
     first = int(call(1, 10)[1][0, 0])  # the first token the rounds emit
@@ -413,8 +414,7 @@ def test_ngram_drafts_fall_back_on_earlier_requests(smollm_stacked):
         assert empty[65536] <= 1 < empty[0], empty
     for bad in ("ngram_corpus_tokens", "ngram_rounds", "spec_rounds"):
         with pytest.raises(ValueError, match=bad):
-            smollm_stacked.engine(EngineConfig(max_seqs=2, token_budget=64, num_pages=32, unstack_layers=False,
-                                       **{bad: -1}))
+            smollm_stacked.engine(_config(**{bad: -1}))
 
 
 def test_greedy_humaneval_mixed_batch(engine, smollm_stacked):
@@ -463,7 +463,7 @@ def test_validation(engine, smollm_stacked, reference):
                 dict(speculative="ngram", repetition_penalty=1.2)):
         with pytest.raises(RequestError):
             engine.validate(Request("bad", ids, SamplingParams(**bad)))
-    plain = smollm_stacked.engine(EngineConfig(max_seqs=2, token_budget=32, num_pages=16, unstack_layers=False))
+    plain = smollm_stacked.engine(_config(max_draft_tokens=0))
     with pytest.raises(RequestError, match="without speculation"):
         plain.validate(Request("x", ids, SamplingParams(speculative="ngram")))
     with pytest.raises(ValueError):
