@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -91,6 +91,20 @@ class LLM:
         if self._engine is None:
             self._engine = Scheduler(self, _default_engine_config())
         return self._engine
+
+    def with_engine(self, config) -> "LLM":
+        """This model (the same weights and tokenizer) with `generate` and `stream` run on an engine
+        of `config` (an `EngineConfig`) instead of the library's own: e.g. an int8 KV cache, more
+        rows or pages, another draft length or layer layout. The engine is built at once; this
+        LLM and its weights are unchanged (an engine that serves another layout converts the new
+        LLM's copy)."""
+        from pallax.decode.scheduler import EngineConfig, Scheduler
+
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"with_engine takes an EngineConfig, got {type(config).__name__}")
+        llm = replace(self, _engine=None)
+        llm._engine = Scheduler(llm, config)
+        return llm
 
     def generate(
         self,

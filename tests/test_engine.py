@@ -210,15 +210,16 @@ def test_cancel_and_deadline_free_pages_at_once(engine, reference):
     _assert_all_free(engine)
 
 
-def test_int8_kv_cache(smollm_f32, reference):
+def test_int8_kv_cache(engine, smollm_stacked, reference):
     """int8 KV (per token, per head scales): chosen-token log-probabilities stay within 0.15 nats
-    of the float32 cache on the reference prompts (measured max about 0.05), greedy mostly equal."""
-    e = smollm_f32.engine(EngineConfig(max_seqs=8, token_budget=128, num_pages=128, kv_dtype="int8"))
+    of the float32 cache on the reference prompts (measured max about 0.05), greedy mostly equal.
+    (The int8 engine runs stacked layers, which compile faster; the float32 one is the fixture's.)"""
+    e = smollm_stacked.engine(EngineConfig(max_seqs=8, token_budget=128, num_pages=128, kv_dtype="int8",
+                                           unstack_layers=False))
     cases = reference["cases"]
     p = SamplingParams(max_tokens=8, logprobs=1)
-    ref_engine = smollm_f32.engine()
     quant = _run(e, [c["input_ids"] for c in cases], p, ids="q8")
-    full = _run(ref_engine, [c["input_ids"] for c in cases], p, ids="f32")
+    full = _run(engine, [c["input_ids"] for c in cases], p, ids="f32")
     diffs, same = [], 0
     for qo, fo in zip(quant, full):
         q = [lp for x in qo for lp in x.logprobs]
@@ -343,3 +344,21 @@ def test_start_without_warmup_is_ready_at_once(smollm_stacked, reference, monkey
     finally:
         e.stop()
     _assert_all_free(e)
+
+
+def test_with_engine_runs_generate_on_its_config(smollm_stacked, reference):
+    """`LLM.with_engine(config)`: `generate` and `stream` run on an engine of that config (here
+    THREADED's, stacked layers, so the weights are shared as they are); an engine that serves
+    another layout converts the new LLM's weights, not the original's; a config that is not an
+    EngineConfig is refused."""
+    llm = smollm_stacked.with_engine(THREADED)
+    assert llm.engine().cfg is THREADED and llm.engine() is llm.engine()
+    assert llm.params is smollm_stacked.params
+    served = smollm_stacked.with_engine(EngineConfig(max_seqs=1, token_budget=16, num_pages=4))  # runs nothing
+    assert isinstance(served.params["layers"], list) and not isinstance(smollm_stacked.params["layers"], list)
+    case = reference["cases"][2]
+    assert llm.generate(case["input_ids"], max_tokens=10)[0].token_ids == case["greedy_ids"][:10]
+    assert [d.token_id for d in llm.stream(case["input_ids"], max_tokens=4)] == case["greedy_ids"][:4]
+    _assert_all_free(llm.engine())
+    with pytest.raises(TypeError, match="EngineConfig"):
+        smollm_stacked.with_engine({"max_seqs": 2})

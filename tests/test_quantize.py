@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import pallax
+from pallax.decode.scheduler import EngineConfig
 from pallax.kernels_pallas.dispatch import kernel_mode
 from pallax.kernels_pallas.quant_formats import quantize_fp8
 from pallax.model.config import preset
@@ -254,9 +255,15 @@ def test_quantized_model_layout(smollm_bf16, smollm_int8):
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
 
 
+# Engines on stacked layers (a scan, which compiles several times faster on a CPU than the serving
+# layout; the save/load test's `generate` runs that one)
+STACKED_ENGINE = EngineConfig(max_seqs=4, token_budget=32, num_pages=32, decode_steps=1, max_draft_tokens=0,
+                              unstack_layers=False)
+
+
 def test_int8_greedy_matches_bf16(smollm_bf16, smollm_int8):
-    base = smollm_bf16.generate(PROMPTS, max_tokens=6)
-    quant = smollm_int8.generate(PROMPTS, max_tokens=6)
+    base = smollm_bf16.with_engine(STACKED_ENGINE).generate(PROMPTS, max_tokens=6)
+    quant = smollm_int8.with_engine(STACKED_ENGINE).generate(PROMPTS, max_tokens=6)
     for b, q in zip(base, quant):
         assert q.token_ids[:4] == b.token_ids[:4], (b.text, q.text)
 
