@@ -12,8 +12,8 @@ import pytest
 
 # Eight fake CPU devices (the sharding tests' mesh; `make test` sets it too). The Mosaic GPU
 # interpreter also needs them on a 2-core machine: with one host device its warpgroup threads can
-# starve each other and hang.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# starve each other and hang. LLVM optimization level 1 compiles faster (the Makefile says why).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1")
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "smollm2_135m_instruct_q4_1.json"
 
