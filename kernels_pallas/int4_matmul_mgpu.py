@@ -16,7 +16,7 @@ as a transpose of index bits). A thread fetches its words with 128-bit shared-me
 `lop3` and one `sub.bf16x2` a pair (`_unpack_to_operand`): no shuffles and no permutes, which the
 generic int4 upcast into the operand layout needs (two shuffles, two permutes and three ops a
 pair per word; that upcast, on `[N, K]` int4 weights, was this kernel's previous form).
-`scales: [K // g, N] f32`.
+`scales: [K // g, N]` bf16 (as quantized) or f32, converted to f32 as each group's are folded in.
 
 Schedule (`Schedule`, stream-K): the work is (row block of `64 * consumers` channels, K step)
 units; each of `min(132, units)` CTAs streams an equal run of them through one TMA ring:
@@ -126,6 +126,14 @@ Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
   rounds' spread (about 1 us); at M = 32 512-wide steps took 0.7-1.0 us less on all three
   shapes (5%). A one-pass sweep at M = 16 (int4_sweep_m16_h200.jsonl) had put them 3 us ahead
   on down: single passes at these sizes do not separate tilings.
+- Scales read as bf16, as the quantizer stores them, instead of converted to f32 (half the scale
+  bytes: 117 MB less for Llama-3-8B's int4 weights and head; the outputs bit for bit the same).
+  On one H200 (bench/results/int4_scales_dtype_h200.jsonl, five interleaved rounds a shape in one
+  process, four weight copies) the medians differ by -1.2 to +0.7 us either way, within the
+  rounds' spread, and the Llama-3-8B int4 step's kernels take 1,429 us against 1,430 (steps
+  1.987 ms against 1.980 at best, the same tokens): the scales were 6% of the bytes, and the
+  fixed costs, not the stream, bound the call. Kept for the memory. The engine then gives 488
+  tok/s against bf16's 235, 2.07x (bench/results/decode_int4_h200_bf16_scales.json).
 
 Tried on this kernel and dropped:
 - the partial sums added in the kernel instead (an ordered stream-K fixup: the CTA holding a row
@@ -356,7 +364,8 @@ def unpack_codes(words: jax.Array, group_size: int) -> jax.Array:
 
 def to_hopper_layout(packed, scales, zeros=None, *, group_size: int):
     """Portable int4 (`packed [K // 2, N] uint8`, `scales [K // g, N]`, symmetric) -> this
-    kernel's (`words [N // 64, K // g, g // 16, 128] int32`, `scales [K // g, N] f32`)."""
+    kernel's (`words [N // 64, K // g, g // 16, 128] int32`, `scales [K // g, N]`: bf16 scales
+    as they are, any other dtype as f32)."""
     if zeros is not None:
         raise ValueError("the Hopper int4 kernel takes symmetric weights (zeros=None)")
     check_group_size(packed.shape[-2] * 2, group_size)
@@ -365,7 +374,12 @@ def to_hopper_layout(packed, scales, zeros=None, *, group_size: int):
                          f" got g={group_size}, N={packed.shape[-1]}")
     u = jnp.stack([packed & 0xF, packed >> 4], axis=-2)  # [..., K // 2, 2, N]: row 2i low nibble
     u = u.reshape(*packed.shape[:-2], -1, packed.shape[-1])
-    return pack_codes(jnp.swapaxes(u, -1, -2), group_size), scales.astype(jnp.float32)
+    return pack_codes(jnp.swapaxes(u, -1, -2), group_size), _scales_dtype(scales)
+
+
+def _scales_dtype(scales):
+    """Scales as the kernel reads them: bf16 (the quantizer's, half the bytes) or f32."""
+    return scales if scales.dtype in (jnp.bfloat16, jnp.float32) else scales.astype(jnp.float32)
 
 
 def from_hopper_layout(words, group_size: int):
@@ -455,7 +469,7 @@ def _prefetch_next(c, w_ref, s_ref, pf: Prefetch, num_sms: int):
 def _kernel(x_ref, w_ref, s_ref, *refs, m: int, group_size: int, blocks: BlockSizes,
             sched: Schedule, in_place: bool, prefetch: Prefetch | None, num_sms: int):
     # x_ref: [M or M_pad, K] bf16; w_ref: [N // 64, K // g, g // 16, 128] int32 (`pack_codes`);
-    # s_ref: [K // g, N] f32; refs: (interpret mode only: the [64, g] `_word_map`), then
+    # s_ref: [K // g, N] bf16 or f32; refs: (interpret mode only: the [64, g] `_word_map`), then
     # out_ref: [row blocks, pieces, m, rows] f32 (GMEM: each block's partial sums, `Schedule`,
     # row-major in M like y, the m real rows only)
     *word_map, out_ref = refs
@@ -479,7 +493,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, m: int, group_size: int, blocks: BlockSi
 
     def body(w_smem, x_smem, s_smem, out_smem, a_smem, ready, free):
         # w_smem: [stages, consumers, gps, g // 16, 128] int32; x_smem: [stages, M_pad, tile_k]
-        # bf16; s_smem: [stages, gps, rows] f32; out_smem: [consumers, M_pad, 64] f32;
+        # bf16; s_smem: [stages, gps, rows] (s_ref's dtype); out_smem: [consumers, M_pad, 64] f32;
         # a_smem: [consumers, gps, 64, g] bf16 (interpret mode only)
         wg = lax.axis_index("wg")
 
@@ -515,8 +529,8 @@ def _kernel(x_ref, w_ref, s_ref, *refs, m: int, group_size: int, blocks: BlockSi
                 with jax.named_scope("math"):
                     parts = pl.run_scoped(
                         group_dots, *[plgpu.ACC((_ROWS, m_pad), jnp.float32) for _ in range(gps)])
-                    scales = [plgpu.load(s_smem.at[slot, gi, rows],
-                                         layout=plgpu.Layout.WGMMA.reduce(1)) for gi in range(gps)]
+                    scales = [plgpu.load(s_smem.at[slot, gi, rows], layout=plgpu.Layout.WGMMA.reduce(1)
+                                         ).astype(jnp.float32) for gi in range(gps)]
                     plgpu.barrier_arrive(free.at[slot])  # every read of this slot is done
                     for part, s in zip(parts, scales):
                         acc = acc + part * lax.broadcast_in_dim(s, part.shape, [0])
@@ -571,7 +585,7 @@ def _kernel(x_ref, w_ref, s_ref, *refs, m: int, group_size: int, blocks: BlockSi
         plgpu.SMEM((stages, nc, gps, g // 16, 128), jnp.int32),
         plgpu.SMEM((stages, m_pad, tile_k), jnp.bfloat16,
                    transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
-        plgpu.SMEM((stages, gps, blocks.rows), jnp.float32),
+        plgpu.SMEM((stages, gps, blocks.rows), s_ref.dtype),
         plgpu.SMEM((nc, m_pad, _ROWS), jnp.float32),
         None if in_place else plgpu.SMEM(
             (nc, gps, _ROWS, g), jnp.bfloat16,
@@ -620,10 +634,10 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
         nw, ns = next_weight
         nk, nn = ns.shape[0] * next_group_size, nw.shape[0] * _ROWS
         if (nw.shape != (nn // _ROWS, nk // next_group_size, next_group_size // 16, 128)
-                or nw.dtype != jnp.int32 or ns.dtype != jnp.float32
+                or nw.dtype != jnp.int32 or ns.dtype not in (jnp.bfloat16, jnp.float32)
                 or not applies(1, nk, nn, next_group_size)):
             raise ValueError(f"next_weight must be words [N // 64, K // g, g // 16, 128] int32 and"
-                             f" scales [K // g, N] f32 of a shape the kernel takes, g="
+                             f" scales [K // g, N] bf16 or f32 of a shape the kernel takes, g="
                              f"{next_group_size}; got {nw.shape} {nw.dtype}, {ns.shape} {ns.dtype}")
         prefetch = Prefetch(nk, nn, next_group_size, prefetch_units)
     if profile_dir and interpret:
@@ -653,7 +667,7 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
     )
     word_map = (jnp.asarray(_word_map(g), jnp.int32),) if interpret else ()
     warm = () if prefetch is None else next_weight
-    part = kernel(xp, words, scales.astype(jnp.float32), *warm, *word_map)
+    part = kernel(xp, words, _scales_dtype(scales), *warm, *word_map)
     # each row block: its pieces' partial sums in a fixed order (the pieces past a block's own
     # count are never written, and never read)
     y = PartialSums(part, M, x.dtype, sched)

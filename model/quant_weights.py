@@ -133,7 +133,7 @@ class Int4HopperWeight:
     """
 
     words: jax.Array  # [..., N // 64, K // g, g // 16, 128] int32
-    scales: jax.Array  # [..., K // g, N] f32
+    scales: jax.Array  # [..., K // g, N] bf16 (as quantized) or f32
     act_scale: jax.Array | None = None  # [..., K] f32 (AWQ) or None
     group_size: int = struct.field(pytree_node=False, default=128)
     format: ClassVar[str] = "int4-hopper"

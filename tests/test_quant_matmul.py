@@ -306,6 +306,11 @@ def test_int4_hopper_kernel_matches_float64(m, k, n, group_size, blocks):
                               num_sms=4, interpret=True)
     want2 = _f64(x) @ _f64(qf.dequantize_int4(packed, scales.at[1, 3].mul(-1.0), None, group_size=group_size))
     assert _rel(y2[:, 3], want2[:, 3]) < 4e-3 and _rel(y2, want2) < 4e-3
+    if blocks is None:  # the kernel also reads f32 scales (bf16 ones widen exactly: the same product)
+        assert s.dtype == jnp.bfloat16
+        y32 = i4h.int4_matmul_mgpu(x, words, s.astype(jnp.float32), group_size=group_size, num_sms=4,
+                                   interpret=True)
+        np.testing.assert_array_equal(np.asarray(y32, np.float32), np.asarray(y, np.float32))
 
 
 @pytest.mark.parametrize("units", [1, 3])
@@ -453,9 +458,10 @@ def test_int4_hopper_errors():
         i4h.int4_matmul_mgpu(x, words, s, group_size=64)
     with pytest.raises(ValueError, match="profile_dir"):
         i4h.int4_matmul_mgpu(x, words, s, group_size=128, interpret=True, profile_dir="/tmp")
-    with pytest.raises(ValueError, match="next_weight"):  # scales not f32: another buffer
+    assert s.dtype == jnp.bfloat16  # the quantizer's scales, as they are
+    with pytest.raises(ValueError, match="next_weight"):  # scales neither bf16 nor f32: converted, another buffer
         i4h.int4_matmul_mgpu(x, words, s, group_size=128, interpret=True,
-                             next_weight=(words, s.astype(jnp.bfloat16)), prefetch_units=1)
+                             next_weight=(words, s.astype(jnp.float16)), prefetch_units=1)
     with pytest.raises(ValueError, match="next_weight"):  # words of another group size
         i4h.int4_matmul_mgpu(x, words, s, group_size=128, interpret=True, next_weight=(words, s),
                              next_group_size=64, prefetch_units=1)
