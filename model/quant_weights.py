@@ -11,7 +11,7 @@ leading axes of `x` flattened to the kernel's M.
                 zeros [K/g, N] uint8 | None, act_scale [K] | None
     Fp8Weight   w_q [N, K] float8_e4m3fn, scale [N] f32           W8A8, activations per token
     Int4HopperWeight  words [N/64, K/g, g/16, 128] int32,         symmetric int4 in the layout of
-                scales [K/g, N] f32, act_scale [K] | None         the Hopper kernel (serving only)
+                scales [K/g, N] bf16, act_scale [K] | None        the Hopper kernel (serving only)
 
 Which implementation runs (`kernels_pallas.dispatch`): on GPU the Pallas kernel, except fp8 (see
 `FP8_IMPL`); elsewhere the pure-jnp reference (or the kernel in interpret mode when asked).
