@@ -374,10 +374,10 @@ def to_hopper_layout(packed, scales, zeros=None, *, group_size: int):
                          f" got g={group_size}, N={packed.shape[-1]}")
     u = jnp.stack([packed & 0xF, packed >> 4], axis=-2)  # [..., K // 2, 2, N]: row 2i low nibble
     u = u.reshape(*packed.shape[:-2], -1, packed.shape[-1])
-    return pack_codes(jnp.swapaxes(u, -1, -2), group_size), _scales_dtype(scales)
+    return pack_codes(jnp.swapaxes(u, -1, -2), group_size), _kernel_scales(scales)
 
 
-def _scales_dtype(scales):
+def _kernel_scales(scales):
     """Scales as the kernel reads them: bf16 (the quantizer's, half the bytes) or f32."""
     return scales if scales.dtype in (jnp.bfloat16, jnp.float32) else scales.astype(jnp.float32)
 
@@ -667,7 +667,7 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
     )
     word_map = (jnp.asarray(_word_map(g), jnp.int32),) if interpret else ()
     warm = () if prefetch is None else next_weight
-    part = kernel(xp, words, _scales_dtype(scales), *warm, *word_map)
+    part = kernel(xp, words, _kernel_scales(scales), *warm, *word_map)
     # each row block: its pieces' partial sums in a fixed order (the pieces past a block's own
     # count are never written, and never read)
     y = PartialSums(part, M, x.dtype, sched)
