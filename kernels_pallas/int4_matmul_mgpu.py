@@ -377,9 +377,12 @@ def to_hopper_layout(packed, scales, zeros=None, *, group_size: int):
     return pack_codes(jnp.swapaxes(u, -1, -2), group_size), _kernel_scales(scales)
 
 
+_SCALE_DTYPES = (jnp.bfloat16, jnp.float32)  # what the kernel reads: the quantizer's bf16 (half the bytes), or f32
+
+
 def _kernel_scales(scales):
-    """Scales as the kernel reads them: bf16 (the quantizer's, half the bytes) or f32."""
-    return scales if scales.dtype in (jnp.bfloat16, jnp.float32) else scales.astype(jnp.float32)
+    """Scales as the kernel reads them: as they are where `_SCALE_DTYPES` holds their dtype, else f32."""
+    return scales if scales.dtype in _SCALE_DTYPES else scales.astype(jnp.float32)
 
 
 def from_hopper_layout(words, group_size: int):
@@ -634,7 +637,7 @@ def int4_matmul_mgpu(x, words, scales, *, group_size: int, blocks: BlockSizes | 
         nw, ns = next_weight
         nk, nn = ns.shape[0] * next_group_size, nw.shape[0] * _ROWS
         if (nw.shape != (nn // _ROWS, nk // next_group_size, next_group_size // 16, 128)
-                or nw.dtype != jnp.int32 or ns.dtype not in (jnp.bfloat16, jnp.float32)
+                or nw.dtype != jnp.int32 or ns.dtype not in _SCALE_DTYPES
                 or not applies(1, nk, nn, next_group_size)):
             raise ValueError(f"next_weight must be words [N // 64, K // g, g // 16, 128] int32 and"
                              f" scales [K // g, N] bf16 or f32 of a shape the kernel takes, g="
