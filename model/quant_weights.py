@@ -28,7 +28,7 @@ from jax import lax
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas.fp8_matmul import fp8_linear, fp8_matmul_reference
-from pallax.kernels_pallas import int4_matmul_mgpu
+from pallax.kernels_pallas import fp8_matmul_mgpu, int4_matmul_mgpu
 from pallax.kernels_pallas._matmul_common import PartialSums
 from pallax.kernels_pallas.int4_matmul import int4_matmul
 from pallax.kernels_pallas.int8_matmul import int8_matmul
@@ -36,10 +36,17 @@ from pallax.kernels_pallas.quant_formats import (check_group_size, dequantize_in
                                                  quantize_int4, quantize_int8)
 from pallax.model.linear import TransposedWeight, dense_matmul, flat_rows, gemm_rows, unflat_rows
 
-# The fp8 path on GPU: XLA's own e4m3 x e4m3 dot (cuBLASLt on Hopper FP8 tensor cores) or our
-# Pallas kernel. Measured on an H100 at M = N = K = 8192 (bench/results/matmul_h100.json): bf16
-# XLA 685 TFLOP/s, XLA fp8 1136 TFLOP/s (1.66x), Pallas fp8 514 TFLOP/s (0.75x); so XLA.
+# The fp8 product on a GPU (`_fp8_gpu`): "xla", XLA's e4m3 dot (cuBLASLt on the FP8 tensor
+# cores); "mgpu", our Mosaic GPU kernel on Hopper; "pallas", our Triton kernel. As GEMMs on one
+# H200 at 8192^3 (bench/results/matmul_fp8_h200.json) the Mosaic GPU kernel and XLA's dot run at
+# 1.68-1.76x and 1.69x the bf16 dot (the Triton kernel 0.68x), the Mosaic one 1.00-1.33x XLA's
+# at Llama-3-8B's projections with 2048 or 8192 rows. With the per-token quantization of x
+# before it, the product through XLA's dot was 3-6% faster at every whole-tile shape in an
+# interleaved A/B on the next machine start (bench/results/fp8_product_ab_h200.jsonl: 973
+# against 1034 us at 8192^3; why, no profile has shown yet), the Mosaic one only at 1000 rows
+# (1.27x); so XLA.
 FP8_IMPL = "xla"
+
 
 
 @struct.dataclass
@@ -259,15 +266,30 @@ class Fp8Weight:
         if mode == "reference":
             x_q, x_s = quantize_fp8(x2, axis=-1)  # [M, K] e4m3, [M, 1] f32
             y = fp8_matmul_reference(x_q, x_s, self.w_q, self.scale, out_dtype=x.dtype, w_layout="nk")
-        elif mode == "interpret" or FP8_IMPL == "pallas":
-            y = fp8_linear(x2, self.w_q, self.scale, w_layout="nk", interpret=mode == "interpret")
+        elif mode == "interpret":
+            y = fp8_linear(x2, self.w_q, self.scale, w_layout="nk", interpret=True)
         else:
-            y = _fp8_xla(x2, self.w_q, self.scale)
+            y = _fp8_gpu(x2, self.w_q, self.scale)
         return unflat_rows(y, x)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         w = self.w_q.astype(jnp.float32) * self.scale.astype(jnp.float32)[..., :, None]  # [..., N, K]
         return jnp.swapaxes(w, -1, -2).astype(dtype)
+
+
+def _fp8_gpu(x, w_q, w_scale, *, interpret: bool = False):
+    """x [M, K] -> per-token e4m3 @ w_q [N, K] on a GPU, by `FP8_IMPL`: "mgpu" runs the Mosaic GPU
+    kernel where it applies (Hopper, bf16/f16 x, whole column tiles), "pallas" the Triton
+    kernel, and "xla" (or "mgpu" where it does not apply) XLA's fp8 dot."""
+    k, n = w_q.shape[1], w_q.shape[0]
+    if (FP8_IMPL == "mgpu" and dispatch.on_hopper() and fp8_matmul_mgpu.applies(k, n)
+            and x.dtype in (jnp.bfloat16, jnp.float16)):
+        x_q, x_s = quantize_fp8(x, axis=-1)
+        return fp8_matmul_mgpu.fp8_matmul_mgpu(x_q, x_s, w_q, w_scale, out_dtype=x.dtype,
+                                               interpret=interpret)
+    if FP8_IMPL == "pallas":
+        return fp8_linear(x, w_q, w_scale, w_layout="nk", interpret=interpret)
+    return _fp8_xla(x, w_q, w_scale)
 
 
 def _fp8_xla(x, w_q, w_scale):

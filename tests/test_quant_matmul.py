@@ -8,6 +8,7 @@ import pytest
 
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas import fp8_matmul as f8
+from pallax.kernels_pallas import fp8_matmul_mgpu as f8h
 from pallax.kernels_pallas import int4_matmul as i4
 from pallax.kernels_pallas import int8_matmul as i8
 from pallax.kernels_pallas import quant_formats as qf
@@ -243,6 +244,85 @@ def test_fp8_errors():
         f8.fp8_matmul(q, s, q.T, jnp.ones((1, 16)), w_layout="t")
     with pytest.raises(ValueError, match="block_k=16"):
         f8.BlockSizes(block_k=16)
+
+
+# ---------------------------------------------------------------------------- fp8, Hopper kernel
+
+
+@pytest.mark.parametrize("m,k,n,blocks,num_sms,per_tensor,out_dtype", [
+    # one CTA walks all 6 tiles: its ring runs on across them
+    (384, 384, 512, f8h.BlockSizes(num_stages=2, group_m=2), 1, False, jnp.bfloat16),
+    # rows padded to whole tiles, a partial last group, steps overlapped, f16 out
+    (300, 256, 768, f8h.BlockSizes(num_stages=3, group_m=2, overlap=True), 4, False, jnp.float16),
+    # more SMs than tiles, one K step, per-tensor scales
+    (64, 128, 256, f8h.BlockSizes(block_m=64, block_n=64), 132, True, jnp.bfloat16),
+])
+def test_fp8_hopper_kernel_matches_float64(m, k, n, blocks, num_sms, per_tensor, out_dtype):
+    x = jax.random.normal(_key(), (m, k), jnp.float32)
+    w = jax.random.normal(_key(), (n, k), jnp.float32)  # [N, K], as Fp8Weight stores it
+    x_q, x_s = qf.quantize_fp8(x, axis=None if per_tensor else -1)
+    w_q, w_s = qf.quantize_fp8(w, axis=None if per_tensor else -1)
+    y = f8h.fp8_matmul_mgpu(x_q, x_s, w_q, w_s, out_dtype=out_dtype, blocks=blocks,
+                            num_sms=num_sms, interpret=True)
+    assert y.shape == (m, n) and y.dtype == out_dtype
+    r64 = (_f64(x_q) * _f64(x_s)) @ (_f64(w_q) * _f64(w_s)).T
+    assert _rel(y, r64) < 4e-3  # the output's rounding
+    r = f8h.fp8_matmul_mgpu_reference(x_q, x_s, w_q, w_s, out_dtype=out_dtype)
+    assert _rel(r, r64) < 4e-3 and _rel(y, r) < 2e-3
+
+
+def test_fp8_hopper_kernel_lowers_to_fp8_wgmma(lower_for_h100):
+    """The H100 lowering holds e4m3 x e4m3 wgmma (what the interpreter cannot show)."""
+    args = (jnp.zeros((256, 256), f8.FP8), jnp.ones((256,)), jnp.zeros((512, 256), f8.FP8),
+            jnp.ones((512,)))
+    text = lower_for_h100(jax.jit(lambda *a: f8h.fp8_matmul_mgpu(*a)), *args)
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
+
+
+def test_fp8_weight_on_a_gpu_runs_the_product_fp8_impl_names(monkeypatch):
+    """`Fp8Weight` on a GPU: XLA's fp8 dot by default, the Hopper kernel with FP8_IMPL = "mgpu"
+    where it applies (its rows padded to whole tiles), XLA's dot where it does not."""
+    from pallax.model import quant_weights as qw
+
+    calls = []
+    kernel = f8h.fp8_matmul_mgpu
+    monkeypatch.setattr(dispatch, "on_hopper", lambda: True)
+    monkeypatch.setattr(f8h, "fp8_matmul_mgpu",
+                        lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    x = jax.random.normal(_key(), (130, 128), jnp.bfloat16)
+    wt = qw.Fp8Weight.quantize(jax.random.normal(_key(), (128, 256), jnp.float32))
+    xla = qw._fp8_xla(x, wt.w_q, wt.scale)
+    assert (qw._fp8_gpu(x, wt.w_q, wt.scale, interpret=True) == xla).all() and not calls
+    monkeypatch.setattr(qw, "FP8_IMPL", "mgpu")
+    y = qw._fp8_gpu(x, wt.w_q, wt.scale, interpret=True)
+    assert calls == [(130, 128)] and y.shape == (130, 256) and y.dtype == jnp.bfloat16
+    assert _rel(y, xla) < 2e-3
+    narrow = qw.Fp8Weight.quantize(jax.random.normal(_key(), (128, 192), jnp.float32))  # N % 256
+    assert (qw._fp8_gpu(x, narrow.w_q, narrow.scale, interpret=True)
+            == qw._fp8_xla(x, narrow.w_q, narrow.scale)).all() and len(calls) == 1
+
+
+def test_fp8_hopper_errors():
+    x, w = jnp.ones((128, 128), f8.FP8), jnp.ones((256, 128), f8.FP8)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        f8h.fp8_matmul_mgpu(x.astype(jnp.bfloat16), 1.0, w, 1.0)
+    with pytest.raises(ValueError, match="disagree on K"):
+        f8h.fp8_matmul_mgpu(x, 1.0, jnp.ones((256, 256), f8.FP8), 1.0)
+    with pytest.raises(ValueError, match="N % 256 == 0"):
+        f8h.fp8_matmul_mgpu(x, 1.0, jnp.ones((192, 128), f8.FP8), 1.0)
+    with pytest.raises(ValueError, match="x_scale shape"):
+        f8h.fp8_matmul_mgpu(x, jnp.ones((3, 1)), w, 1.0)
+    with pytest.raises(ValueError, match="w_scale shape"):
+        f8h.fp8_matmul_mgpu(x, 1.0, w, jnp.ones((7,)))
+    with pytest.raises(ValueError, match="out_dtype=float32"):
+        f8h.fp8_matmul_mgpu(x, 1.0, w, 1.0, out_dtype=jnp.float32)
+    with pytest.raises(ValueError, match="shared memory"):
+        f8h.fp8_matmul_mgpu(x, 1.0, w, 1.0, blocks=f8h.BlockSizes(num_stages=8))
+    for bad, match in [({"block_m": 96}, "block_m=96"), ({"block_n": 96}, "block_n=96"),
+                       ({"tile_k": 64}, "tile_k=64"), ({"num_stages": 1}, "num_stages=1"),
+                       ({"group_m": 0}, "group_m=0")]:
+        with pytest.raises(ValueError, match=match):
+            f8h.BlockSizes(**bad)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 64), (1, 64), (64,), (3, 64)])
