@@ -17,6 +17,21 @@ share x and w tiles in L2. In a CTA:
   next tile's steps start before the store has left.
 
 `interpret=True` runs the same program through Pallas's GPU interpreter on a CPU.
+
+Measured on one H200 (`python3 -m pallax.bench.matmul --skip check,decode`, two machine starts,
+bench/results/matmul_fp8_h200_run1.json and matmul_fp8_h200.json; random data, `[N, K]` e4m3
+weights, per-token and per-channel scales):
+- at M = N = K = 8192: 1,177-1,181 TFLOP/s, 1.68x and 1.76x the bf16 XLA dot of the same run
+  (705 and 668 TFLOP/s); XLA's own fp8 dot 1,185 and 1,131 (1.68x, 1.69x); our Triton kernel
+  (`fp8_matmul.py`) 475-478 (0.68-0.71x). Tilings, one run: the default 1,169-1,181; `overlap`
+  1,120-1,151; `group_m` 4 or 16 within 1%; `block_n` 64 (5 stages) 1,031-1,131.
+- at Llama-3-8B's projections with 2048 or 8192 rows, 1.00-1.33x XLA's fp8 dot; with 512 rows,
+  1.35x (q/k/v, 96 tiles) and 1.08x (gate/up), 0.98x (o) and 0.74x (down): 64 tiles leave half
+  the SMs idle.
+- its error against the f32 reference (bf16 out, K = 8192) is 0.0030 in norm, the same as XLA's
+  fp8 dot's: Hopper's fp8 wgmma accumulates with fewer bits than f32, and the two products were
+  bit for bit equal in the product check (bench/results/fp8_product_h200.jsonl). e4m3 inputs
+  themselves put the product 2.6% from the unquantized one.
 """
 
 from __future__ import annotations
