@@ -79,7 +79,7 @@ class EngineConfig:
     # waits for the call to end. Draft-model calls (`spec_rounds`) stop at the request's end but cost
     # about 7 ms each besides their rounds (1.5B target), which more rounds spread over more tokens.
     # N-gram calls (`ngram_rounds`) are chained and always run all their rounds, dead after the
-    # request's end; 4 measured 2-3% faster than 2 or 8 on the real pair (README, speculative).
+    # request's end; 4 measured 2-3% faster than 2 or 8 on the real pair (bench/FINDINGS.md, speculative).
     spec_rounds: int = 8
     ngram_rounds: int = 4
     # Greedy n-gram drafts fall back on up to this many tokens of earlier requests (prompts and

@@ -42,29 +42,6 @@ units; each of `min(132, units)` CTAs streams an equal run of them through one T
 the operand unpacked by `_word_map` in jnp and staged through shared memory (the interpreter runs
 no inline Mosaic GPU and its wgmma reads both operands from shared memory), x padded in XLA.
 
-Measured on one H100 (`python3 -m pallax.bench.matmul --skip fp8`, in
-bench/results/matmul_h100_int4_hopper.json; g128, 4096x14336 and 14336x4096, M = 1, 4, 16, four
-weight copies so nothing stays in L2): 15.2-16.4 us, 2.48-2.76x the bf16 XLA dot and 0.61-0.65 of
-the HBM copy bandwidth on the packed bytes (the previous upcast: 17.0-18.0 us, 2.35x, 0.55-0.58;
-the Triton kernel, tuned in the same run: 0.39-0.46 at 4096x14336).
-- The words layout alone cut the profiler kernel time at M = 1 from 14.2 to 10.8 us (4096x14336)
-  and from 13.0 to 10.0 us (14336x4096), with the weights warm in L2; dropping the `sub` too
-  (wrong numbers, timing only) saves another 0.5-0.7 us. From HBM the kernel is now bound by the
-  weight stream: the TMA ring alone measured 12.1-12.7 us, an XLA reduction over the same
-  29.4 MB 11.4-11.6 us (0.85 of copy bandwidth).
-- Stream-K against split-K by whole runs (`BlockSizes(ctas=tiles * splits)`, same kernel), four
-  copies, device time: the fused q/k/v (4096x6144, 96 split-K CTAs) 9.2 -> 8.6 us, gate/up
-  (4096x28672, 224 CTAs: 1.7 waves) 28.2 -> 26.1 us, 4096x4096 6.5 -> 5.7 us at M = 1; the two
-  square-ish 8B shapes within noise (+-1 us).
-- In the Llama-3-8B batch-1 decode step (int4 weights and head; `bench.step_anatomy --quantize
-  int4 --quantize-head --profile`): the 129 int4 calls take 1.81 ms of 2.78 ms of device time,
-  0.74 of copy bandwidth over their 4 GB.
-- On an H200 (`python3 -m pallax.bench.int4_sweep`, bench/results/int4_sweep_h200.jsonl; a
-  Llama-3-8B layer's projections at M = 2): q/k/v 7.2 us, o 6.0, gate/up 18.3, down 11.8, i.e.
-  1.4-3.2 TB/s where XLA's bf16 dot streams 3.9-4.2; each call loses about 4 us to fixed costs
-  (pipeline fill, tail, the fixup fusion), whatever its size. The default tiling was the fastest
-  of 12 on all four (6 or 8 stages, 1 or 4 consumers, 512-wide steps, 2 or 3 CTAs an SM).
-
 Warming L2 for the next call (`next_weight`, `Prefetch`): a decode step's int4 calls follow each
 other, so a call may be given the next call's weight; once its producer has issued its last copy
 it prefetches into L2 (TMA bulk prefetches of the same tiles) the first `PREFETCH_UNITS` units of
@@ -75,107 +52,14 @@ Qwen2.5-1.5B's from 1.008 to 0.988; 3, 4, 16 and 64 units were slower than one (
 compete with the call's own last copies), and so were prefetches issued by a consumer at the
 kernel's end or in its last steps.
 
-Where a call's time goes (`python3 -m pallax.bench.int4_timeline`, the kernel's own on-device
-timeline from Mosaic GPU's profiler; bench/results/int4_timeline_h200.jsonl, one H200, a
-Llama-3-8B layer's projections at M = 2, SM clock 1980 MHz):
-- in steady state a consumer never waits: each step's wait is 60-90 cycles (the barrier check),
-  its math (unpack, wgmma, scale) 850-1000 cycles, so a step takes 0.53 us, and 132 SMs then
-  stream 4.3 TB/s of words and scales, about what the HBM gives (XLA's bf16 GEMMs: 4.1). The
-  math only just keeps up: a quarter of it taken away did not shorten the kernel (below);
-- the fixed costs are the rest: the first copy leaves 0.33 us after a CTA's entry (barrier
-  setup, register reallocation) and the first slot lands 1.05-1.7 us after the entry (median over the
-  CTAs; 1.7 for every projection when the call came alone), 0.6 us follow the last one (its
-  math, the flush), and about 1 us of the profiler's kernel time lies outside every CTA's run
-  (launch, teardown). On q/k/v and o (4-6 steps a CTA) they are 40-50% of the call.
-- Storing the partial sums row-major in M (above) instead of `[rows, M_pad]` removed the
-  transpose kernels that added them (two a layer at M = 1): the Llama-3-8B int4 batch-1 step
-  went from 2.37 / 2.35 ms to 2.26 / 2.26 ms (465 kernels against 530; bf16 4.22 ms in the
-  same run, so 1.78x -> 1.86x), the same tokens; the matmul alone is unchanged within noise
-  (bench/results/int4_partials_m_major_h200.jsonl).
-- Storing each row block's partial sums as its pieces `[blocks, pieces, M_pad, rows]` instead of
-  in the CTAs' own slots `[ctas, flushes, M_pad, rows]`, found through a `[blocks, pieces]` slot
-  table: each reader (XLA's sums after q/k/v, gate/up and the head, the residual norm kernels
-  after o and down) loaded the table, from HBM, before it could load a partial sum. Where a
-  piece lies is now arithmetic (`StreamK`), and the readers' loads all go out at once. On one
-  H200 (bench/results/partial_sums_pieces_h200.jsonl, the Llama-3-8B int4 batch-1 step, random
-  weights, the same tokens): 1.995-1.997 ms against 2.066-2.069 in the call before (and
-  1.974-1.978 for a timing-only form that read without a table the same bytes, against
-  2.066-2.069 in one process); the residual norm 3.35 -> 2.5 us a call, the SwiGLU product's
-  fusion 2.1 -> 1.9, the q/k/v sum 1.65 -> 1.5. bf16 4.181-4.186 ms in the same run: 2.10x.
-  The engine gives 486 tok/s against bf16's 235, 2.07x (bench/results/decode_int4_h200_pieces.json).
-- Storing the pieces' M real rows, not M_pad (an eighth of the bytes at M = 1): the int4 kernels
-  1,424 us of the Llama-3-8B step's profile against 1,430, the steps and matmuls within noise
-  (bench/results/int4_rows_ab_h200.jsonl, one H200, the same products and tokens); the engine
-  493 tok/s against bf16's 236, 2.08x (bench/results/decode_int4_h200_rows.json). The matmul
-  bench since the pieces (bench/results/matmul_h200_int4_hopper_run2.json): 8.7-13.7 us,
-  2.23-3.65x the bf16 dot, 0.64-1.00 of the copy measure; 3.0x and 0.8 at 4096x14336 M = 1 and
-  4, short at M = 16 and on 14336x4096. The same default tiling took 8.7 us at 4096x14336, M = 1
-  there and 11.9-12.6 us (both forms) in the A/B on the next machine start: runs on different
-  starts differ by that much. The whole bench rerun on a later start, the same code
-  (bench/results/matmul_h200_int4_hopper_run3.json): 12.4-13.7 us, 2.21-2.43x, 0.64-0.71; the
-  8.7 us run was the outlier.
-- Why M = 16 trails M = 1 (bench/results/int4_timeline_m16_h200.jsonl, one H200, Llama-3-8B's
-  gate/up and down): a steady step takes 0.58 us against 0.51, and the tail 0.77-0.80 us against
-  0.57, so the call takes 1.3-1.5 us more (gate/up 22.6 against 21.3 us, down 13.6 against
-  12.1). At M = 1 the step is the bytes' time; at M = 16 the math no longer fits under it: the
-  wgmma is 16 columns wide instead of 8 and the fold twice the accumulator, and the flush stores
-  16 rows.
-- Tilings by M (bench/results/int4_tiling_by_m_h200.jsonl: the default, 512-wide steps with 3
-  stages, 4 consumers; 14336x4096, 4096x14336 and 4096x28672 at M = 1, 4, 16, 32, five rounds
-  interleaved in one process): at M <= 16 no tiling is ahead of the default by more than the
-  rounds' spread (about 1 us); at M = 32 512-wide steps took 0.7-1.0 us less on all three
-  shapes (5%). A one-pass sweep at M = 16 (int4_sweep_m16_h200.jsonl) had put them 3 us ahead
-  on down: single passes at these sizes do not separate tilings.
-- Scales read as bf16, as the quantizer stores them, instead of converted to f32 (half the scale
-  bytes: 117 MB less for Llama-3-8B's int4 weights and head; the outputs bit for bit the same).
-  On one H200 (bench/results/int4_scales_dtype_h200.jsonl, five interleaved rounds a shape in one
-  process, four weight copies) the medians differ by -1.2 to +0.7 us either way, within the
-  rounds' spread, and the Llama-3-8B int4 step's kernels take 1,429 us against 1,430 (steps
-  1.987 ms against 1.980 at best, the same tokens): the scales were 6% of the bytes, and the
-  fixed costs, not the stream, bound the call. Kept for the memory. The engine then gives 488
-  tok/s against bf16's 235, 2.07x (bench/results/decode_int4_h200_bf16_scales.json).
-
-Tried on this kernel and dropped:
-- the partial sums added in the kernel instead (an ordered stream-K fixup: the CTA holding a row
-  block's first unit waits on a GMEM semaphore for the block's other CTAs, adds their partials in
-  CTA order and writes y [M, N] with per-thread stores; `pl.get_global` semaphores, reset by the
-  owner's decrementing wait). Correct and deterministic on the H100 (g 64 and 128, M up to 64, 1
-  to 4 consumers, 20 repeated calls bit-identical), but slower: the kernel took 0.8 us more (the
-  owner's serial tail: wait, loads, stores), Pallas zero-fills the semaphores with one more
-  fusion per call, and the XLA sum it replaces fuses into the consumer anyway (in the benchmark,
-  into the sum of the four weight copies). Matmul 16.3-18.0 us against 14.7-15.9; Llama-3-8B
-  int4 decode 2.05x bf16 against 2.19x.
-- one whole row block a CTA over the full K (`BlockSizes(ctas=N // rows)`: no partial sums; the
-  run read y as the kernel's output reshaped, where this code takes the same rows through a
-  gather of one slot a block), on an H200 at M = 2 (`python3 -m pallax.bench.int4_sweep
-  --only-direct`): slower on every Llama-3-8B projection (q/k/v 8.5 us at best against 7.3,
-  gate/up 23.8 against 20.7): fewer CTAs than SMs do not pull the bytes. In the decode step the
-  partial sums fuse into their consumers either way (530 kernels both), and the step went from
-  2.56 to 2.94 ms.
-- programmatic dependent launch (`plgpu.griddepcontrol_wait`, which makes Mosaic GPU launch the
-  kernel as a dependent of the one before it), so the ring could start on the weights, which no
-  earlier kernel writes, while that kernel still runs. In the Llama-3-8B int4 step on an H200
-  (bench/results/int4_pdl_h200.jsonl) it overlapped nothing: the wait alone 2.37 ms against 2.36,
-  the first `num_stages` steps' weight tiles loaded before the wait 2.46 (x's tiles then come
-  after every slot's weights, which delays the first step), TMA L2 prefetches of them before the
-  wait 2.60, the same with XLA's own PDL flags on; with command buffers off the step is bound by
-  the host (3.1-5.2 ms) whatever the launch.
-
-- the unpack's `sub.bf16x2` left out (the operand holding q + 136, each group's 136 * sum(x),
-  from an XLA reduction, a fourth TMA tile subtracted from the group's f32 partial): a quarter
-  fewer consumer instructions, the same kernel time on an H200 (q/k/v 6.88 us against 6.82 at
-  M = 1, down 11.44 against 11.59, gate/up 22.6 against 21.7 at M = 16), and its two XLA
-  kernels a call took the Llama-3-8B int4 step from 2.26-2.28 ms to 2.56
-  (bench/results/int4_variants_h200.jsonl);
-- the producer's first `num_stages` copies issued before it gives its registers back (so they
-  leave 0.1-0.2 us sooner): within noise, the same step (2.27-2.31 ms against 2.26-2.30) and
-  kernel time (1.47 ms a step against 1.47-1.48; the same file).
-
-Earlier experiments, on the previous upcast (profiler kernel time, M = 1 and 16, 15.6-17.5 us):
-- folding the scale into the A operand (`a = upcast(q) * s`), one accumulator for every group
-  and step, slots released a step late: 1.4-1.9 us slower;
-- per-group partials folded in one step late (`wgmma_wait(groups - 1)`): no faster at M = 1,
-  29-31 us at M = 16 (registers overflow).
+Measured (one H200 unless said; the whole record, with every variant tried and dropped, is in
+bench/FINDINGS.md, "The Hopper int4 kernel's record"): at Llama-3-8B's 4096x14336 and 14336x4096,
+M = 1, 4, 16, 12.4-14.0 us, 2.13-2.46x the bf16 XLA dot of the same run, where XLA's own
+reduction over the same words and scales takes 11.0 and 12.9 us (bench/results/
+matmul_h200_int4_floor.json; on an H100 2.48-2.79x). In steady state the 132 SMs stream 4.3
+TB/s; each call loses 2.5-4 us to fixed costs (pipeline fill, tail, launch), 40-50% of the
+smaller projections' calls. In the Llama-3-8B batch-1 decode step (int4 weights and head) the
+129 calls take 1.43 ms of 1.99.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ is added to the stream and normed for the MLP, the MLP's down projection is adde
 the next layer's attention. XLA makes that two kernels: the add (fused with the product's own
 fixup, such as the int4 kernel's sum of partial sums) and the norm (a reduction over a row whose
 input has a second reader, the stream, so it cannot join the add). In a batch-1 decode step each
-costs 1.5-1.8 us of a Llama-3-8B int4 layer's time (README), and there are two of each a layer.
+costs 1.5-1.8 us of a Llama-3-8B int4 layer's time (bench/FINDINGS.md), and there are two of each a layer.
 
 y, the block's output, is the int4 kernel's `PartialSums` (its CTAs' partial sums, unadded),
 which this kernel adds itself, in the pieces' order, where XLA would have run them through a

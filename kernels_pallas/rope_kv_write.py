@@ -3,7 +3,7 @@
 Before the paged-attention kernel reads a step's keys, q and k are rotated and k and v are stored
 in the page pool. As XLA ops that is three kernels a layer: q's rotation, k's rotation fused
 into its scatter into the pool, and v's scatter; leaving all three out took a Qwen2.5-1.5B decode
-step from 1.51 to 1.37 ms on an H200 (README). This kernel does the three in one launch:
+step from 1.51 to 1.37 ms on an H200 (bench/FINDINGS.md). This kernel does the three in one launch:
 
     q_rot, k_pages, v_pages, k_scales, v_scales = rope_kv_write(
         qkv, cos, sin, slots, k_pages, v_pages, k_scales, v_scales, n_kv_heads=KVH)
