@@ -42,9 +42,12 @@ from pallax.model.linear import TransposedWeight, dense_matmul, flat_rows, gemm_
 # 1.68-1.76x and 1.69x the bf16 dot (the Triton kernel 0.68x), the Mosaic one 1.00-1.33x XLA's
 # at Llama-3-8B's projections with 2048 or 8192 rows. With the per-token quantization of x
 # before it, the product through XLA's dot was 3-6% faster at every whole-tile shape in an
-# interleaved A/B on the next machine start (bench/results/fp8_product_ab_h200.jsonl: 973
-# against 1034 us at 8192^3; why, no profile has shown yet), the Mosaic one only at 1000 rows
-# (1.27x); so XLA.
+# interleaved A/B of `device_time` loops on the next machine start
+# (bench/results/fp8_product_ab_h200.jsonl: 973 against 1034 us at 8192^3), the Mosaic one only
+# at 1000 rows (1.27x). A profiler trace says the opposite (fp8_product_profile_h200.jsonl):
+# 857 against 910 us of kernels at 8192^3 (the kernel 741 us; cuBLAS 693 us plus 99 us to scale
+# its f32 output), 181 against 209 us at 4096x4096x6144; the loop adds about 120 us more a call
+# to the Mosaic path than to XLA's, unexplained. XLA until a prefill step settles it.
 FP8_IMPL = "xla"
 
 
