@@ -333,3 +333,38 @@ def test_partial_sums_plot_reads_the_committed_records(tmp_path):
     assert set(parts) == {label for _, label in _PARTS}
     norms = sum(v for k, v in steps[0]["kernels_us"].items() if k.startswith("residual_norm"))
     assert parts["residual add + norm (2)"] == norms / 32
+
+
+def test_int4_read_floor_reads_every_byte_in_each_timed_call(monkeypatch):
+    """bench.matmul's floor for the Hopper int4 kernel sums every word and scale (their bits) of
+    each copy, and its reductions stay inside `device_time`'s loop (a read hoisted out of it
+    would time nothing)."""
+    import numpy as np
+
+    from pallax.bench import common
+    from pallax.bench import matmul as mb
+
+    seen = {}
+
+    def fake_device_time(fn, *args, **kw):
+        seen["fn"], seen["args"] = fn, args
+        return 1e-6
+
+    monkeypatch.setattr(mb, "device_time", fake_device_time)
+    key = jax.random.split(jax.random.key(0), 4)
+    copies = [jax.random.randint(key[0], (2, 2, 8, 128), -2**31, 2**31 - 1, jnp.int32),
+              jax.random.normal(key[1], (2, 128), jnp.bfloat16),
+              jax.random.randint(key[2], (2, 2, 8, 128), -2**31, 2**31 - 1, jnp.int32),
+              jax.random.normal(key[3], (2, 128), jnp.bfloat16)]
+    rec = mb._read_floor(dict(k=256, n=128), copies, 2, 256 * 128 // 2, 1e12)
+    assert rec["kind"] == "int4-read-xla" and rec["us"] == pytest.approx(0.5)  # a copy: 1 us / 2
+    fn, args = seen["fn"], seen["args"]
+    bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint16 if a.dtype == jnp.bfloat16  # noqa: E731
+                                                             else jnp.uint32), np.uint64)
+    expect = sum((int(bits(w).sum()) + int(bits(s).sum())) % 2**32  # a copy's uint32 total
+                 for w, s in zip(copies[::2], copies[1::2]))
+    assert int(np.float64(fn(*args))) == pytest.approx(expect, rel=1e-6)
+    hlo = jax.jit(common._looped(fn, 3)).lower(args).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    assert " while(" in entry and "reduce" not in entry  # every reduction runs in the loop body
