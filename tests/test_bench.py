@@ -368,3 +368,15 @@ def test_int4_read_floor_reads_every_byte_in_each_timed_call(monkeypatch):
     entry = hlo[hlo.index("ENTRY"):]
     entry = entry[:entry.index("\n}")]
     assert " while(" in entry and "reduce" not in entry  # every reduction runs in the loop body
+
+
+def test_fp8_plot_reads_the_committed_records(tmp_path):
+    from pallax.bench import plot_fp8
+
+    src = "bench/results/matmul_fp8_h200.json"
+    labels, series = plot_fp8.speedups(json.load(open(src))["records"])
+    assert labels[0] == "8192^3" and "down\nM=512" in labels and len(labels) == 13
+    assert set(series) == {"fp8-xla", "fp8-mgpu", "fp8-ours"}
+    assert series["fp8-mgpu"][0] >= 1.5 and series["fp8-ours"][1:] == [0.0] * 12
+    dst = tmp_path / "fp8.png"
+    assert plot_fp8.main([src, str(dst)]) == 0 and dst.stat().st_size > 10_000
