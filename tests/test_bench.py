@@ -371,9 +371,11 @@ def test_int4_read_floor_reads_every_byte_in_each_timed_call(monkeypatch):
 
 
 def test_fp8_plot_reads_the_committed_records(tmp_path):
+    from pathlib import Path
+
     from pallax.bench import plot_fp8
 
-    src = "bench/results/matmul_fp8_h200.json"
+    src = str(Path(__file__).resolve().parent.parent / "bench" / "results" / "matmul_fp8_h200.json")
     labels, series = plot_fp8.speedups(json.load(open(src))["records"])
     assert labels[0] == "8192^3" and "down\nM=512" in labels and len(labels) == 13
     assert set(series) == {"fp8-xla", "fp8-mgpu", "fp8-ours"}
