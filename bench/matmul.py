@@ -14,7 +14,10 @@
    ``COPIES`` different weight sets in turn (summing the outputs) so the packed int4 weights
    (29 MB) cannot sit in the 50 MB L2; times are per matmul. GB/s counts the packed weight
    bytes only (not scales or activations).
-4. FP8 at M = N = K = 8192: ours (layouts and tiles tuned) vs bf16 XLA vs XLA's fp8 dot.
+4. FP8 at M = N = K = 8192: ours (the Triton kernel, layouts and tiles tuned; on Hopper the
+   Mosaic GPU kernel, a few tilings) vs bf16 XLA vs XLA's fp8 dot; on Hopper also the Llama-3-8B
+   projections at 512, 2048 and 8192 rows (`fp8-shapes`: bf16, XLA's fp8 dot, the Mosaic GPU
+   kernel, each on the same `[N, K]` weight).
 
 Prints JSON records (one a line), writes them to ``--out``, and ends with a table.
 ``--smoke`` runs tiny shapes through the kernels in interpret mode (CPU check of this script).
