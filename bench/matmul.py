@@ -352,7 +352,8 @@ def _fp8_hopper(base, xq, xs, wq_nk, ws, flops, t_bf16):
         return {**base, "kind": "fp8-bench fp8-mgpu", "error": "no tiling ran"}
     best = min(tried, key=tried.get)
     # timed again: the least of several noisy times is biased low
-    t = device_time(lambda *a: f8h.fp8_matmul_mgpu(*a, blocks=best), xq, xs, wq_nk, ws, iters=10)
+    t = device_time(functools.partial(f8h.fp8_matmul_mgpu, blocks=best), xq, xs, wq_nk, ws,
+                    iters=10)
     y = f8h.fp8_matmul_mgpu(xq[:1024], xs[:1024], wq_nk, ws, blocks=best)
     err = _rel(y, f8.fp8_matmul_reference(xq[:1024], xs[:1024], wq_nk, ws, w_layout="nk"))
     return {**base, "kind": "fp8-bench fp8-mgpu", "us": t * 1e6, "rel_err": err,
@@ -387,7 +388,7 @@ def bench_fp8_shapes(records, ms=(512, 2048, 8192)):
 
             times = {"bf16-xla": t_bf16, "fp8-xla": device_time(xla, xq, xs, wq, ws)}
             if f8h.applies(k, n):
-                times["fp8-mgpu"] = device_time(lambda *a: f8h.fp8_matmul_mgpu(*a), xq, xs, wq, ws)
+                times["fp8-mgpu"] = device_time(f8h.fp8_matmul_mgpu, xq, xs, wq, ws)
             for kind, t in times.items():
                 records.append(emit({**base, "kind": f"fp8-shapes {kind}", "us": t * 1e6,
                                      "tflops": flops / t / 1e12, "speedup": t_bf16 / t}))

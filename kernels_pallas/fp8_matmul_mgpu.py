@@ -48,7 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallax.kernels_pallas import dispatch
 from pallax.kernels_pallas._matmul_common import round_up
 from pallax.kernels_pallas._mgpu_common import stream_ring
-from pallax.kernels_pallas.fp8_matmul import FP8
+from pallax.kernels_pallas.fp8_matmul import FP8, fp8_matmul_reference
 
 _CONSUMER_REGS = 232
 _PRODUCER_REGS = 40
@@ -250,8 +250,6 @@ def fp8_matmul_mgpu(x_q, x_scale, w_q, w_scale, *, out_dtype=jnp.bfloat16,
 
 
 def fp8_matmul_mgpu_reference(x_q, x_scale, w_q, w_scale, *, out_dtype=jnp.bfloat16):
-    """Upcast to f32, f32 dot against `w_q [N, K]`, both scales, cast."""
-    y = jnp.dot(x_q.astype(jnp.float32), w_q.astype(jnp.float32).T,
-                precision=lax.Precision.HIGHEST)  # [M, N]
-    xs, ws = _scales(x_scale, y.shape[0], "x_scale"), _scales(w_scale, y.shape[1], "w_scale")
-    return (y * xs[:, None] * ws[None, :]).astype(out_dtype)
+    """Upcast to f32, f32 dot against `w_q [N, K]`, both scales, cast (the Triton kernel's
+    reference on `[N, K]` weights)."""
+    return fp8_matmul_reference(x_q, x_scale, w_q, w_scale, out_dtype=out_dtype, w_layout="nk")
